@@ -1,0 +1,233 @@
+"""Spatially Adaptive Convolution (SAC), as in PUMIT.
+
+A volume is ``(N, C, D, H, W)`` with D the through-plane axis (largest spacing); a 2D image is
+``D == 1`` with a huge depth spacing. Thick-slice volumes must not be downsampled in depth as
+fast as in-plane, so each convolution adapts its depth kernel to the input's *degree of
+anisotropy* (DA) and to how many 2x in-plane downsamplings have already happened.
+
+The adaptation never introduces new weights: summing ``g`` consecutive depth taps of a kernel is
+exactly running the unadapted kernel on the input with every slice repeated ``g`` times. That is
+what lets one set of weights serve 2D images, thin-slice CT and 5 mm MR alike.
+
+The feature map stays a plain tensor; the (DA, downsamples) pair travels beside it as an
+immutable :class:`SpatialState`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MAX_ANISOTROPY_RATIO = 32.0
+
+
+def degree_of_anisotropy(spacing: Sequence[float], max_ratio: float = MAX_ANISOTROPY_RATIO) -> int:
+    """``floor(log2(clip(s_d / min(s_h, s_w), 1, max_ratio)))`` for spacing ``(d, h, w)``."""
+    if len(spacing) != 3:
+        raise ValueError(f"spacing must be (depth, height, width), got {tuple(spacing)!r}")
+    s_d, s_h, s_w = (float(s) for s in spacing)
+    if not all(math.isfinite(s) and s > 0 for s in (s_d, s_h, s_w)):
+        raise ValueError(f"spacing must be finite and positive, got {tuple(spacing)!r}")
+    ratio = min(max(s_d / min(s_h, s_w), 1.0), max_ratio)
+    # A tiny epsilon keeps exact powers of two (e.g. 4.0 -> 2) from flooring one step down.
+    return int(math.floor(math.log2(ratio) + 1e-9))
+
+
+@dataclass(frozen=True)
+class SpatialState:
+    """What a feature map knows about its geometry: input DA and in-plane downsamplings so far."""
+
+    da: int
+    downsamples: int = 0
+
+    def __post_init__(self) -> None:
+        if self.da < 0 or self.downsamples < 0:
+            raise ValueError(f"da and downsamples must be >= 0, got {self}")
+
+    @property
+    def pending(self) -> int:
+        """In-plane 2x downsamplings still to come before depth starts being downsampled."""
+        return max(self.da - self.downsamples, 0)
+
+    @property
+    def remained(self) -> int:
+        """How many times depth has been downsampled by 2 (and may be upsampled back)."""
+        return max(self.downsamples - self.da, 0)
+
+
+def _triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        return (value, value, value)
+    out = tuple(int(v) for v in value)
+    if len(out) != 3:
+        raise ValueError(f"{name} must be an int or a (d, h, w) tuple, got {value!r}")
+    return out  # type: ignore[return-value]
+
+
+def _log2_exact(value: int, name: str) -> int:
+    if value < 1 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two, got {value}")
+    return value.bit_length() - 1
+
+
+def sum_depth_taps(weight: Tensor, depth: int) -> Tensor:
+    """Sum the depth taps of a conv kernel in consecutive groups down to ``depth`` taps.
+
+    weight: (O, I, K_d, K_h, K_w) -> (O, I, depth, K_h, K_w); ``K_d`` must be a multiple of depth.
+    """
+    k_d = weight.shape[2]
+    if depth == k_d:
+        return weight
+    if depth < 1 or k_d % depth:
+        raise ValueError(f"cannot sum {k_d} depth taps into {depth} equal groups")
+    o, i, _, k_h, k_w = weight.shape
+    return weight.reshape(o, i, depth, k_d // depth, k_h, k_w).sum(dim=3)
+
+
+def adaptive_conv3d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    *,
+    stride: int,
+    padding: int | Sequence[int],
+    state: SpatialState,
+) -> tuple[Tensor, SpatialState]:
+    """A 3D convolution that adapts its depth kernel to the input's anisotropy.
+
+    ``stride == 1``: ordinary conv when nothing is pending, else a per-slice 2D conv (depth taps
+    summed to one, depth padding 0). ``stride == S == 2**k`` needs kernel == stride in every
+    dimension: depth stride ``max(S >> pending, 1)``, taps summed down to it, then ``n += k``.
+
+    x: (N, C_in, D, H, W); weight: (C_out, C_in, K_d, K_h, K_w) -> (N, C_out, D', H', W').
+    """
+    if x.dim() != 5 or weight.dim() != 5:
+        raise ValueError(f"expected 5D input and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    pad_d, pad_h, pad_w = _triple(padding, "padding")
+    kernel = tuple(weight.shape[2:])
+    if stride == 1:
+        if state.pending == 0:
+            return F.conv3d(x, weight, bias, stride=1, padding=(pad_d, pad_h, pad_w)), state
+        flat = sum_depth_taps(weight, 1)
+        return F.conv3d(x, flat, bias, stride=1, padding=(0, pad_h, pad_w)), state
+    k = _log2_exact(stride, "stride")
+    if kernel != (stride, stride, stride):
+        raise ValueError(
+            f"a strided SAC conv needs kernel == stride in every dimension (kernel {kernel}, "
+            f"stride {stride}); use stride 1 or a cubic kernel of size {stride}"
+        )
+    depth_stride = max(stride >> state.pending, 1)
+    if depth_stride < stride:
+        weight = sum_depth_taps(weight, depth_stride)
+        pad_d = 0
+    out = F.conv3d(
+        x, weight, bias, stride=(depth_stride, stride, stride), padding=(pad_d, pad_h, pad_w)
+    )
+    return out, SpatialState(state.da, state.downsamples + k)
+
+
+def adaptive_conv_transpose3d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    *,
+    stride: int | Sequence[int],
+    state: SpatialState,
+) -> tuple[Tensor, SpatialState]:
+    """A transposed 3D convolution (kernel == stride) that upsamples depth only as far as it was
+    downsampled: depth stride ``min(2**remained, S_d)``, taps summed to match, then ``n -= log2 S``.
+
+    x: (N, C_in, D, H, W); weight: (C_in, C_out, S_d, S, S) -> (N, C_out, D * s_d, H * S, W * S).
+    """
+    if x.dim() != 5 or weight.dim() != 5:
+        raise ValueError(f"expected 5D input and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    s_d, s_h, s_w = _triple(stride, "stride")
+    if s_h != s_w:
+        raise ValueError(f"in-plane strides must be equal, got (h, w) = ({s_h}, {s_w})")
+    if tuple(weight.shape[2:]) != (s_d, s_h, s_w):
+        raise ValueError(
+            f"a SAC transposed conv needs kernel == stride, got kernel {tuple(weight.shape[2:])} "
+            f"and stride {(s_d, s_h, s_w)}"
+        )
+    k = _log2_exact(s_h, "in-plane stride")
+    _log2_exact(s_d, "depth stride")
+    if k > state.downsamples:
+        raise ValueError(
+            f"cannot upsample by 2**{k}: the feature map was only downsampled {state.downsamples} times"
+        )
+    depth_stride = min(2**state.remained, s_d)
+    if depth_stride < s_d:
+        # Transposed-conv weights are (C_in, C_out, ...): the same depth-tap grouping applies.
+        weight = sum_depth_taps(weight, depth_stride)
+    out = F.conv_transpose3d(x, weight, bias, stride=(depth_stride, s_h, s_w))
+    return out, SpatialState(state.da, state.downsamples - k)
+
+
+class SACConv3d(nn.Module):
+    """Module form of :func:`adaptive_conv3d`; ``forward(x, state) -> (y, state)``.
+
+    Deliberately not a subclass of ``nn.Conv3d``: the adapted forward uses summed kernels, so
+    Opacus's Conv3d per-sample-gradient rule would be wrong for it. Kept frozen under DP, Opacus
+    never needs its per-sample gradients; trained under DP, Opacus refuses it loudly.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int | tuple[int, int, int] = 0,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if stride != 1 and kernel_size != stride:
+            raise ValueError(f"strided SAC conv needs kernel_size == stride, got {kernel_size} != {stride}")
+        self.stride = stride
+        self.padding = padding
+        proto = nn.Conv3d(in_channels, out_channels, kernel_size, bias=bias)  # PyTorch's init
+        self.weight = nn.Parameter(proto.weight.detach().clone())
+        self.bias = nn.Parameter(proto.bias.detach().clone()) if bias else None
+
+    def forward(self, x: Tensor, state: SpatialState) -> tuple[Tensor, SpatialState]:
+        return adaptive_conv3d(
+            x, self.weight, self.bias, stride=self.stride, padding=self.padding, state=state
+        )
+
+
+class SACConvTranspose3d(nn.Module):
+    """Module form of :func:`adaptive_conv_transpose3d` (kernel == stride)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int | tuple[int, int, int], bias: bool = True
+    ) -> None:
+        super().__init__()
+        self.stride = _triple(stride, "stride")
+        proto = nn.ConvTranspose3d(in_channels, out_channels, self.stride, stride=self.stride, bias=bias)
+        self.weight = nn.Parameter(proto.weight.detach().clone())
+        self.bias = nn.Parameter(proto.bias.detach().clone()) if bias else None
+
+    def forward(self, x: Tensor, state: SpatialState) -> tuple[Tensor, SpatialState]:
+        return adaptive_conv_transpose3d(x, self.weight, self.bias, stride=self.stride, state=state)
+
+
+def batch_degree_of_anisotropy(spacing: Tensor | Sequence[float]) -> int:
+    """The one DA of a batch; spacing (3,) or (N, 3). Mixed DAs in one batch are an error."""
+    t = torch.as_tensor(spacing, dtype=torch.float64)
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    if t.dim() != 2 or t.shape[1] != 3:
+        raise ValueError(f"spacing must have shape (3,) or (N, 3), got {tuple(t.shape)}")
+    das = {degree_of_anisotropy(row.tolist()) for row in t}
+    if len(das) != 1:
+        raise ValueError(
+            f"a batch must share one degree of anisotropy, got DAs {sorted(das)}; "
+            "bucket batches by DA (core.data does this)"
+        )
+    return das.pop()
