@@ -35,7 +35,7 @@ def degree_of_anisotropy(spacing: Sequence[float], max_ratio: float = MAX_ANISOT
         raise ValueError(f"spacing must be finite and positive, got {tuple(spacing)!r}")
     ratio = min(max(s_d / min(s_h, s_w), 1.0), max_ratio)
     # A tiny epsilon keeps exact powers of two (e.g. 4.0 -> 2) from flooring one step down.
-    return int(math.floor(math.log2(ratio) + 1e-9))
+    return math.floor(math.log2(ratio) + 1e-9)
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,9 @@ class SpatialState:
 def _triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
     if isinstance(value, int):
         return (value, value, value)
-    out = tuple(int(v) for v in value)
-    if len(out) != 3:
+    if len(value) != 3:
         raise ValueError(f"{name} must be an int or a (d, h, w) tuple, got {value!r}")
-    return out  # type: ignore[return-value]
+    return (int(value[0]), int(value[1]), int(value[2]))
 
 
 def _log2_exact(value: int, name: str) -> int:
@@ -107,7 +106,9 @@ def adaptive_conv3d(
     x: (N, C_in, D, H, W); weight: (C_out, C_in, K_d, K_h, K_w) -> (N, C_out, D', H', W').
     """
     if x.dim() != 5 or weight.dim() != 5:
-        raise ValueError(f"expected 5D input and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"expected 5D input and weight, got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
     pad_d, pad_h, pad_w = _triple(padding, "padding")
     kernel = tuple(weight.shape[2:])
     if stride == 1:
@@ -145,7 +146,9 @@ def adaptive_conv_transpose3d(
     x: (N, C_in, D, H, W); weight: (C_in, C_out, S_d, S, S) -> (N, C_out, D * s_d, H * S, W * S).
     """
     if x.dim() != 5 or weight.dim() != 5:
-        raise ValueError(f"expected 5D input and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"expected 5D input and weight, got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
     s_d, s_h, s_w = _triple(stride, "stride")
     if s_h != s_w:
         raise ValueError(f"in-plane strides must be equal, got (h, w) = ({s_h}, {s_w})")
@@ -158,7 +161,8 @@ def adaptive_conv_transpose3d(
     _log2_exact(s_d, "depth stride")
     if k > state.downsamples:
         raise ValueError(
-            f"cannot upsample by 2**{k}: the feature map was only downsampled {state.downsamples} times"
+            f"cannot upsample by 2**{k}: the feature map was only downsampled "
+            f"{state.downsamples} times"
         )
     depth_stride = min(2**state.remained, s_d)
     if depth_stride < s_d:
@@ -188,12 +192,14 @@ class SACConv3d(nn.Module):
     ) -> None:
         super().__init__()
         if stride != 1 and kernel_size != stride:
-            raise ValueError(f"strided SAC conv needs kernel_size == stride, got {kernel_size} != {stride}")
+            raise ValueError(
+                f"strided SAC conv needs kernel_size == stride, got {kernel_size} != {stride}"
+            )
         self.stride = stride
         self.padding = padding
         proto = nn.Conv3d(in_channels, out_channels, kernel_size, bias=bias)  # PyTorch's init
         self.weight = nn.Parameter(proto.weight.detach().clone())
-        self.bias = nn.Parameter(proto.bias.detach().clone()) if bias else None
+        self.bias = nn.Parameter(proto.bias.detach().clone()) if proto.bias is not None else None
 
     def forward(self, x: Tensor, state: SpatialState) -> tuple[Tensor, SpatialState]:
         return adaptive_conv3d(
@@ -205,13 +211,19 @@ class SACConvTranspose3d(nn.Module):
     """Module form of :func:`adaptive_conv_transpose3d` (kernel == stride)."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, stride: int | tuple[int, int, int], bias: bool = True
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int | tuple[int, int, int],
+        bias: bool = True,
     ) -> None:
         super().__init__()
         self.stride = _triple(stride, "stride")
-        proto = nn.ConvTranspose3d(in_channels, out_channels, self.stride, stride=self.stride, bias=bias)
+        proto = nn.ConvTranspose3d(
+            in_channels, out_channels, self.stride, stride=self.stride, bias=bias
+        )
         self.weight = nn.Parameter(proto.weight.detach().clone())
-        self.bias = nn.Parameter(proto.bias.detach().clone()) if bias else None
+        self.bias = nn.Parameter(proto.bias.detach().clone()) if proto.bias is not None else None
 
     def forward(self, x: Tensor, state: SpatialState) -> tuple[Tensor, SpatialState]:
         return adaptive_conv_transpose3d(x, self.weight, self.bias, stride=self.stride, state=state)
