@@ -120,27 +120,47 @@ def adapter_state(model: nn.Module) -> dict[str, Tensor]:
     }
 
 
-def load_adapter_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
-    """Load a wire-format update strictly: exact keys, shapes and finite float32 values."""
-    expected = adapter_state(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+def update_problems(
+    update: Mapping[str, Tensor],
+    reference: Mapping[str, Tensor],
+    *,
+    max_norm: float = math.inf,
+) -> list[str]:
+    """Why ``update`` is not a valid adapter update for ``reference``'s keys and shapes.
+
+    Empty when it is valid: exact keys, equal shapes, float dtypes, finite values and a global
+    L2 norm of at most ``max_norm``. The server runs this on every reply before averaging.
+    """
+    missing = sorted(set(reference) - set(update))
+    unexpected = sorted(set(update) - set(reference))
     if missing or unexpected:
-        raise AdapterStateError(
-            f"adapter keys do not match the model: missing {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{'...' if len(unexpected) > 5 else ''}; check LoRA rank/targets/mode on both ends"
-        )
-    for key, ref in expected.items():
-        value = state[key]
+        return [
+            f"adapter keys do not match: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
+            f", unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}; check LoRA "
+            "rank/targets/mode on both ends"
+        ]
+    problems = []
+    squared_norm = 0.0
+    for key, ref in reference.items():
+        value = update[key]
         if tuple(value.shape) != tuple(ref.shape):
-            raise AdapterStateError(
-                f"{key}: shape {tuple(value.shape)}, expected {tuple(ref.shape)}"
-            )
-        if not value.is_floating_point():
-            raise AdapterStateError(f"{key}: dtype {value.dtype}, expected a float tensor")
-        if not torch.isfinite(value).all():
-            raise AdapterStateError(f"{key}: contains NaN or Inf")
+            problems.append(f"{key}: shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+        elif not value.is_floating_point():
+            problems.append(f"{key}: dtype {value.dtype}, expected a float tensor")
+        elif not torch.isfinite(value).all():
+            problems.append(f"{key}: contains NaN or Inf")
+        else:
+            squared_norm += float(value.double().square().sum())
+    if not problems and math.sqrt(squared_norm) > max_norm:
+        problems.append(f"update L2 norm {math.sqrt(squared_norm):.3g} exceeds {max_norm:.3g}")
+    return problems
+
+
+def load_adapter_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Load a wire-format update strictly: exact keys, shapes and finite float values."""
+    problems = update_problems(state, adapter_state(model))
+    if problems:
+        raise AdapterStateError("; ".join(problems))
     peft_model = unwrap(model)
     device = next(peft_model.parameters()).device
     full = {PEFT_PREFIX + k: v.to(device, torch.float32) for k, v in state.items()}

@@ -1,0 +1,92 @@
+"""The hospital's Flower ClientApp: parse the message, call ``core.site``, reply.
+
+A site is named by the SuperNode's ``--node-config`` in deployment
+(``site-name``, ``data-dir``, optional ``state-dir`` for the privacy ledger on disk) and by its
+partition id in simulation (the sorted site folders under run config ``data-root``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from core.config import RunConfig
+from core.privacy import write_json_atomic
+from core.site import evaluate_round, train_round
+from core.sites import SiteRef, resolve_site
+
+app = ClientApp()
+log = logging.getLogger(__name__)
+LEDGER_KEY = "privacy-ledger"
+
+
+def _load_ledger(context: Context, site: SiteRef) -> dict | None:
+    """The site's ledger: from node memory, else from disk (a restarted SuperNode), else none."""
+    record = context.state.config_records.get(LEDGER_KEY)
+    if record is not None and record.get("json"):
+        return json.loads(str(record["json"]))
+    if site.state_dir is not None:
+        path = site.state_dir / "privacy-ledger.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
+def _save_ledger(context: Context, site: SiteRef, ledger: dict) -> None:
+    context.state[LEDGER_KEY] = ConfigRecord({"json": json.dumps(ledger)})
+    if site.state_dir is not None:
+        write_json_atomic(Path(site.state_dir) / "privacy-ledger.json", ledger)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = RunConfig.from_flat(context.run_config)
+    site = resolve_site(cfg, context.node_config)
+    config = msg.content["config"]
+    outcome = train_round(
+        cfg,
+        site_dir=site.data_dir,
+        global_adapters=msg.content["arrays"].to_torch_state_dict(),
+        server_round=int(config["server-round"]),
+        expected_fingerprint=str(config.get("backbone-fingerprint", "")),
+        ledger_state=_load_ledger(context, site),
+    )
+    if outcome.ledger is not None:
+        _save_ledger(context, site, outcome.ledger)
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(outcome.metrics),
+            "site": ConfigRecord(
+                {
+                    "name": site.name,
+                    "status": outcome.status,
+                    "reason": outcome.reason,
+                    LEDGER_KEY: json.dumps(outcome.ledger) if outcome.ledger else "",
+                }
+            ),
+        }
+    )
+    if outcome.adapters is not None:
+        content["arrays"] = ArrayRecord(outcome.adapters)
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg = RunConfig.from_flat(context.run_config)
+    site = resolve_site(cfg, context.node_config)
+    config = msg.content["config"]
+    metrics = evaluate_round(
+        cfg,
+        site_dir=site.data_dir,
+        global_adapters=msg.content["arrays"].to_torch_state_dict(),
+        expected_fingerprint=str(config.get("backbone-fingerprint", "")),
+    )
+    content = RecordDict(
+        {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})}
+    )
+    return Message(content=content, reply_to=msg)

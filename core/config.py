@@ -1,0 +1,175 @@
+"""The run configuration: Flower's flat ``run_config`` turned once into a validated dataclass.
+
+Every key of ``[tool.flwr.app.config]`` (and of ``--run-config`` overrides) maps to one field
+here, kebab-case to snake_case. Unknown keys, wrong types and impossible values fail before any
+training, with a message that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from core.lora import LORA_TARGETS, LoraSettings
+from core.privacy import ACCOUNTANTS, DPSettings
+from core.train import TrainSettings
+from core.vit import MODEL_SIZES
+
+
+class ConfigError(ValueError):
+    """A run-config key is unknown, of the wrong type, or has an impossible value."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    num_server_rounds: int = 3
+    seed: int = 0
+    # model
+    model_size: str = "micro"
+    backbone: str = ""  # safetensors path; "" = a backbone built from backbone-seed
+    backbone_seed: int = 0
+    num_classes: int = 2
+    in_channels: int = 1
+    multi_label: bool = False
+    # LoRA
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: str = "qv"
+    lora_mode: str = "ffa"
+    # local training
+    local_epochs: int = 1
+    batch_size: int = 16
+    max_physical_batch: int = 32
+    learning_rate: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    device: str = "auto"
+    # differential privacy
+    dp: bool = True
+    target_epsilon: float = 8.0
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    # data and sites
+    data_root: str = ""  # simulation: one sub-folder per site, each with a dataset.json
+    sites: str = ""  # comma-separated site folder names; "" = every sub-folder, sorted
+    in_plane_size: int = 64
+    # federation
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    round_timeout: float = 3600.0
+    out_dir: str = ""  # absolute path of the run folder; "" = runs/<time> under the cwd
+    resume: bool = False
+    # homomorphic encryption
+    he: bool = False
+    he_public_context: str = ""
+    he_secret_context: str = ""
+
+    def __post_init__(self) -> None:
+        if self.num_server_rounds < 1:
+            self._fail("num-server-rounds", self.num_server_rounds, "use 1 or more rounds")
+        if self.model_size not in MODEL_SIZES:
+            self._fail("model-size", self.model_size, f"choose one of {sorted(MODEL_SIZES)}")
+        if self.num_classes < 2:
+            self._fail("num-classes", self.num_classes, "a classifier needs 2 or more classes")
+        if self.lora_targets not in LORA_TARGETS:
+            self._fail("lora-targets", self.lora_targets, f"choose one of {sorted(LORA_TARGETS)}")
+        if self.lora_mode not in ("ffa", "vanilla"):
+            self._fail("lora-mode", self.lora_mode, "choose 'ffa' or 'vanilla'")
+        if self.accountant not in ACCOUNTANTS:
+            self._fail("accountant", self.accountant, f"choose one of {list(ACCOUNTANTS)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            self._fail("device", self.device, "choose 'auto', 'cpu' or 'cuda'")
+        for key, value in (("fraction-train", self.fraction_train), ("fraction-evaluate", self.fraction_evaluate)):
+            if not 0.0 <= value <= 1.0:
+                self._fail(key, value, "use a fraction between 0 and 1")
+        if self.in_plane_size < 16 or self.in_plane_size % 16:
+            self._fail("in-plane-size", self.in_plane_size, "use a multiple of the patch size 16")
+        if self.he and not (self.he_public_context and self.he_secret_context):
+            self._fail(
+                "he", self.he, "set he-public-context and he-secret-context (core.ckks provision)"
+            )
+        # Sub-settings validate their own ranges; re-raise naming the run-config keys.
+        for build in (self.lora, self.training, self.privacy):
+            try:
+                build()
+            except ValueError as err:
+                raise ConfigError(f"run config: {err}") from err
+
+    @staticmethod
+    def _fail(key: str, value: Any, fix: str) -> None:
+        raise ConfigError(f"run config '{key}' = {value!r} is invalid: {fix}")
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any], *, source: str = "run config") -> RunConfig:
+        """Build from kebab-case keys; unknown keys and wrong types raise ConfigError."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                known = [f.replace("_", "-") for f in fields]
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {known}"
+                raise ConfigError(f"{source}: unknown key '{key}'{hint}")
+            kwargs[name] = _coerce(key, value, type(fields[name].default), source)
+        return cls(**kwargs)
+
+    def to_flat(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def lora(self) -> LoraSettings:
+        return LoraSettings(
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            targets=self.lora_targets,
+            mode=self.lora_mode,  # type: ignore[arg-type]
+            seed=self.seed,
+        )
+
+    def training(self) -> TrainSettings:
+        return TrainSettings(
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            max_physical_batch=self.max_physical_batch,
+            learning_rate=self.learning_rate,
+            optimizer=self.optimizer,  # type: ignore[arg-type]
+            weight_decay=self.weight_decay,
+            multi_label=self.multi_label,
+        )
+
+    def privacy(self) -> DPSettings:
+        return DPSettings(
+            target_epsilon=self.target_epsilon,
+            target_delta=self.target_delta,
+            max_grad_norm=self.max_grad_norm,
+            accountant=self.accountant,
+        )
+
+
+def _coerce(key: str, value: Any, expected: type, source: str) -> Any:
+    """Accept the TOML scalar types Flower passes; ints are fine where floats are expected."""
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif expected is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
+            return float(value)
+    elif isinstance(value, expected):
+        return value
+    raise ConfigError(
+        f"{source}: '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}"
+    )

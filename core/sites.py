@@ -1,0 +1,62 @@
+"""Which site a node is: from the SuperNode's node config, or its simulation partition id."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.config import ConfigError, RunConfig
+
+DATALIST = "dataset.json"
+
+
+@dataclass(frozen=True)
+class SiteRef:
+    name: str
+    data_dir: Path
+    state_dir: Path | None = None
+
+
+def list_sites(cfg: RunConfig) -> list[str]:
+    """Site folder names under ``data-root``: ``sites`` if given, else every folder with a
+    dataset.json, sorted (so partition ids map to the same sites on every run)."""
+    root = Path(cfg.data_root)
+    if not cfg.data_root or not root.is_dir():
+        raise ConfigError(
+            f"run config 'data-root' = {cfg.data_root!r} is not a folder; generate phantom "
+            "hospitals (python -m core.data.phantoms --out DIR) and pass its absolute path"
+        )
+    if cfg.sites:
+        names = [s.strip() for s in cfg.sites.split(",") if s.strip()]
+        missing = [n for n in names if not (root / n / DATALIST).is_file()]
+        if missing:
+            raise ConfigError(f"run config 'sites': no {DATALIST} under {root} for {missing}")
+        return names
+    names = sorted(p.parent.name for p in root.glob(f"*/{DATALIST}"))
+    if not names:
+        raise ConfigError(f"run config 'data-root' = {root} holds no */{DATALIST}")
+    return names
+
+
+def resolve_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteRef:
+    if "data-dir" in node_config:  # a real SuperNode
+        data_dir = Path(str(node_config["data-dir"]))
+        name = str(node_config.get("site-name", data_dir.name))
+        state = node_config.get("state-dir")
+        return SiteRef(name, data_dir, Path(str(state)) if state else None)
+    if "partition-id" not in node_config:
+        raise ConfigError(
+            "node config has neither 'data-dir' (deployment: start the SuperNode with "
+            "--node-config 'site-name=... data-dir=...') nor 'partition-id' (simulation)"
+        )
+    names = list_sites(cfg)
+    partition, partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    if partitions != len(names):
+        raise ConfigError(
+            f"the simulation has {partitions} nodes but data-root {cfg.data_root} has "
+            f"{len(names)} sites; set num-supernodes={len(names)} in the federation config"
+        )
+    name = names[partition]
+    return SiteRef(name, Path(cfg.data_root) / name)

@@ -1,0 +1,99 @@
+"""The coordinator's Flower ServerApp: adapter-only federated averaging with per-round outputs.
+
+Builds the initial adapters from the shared backbone, runs the rounds (resuming from the run
+folder's last checkpoint when ``resume`` is set), and writes metrics, checkpoints, the privacy
+report and the final adapters into ``out-dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from core.config import RunConfig
+from core.site import initial_adapters
+from server.run_files import RunFolder
+from server.strategy import AdapterFedAvg
+
+app = ServerApp()
+log = logging.getLogger(__name__)
+
+
+def resolve_out_dir(cfg: RunConfig) -> Path:
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def run_rounds(
+    strategy: AdapterFedAvg,
+    grid: Grid,
+    folder: RunFolder,
+    *,
+    arrays: ArrayRecord,
+    first_round: int,
+    num_rounds: int,
+    timeout: float,
+) -> ArrayRecord:
+    """Flower's ``Strategy.start`` loop, plus a checkpoint after every round and a first round
+    other than 1 (resume)."""
+    for server_round in range(first_round, num_rounds + 1):
+        log.info("[ROUND %d/%d]", server_round, num_rounds)
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=timeout
+        )
+        aggregated, _ = strategy.aggregate_train(server_round, replies)
+        if aggregated is not None:
+            arrays = aggregated
+        replies = grid.send_and_receive(
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+            timeout=timeout,
+        )
+        metrics = strategy.aggregate_evaluate(server_round, replies)
+        folder.save_round(server_round, arrays.to_torch_state_dict(), strategy)
+        log.info("round %d evaluation: %s", server_round, dict(metrics or {}))
+    return arrays
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_flat(context.run_config)
+    folder = RunFolder(resolve_out_dir(cfg))
+    folder.write_config(cfg)
+    adapters, fingerprint = initial_adapters(cfg)
+    strategy = AdapterFedAvg(
+        backbone_fingerprint=fingerprint,
+        reference=adapters,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_train_nodes,
+        min_evaluate_nodes=cfg.min_train_nodes,
+        min_available_nodes=cfg.min_available_nodes,
+    )
+    first_round = 1
+    if cfg.resume and (latest := folder.load_latest()) is not None:
+        done, adapters, state = latest
+        if state["backbone_fingerprint"] != fingerprint:
+            raise RuntimeError(
+                f"cannot resume {folder.root}: it was run with backbone "
+                f"{state['backbone_fingerprint'][:12]}..., this config gives {fingerprint[:12]}..."
+            )
+        folder.restore_strategy(strategy, state)
+        first_round = done + 1
+        log.info("resuming %s after round %d", folder.root, done)
+    final = run_rounds(
+        strategy,
+        grid,
+        folder,
+        arrays=ArrayRecord(adapters),
+        first_round=first_round,
+        num_rounds=cfg.num_server_rounds,
+        timeout=cfg.round_timeout,
+    )
+    path = folder.save_final_adapters(cfg, final.to_torch_state_dict())
+    folder.write_reports(strategy)
+    log.info("run folder: %s (final adapters in %s)", folder.root, path)

@@ -1,0 +1,86 @@
+"""The run folder: metrics, privacy report, per-round checkpoints and the final adapters.
+
+Layout (``out-dir``)::
+
+    config.json                 the validated run config
+    metrics.json                per round: aggregated train/eval metrics, per-site metrics, events
+    privacy.json, report.md, privacy.png    the privacy-budget report (core.report)
+    checkpoints/round-NNN.safetensors       global adapters after round NNN
+    checkpoints/latest.json     round, fingerprint, strategy state: what a resumed server needs
+    adapters/                   final global adapters in peft format (plaintext runs only)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from core.config import RunConfig
+from core.lora import load_adapter_state, save_adapters
+from core.privacy import PrivacyLedger, write_json_atomic
+from core.report import render_report, write_metrics_json, write_privacy_json
+from core.site import build_lora_model
+from server.strategy import AdapterFedAvg, RoundLog
+
+LATEST = "latest.json"
+
+
+class RunFolder:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        self.checkpoints = self.root / "checkpoints"
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, cfg: RunConfig) -> None:
+        write_json_atomic(self.root / "config.json", cfg.to_flat())
+
+    def save_round(
+        self, server_round: int, adapters: dict[str, torch.Tensor], strategy: AdapterFedAvg
+    ) -> None:
+        """Everything needed to resume after ``server_round``, written atomically."""
+        path = self.checkpoints / f"round-{server_round:03d}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp))
+        tmp.replace(path)
+        state = {
+            "round": server_round,
+            "adapters": path.name,
+            "backbone_fingerprint": strategy.backbone_fingerprint,
+            "rounds": [r.to_json() for _, r in sorted(strategy.rounds.items())],
+            "ledgers": strategy.ledgers,
+        }
+        write_json_atomic(self.checkpoints / LATEST, state)
+        self.write_reports(strategy)
+
+    def load_latest(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
+        latest = self.checkpoints / LATEST
+        if not latest.is_file():
+            return None
+        state = json.loads(latest.read_text())
+        adapters = load_file(str(self.checkpoints / state["adapters"]))
+        return int(state["round"]), adapters, state
+
+    @staticmethod
+    def restore_strategy(strategy: AdapterFedAvg, state: dict[str, Any]) -> None:
+        strategy.rounds = {int(r["round"]): RoundLog(**r) for r in state["rounds"]}
+        strategy.ledgers = dict(state["ledgers"])
+
+    def write_reports(self, strategy: AdapterFedAvg) -> None:
+        rounds = [r.to_json() for _, r in sorted(strategy.rounds.items())]
+        write_metrics_json(self.root, {"rounds": rounds})
+        if strategy.ledgers:
+            ledgers = {
+                name: PrivacyLedger.from_dict(data, source=f"ledger of {name}")
+                for name, data in sorted(strategy.ledgers.items())
+            }
+            write_privacy_json(self.root, ledgers)
+            render_report(self.root)
+
+    def save_final_adapters(self, cfg: RunConfig, adapters: dict[str, torch.Tensor]) -> Path:
+        model, _ = build_lora_model(cfg)
+        load_adapter_state(model, adapters)
+        return save_adapters(model, self.root / "adapters")

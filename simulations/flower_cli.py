@@ -1,0 +1,190 @@
+"""Driving the ``flwr`` CLI from Python: an owned local SuperLink and a checked ``flwr run``.
+
+``flwr run`` exits 0 even when the run failed, and with a local connection it starts a
+background SuperLink nobody stops. Here we start the SuperLink ourselves (free ports, our own
+FLWR_HOME, killed by PID when done) and check the run's final status with ``flwr list``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BIN = Path(sys.executable).parent
+
+
+class RunFailed(RuntimeError):
+    """A Flower run did not reach ``finished:completed``."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string
+
+
+def overrides_string(values: Mapping[str, Any]) -> str:
+    return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
+
+
+@dataclass
+class LocalSuperLink:
+    home: Path
+    env: dict[str, str]
+    process: subprocess.Popen[bytes]
+    log_file: Path
+
+
+@contextmanager
+def local_superlink(workdir: Path | None = None) -> Iterator[LocalSuperLink]:
+    """A simulation-mode SuperLink on free loopback ports, stopped (by PID) on exit."""
+    home = Path(tempfile.mkdtemp(prefix="flwr-home-", dir=workdir))
+    http_port, control_port = free_port(), free_port()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+    )
+    env = os.environ | {
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+        "RAY_DEDUP_LOGS": "0",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    log_file = home / "superlink.log"
+    command = [
+        str(BIN / "flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--control-api-address",
+        f"127.0.0.1:{control_port}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(http_port),
+        "--log-file",
+        str(log_file),
+    ]
+    with open(home / "superlink.out", "wb") as out:
+        process = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise RunFailed(f"flower-superlink exited early; see {home / 'superlink.out'}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=0.5).is_success:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RunFailed("flower-superlink did not become healthy within 60 s")
+            time.sleep(0.3)
+        yield LocalSuperLink(home, env, process, log_file)
+    finally:
+        stop_process_group(process)
+
+
+def stop_process_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM the process and everything it spawned, SIGKILL after ``grace`` seconds."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+
+def flwr_run(
+    link: LocalSuperLink,
+    app_dir: Path,
+    *,
+    run_config: Mapping[str, Any],
+    federation_config: Mapping[str, Any],
+    on_line: Callable[[str], None] = lambda line: None,
+    timeout: float = 3600,
+) -> int:
+    """``flwr run APP local --stream``; returns the run id once the run has really completed."""
+    command = [
+        str(BIN / "flwr"),
+        "run",
+        str(app_dir),
+        "local",
+        "--run-config",
+        overrides_string(run_config),
+        "--federation-config",
+        overrides_string(federation_config),
+        "--stream",
+    ]
+    process = subprocess.Popen(
+        command,
+        env=link.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    lines: list[str] = []
+    for line in process.stdout:
+        lines.append(line)
+        on_line(line.rstrip("\n"))
+        if time.monotonic() > deadline:
+            stop_process_group(process)  # type: ignore[arg-type]
+            raise RunFailed(f"flwr run did not finish within {timeout} s")
+    process.wait()
+    run_id = _latest_run(link)
+    if run_id is None or run_id[1] != "finished:completed":
+        tail = "".join(lines[-40:])
+        raise RunFailed(f"the Flower run did not complete (status {run_id}); last output:\n{tail}")
+    return run_id[0]
+
+
+def _latest_run(link: LocalSuperLink) -> tuple[int, str] | None:
+    out = subprocess.run(
+        [str(BIN / "flwr"), "list", "local", "--format", "json"],
+        env=link.env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        runs = json.loads(out.stdout).get("runs", [])
+    except json.JSONDecodeError:
+        return None
+    if not runs:
+        return None
+    latest = max(runs, key=lambda r: int(r["run-id"]))
+    return int(latest["run-id"]), str(latest["status"])

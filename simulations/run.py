@@ -1,0 +1,169 @@
+"""Run a named scenario as a real ``flwr`` simulation and report where its results are.
+
+    python -m simulations.run default
+    python -m simulations.run strict-privacy --set num-server-rounds=5 --set target-epsilon=2
+    python -m simulations.run --list
+
+A scenario (``simulations/scenarios/NAME.toml``) names phantom hospitals to generate and run
+config values; ``--set key=value`` overrides any run-config key. The runner generates the
+hospitals (cached by preset and seed), starts its own local SuperLink, runs ``flwr run`` with
+one simulated SuperNode per hospital, prints progress per round, checks that the run really
+completed, and prints the run folder and the privacy report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from core.config import RunConfig
+from core.data.phantoms import generate_hospitals
+from simulations.flower_cli import RunFailed, flwr_run, local_superlink
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = Path(__file__).resolve().parent / "scenarios"
+ROUND_LINE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
+
+
+def load_scenario(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SCENARIOS / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in SCENARIOS.glob("*.toml"))
+        raise SystemExit(f"no scenario {name_or_path!r}; known scenarios: {known}")
+    with path.open("rb") as handle:
+        scenario = tomllib.load(handle)
+    scenario["name"] = path.stem
+    return scenario
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values parsed as TOML scalars (so 3, 0.5, true and "x" work)."""
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        try:
+            values[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key.strip()] = raw  # a bare string
+    return values
+
+
+def prepare_data(scenario: dict[str, Any], cache: Path) -> Path:
+    """Generate the scenario's phantom hospitals once; reuse them on later runs."""
+    spec = dict(scenario.get("phantoms", {"preset": "default", "seed": 0}))
+    tag = "-".join(f"{k}{v}" for k, v in sorted(spec.items()))
+    root = cache / tag
+    marker = root / ".complete"
+    if not marker.is_file():
+        started = time.perf_counter()
+        preset = spec.pop("preset", "default")
+        seed = spec.pop("seed", 0)
+        options = {k.replace("-", "_"): v for k, v in spec.items()}
+        generate_hospitals(root, preset, seed=seed, **options)
+        marker.write_text(json.dumps(scenario.get("phantoms", {})))
+        print(f"generated phantom hospitals in {root} ({time.perf_counter() - started:.1f} s)")
+    return root
+
+
+def run_scenario(
+    scenario: dict[str, Any],
+    *,
+    overrides: dict[str, Any],
+    out_dir: Path,
+    data_cache: Path,
+    quiet: bool = False,
+) -> Path:
+    data_root = prepare_data(scenario, data_cache)
+    values = dict(scenario.get("run-config", {})) | overrides
+    values |= {"data-root": str(data_root.resolve()), "out-dir": str(out_dir.resolve())}
+    cfg = RunConfig.from_flat(values)  # fail here, before any process starts
+    sites = sorted(p.parent.name for p in data_root.glob("*/dataset.json"))
+    if cfg.sites:
+        sites = [s.strip() for s in cfg.sites.split(",")]
+    values.setdefault("min-available-nodes", min(len(sites), cfg.min_available_nodes))
+    federation = {"num-supernodes": len(sites), "client-resources-num-cpus": 1}
+    print(f"scenario {scenario['name']}: {scenario.get('description', '')}")
+    print(f"{len(sites)} sites, {cfg.num_server_rounds} rounds, out-dir {out_dir}")
+    started = time.perf_counter()
+
+    def progress(line: str) -> None:
+        if quiet:
+            return
+        match = ROUND_LINE.search(line)
+        if match:
+            elapsed = time.perf_counter() - started
+            print(f"  round {match[1]}/{match[2]} started at {elapsed:.0f} s", flush=True)
+        elif "ERROR" in line or "Traceback" in line or "refused" in line or "rejected" in line:
+            print(f"  {line}", flush=True)
+
+    with local_superlink() as link:
+        try:
+            run_id = flwr_run(
+                link, ROOT, run_config=values, federation_config=federation, on_line=progress
+            )
+        except RunFailed:
+            print(f"superlink log: {link.log_file}", file=sys.stderr)
+            raise
+    elapsed = time.perf_counter() - started
+    summary = summarize(out_dir)
+    print(f"run {run_id} completed in {elapsed:.0f} s")
+    print(summary)
+    return out_dir
+
+
+def summarize(out_dir: Path) -> str:
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    lines = ["round  accuracy  auc     loss   sites"]
+    for entry in metrics["rounds"]:
+        ev = entry.get("evaluate", {})
+        status = entry.get("status", {})
+        trained = sum(1 for s in status.values() if s == "trained")
+        lines.append(
+            f"{entry['round']:>5}  {_fmt(ev.get('accuracy'))}  {_fmt(ev.get('auc'))}  "
+            f"{_fmt(ev.get('loss'))}  {trained}/{len(status)} trained"
+        )
+    report = out_dir / "report.md"
+    if report.is_file():
+        lines.append(f"privacy report: {report}")
+    lines.append(f"run folder: {out_dir}")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:6.3f}" if isinstance(value, int | float) else "   n/a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario", nargs="?", default="default")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", type=Path, help="run folder (default runs/<scenario>-<time>)")
+    parser.add_argument("--data-cache", type=Path, default=ROOT / "phantom_data")
+    parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        for path in sorted(SCENARIOS.glob("*.toml")):
+            print(f"{path.stem:16} {load_scenario(path.stem).get('description', '')}")
+        return 0
+    scenario = load_scenario(args.scenario)
+    out = args.out or ROOT / "runs" / f"{scenario['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        run_scenario(scenario, overrides=parse_set(args.set), out_dir=out, data_cache=args.data_cache)
+    except RunFailed as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
