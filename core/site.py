@@ -70,7 +70,7 @@ class TrainOutcome:
 
 def open_split(cfg: RunConfig, site_dir: str | Path, split: str) -> SiteDataset:
     grid = GridConfig(in_plane=(cfg.in_plane_size, cfg.in_plane_size), channels=cfg.in_channels)
-    return open_site(Path(site_dir), split, grid=grid, num_classes=cfg.num_classes)
+    return open_site(Path(site_dir) / "dataset.json", split, grid=grid, num_classes=cfg.num_classes)
 
 
 def _checked_model(cfg: RunConfig, expected_fingerprint: str) -> nn.Module:

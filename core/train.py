@@ -135,7 +135,7 @@ def train_plain(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += float(loss) * len(indices)
+            total_loss += loss.item() * len(indices)
             seen += len(indices)
             steps += 1
     return TrainResult(total_loss / max(seen, 1), len(dataset), steps, seen)
@@ -192,7 +192,7 @@ def train_dp(
                 optimizer.step()
                 if position < len(sub_batches) - 1:
                     optimizer.zero_grad(set_to_none=True)  # keeps the clipped sum
-                total_loss += float(loss) * len(indices)
+                total_loss += loss.item() * len(indices)
                 seen += len(indices)
             steps += 1
     finally:
@@ -240,13 +240,13 @@ def evaluate(
         if usable.any()
         else float("nan")
     )
-    return {"loss": loss_sum / max(n, 1), "accuracy": accuracy, "auc": auc, "num_examples": n}
+    return {"loss": loss_sum / max(n, 1), "accuracy": accuracy, "auc": auc, "num-examples": n}
 
 
 def mean_metrics(per_site: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     """Example-weighted mean of site metrics (NaN AUCs are left out of the AUC mean)."""
     out: dict[str, float] = {}
-    weights = {site: float(m["num_examples"]) for site, m in per_site.items()}
+    weights = {site: float(m["num-examples"]) for site, m in per_site.items()}
     for key in ("loss", "accuracy", "auc"):
         pairs = [
             (float(m[key]), weights[s])

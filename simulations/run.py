@@ -69,7 +69,7 @@ def prepare_data(scenario: dict[str, Any], cache: Path) -> Path:
         preset = spec.pop("preset", "default")
         seed = spec.pop("seed", 0)
         options = {k.replace("-", "_"): v for k, v in spec.items()}
-        generate_hospitals(root, preset, seed=seed, **options)
+        generate_hospitals(root, preset, seed=seed, overwrite=True, **options)
         marker.write_text(json.dumps(scenario.get("phantoms", {})))
         print(f"generated phantom hospitals in {root} ({time.perf_counter() - started:.1f} s)")
     return root
