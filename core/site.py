@@ -109,10 +109,9 @@ def train_round(
         metrics = {"train-loss": result.loss, "num-examples": result.num_examples}
         return TrainOutcome("trained", "", adapter_state(model), metrics)
 
-    if ledger_state:
-        ledger = PrivacyLedger.from_dict(ledger_state, source="site privacy ledger")
-    else:
-        ledger = PrivacyLedger(cfg.privacy(), dataset_size=len(dataset))
+    ledger = PrivacyLedger.resume_or_start(
+        ledger_state, settings=cfg.privacy(), dataset_size=len(dataset)
+    )
     if ledger.plan is None:
         ledger.adopt_plan(
             plan_dp(
@@ -139,6 +138,7 @@ def train_round(
         steps=plan.steps_per_round,
     )
     result = train_dp(model, dataset, settings, step_plan, device=device, generator=generator)
+    # train_dp takes exactly plan.steps_per_round steps: what the budget check projected.
     record = ledger.record_round(server_round, plan.noise_multiplier, plan.sample_rate, result.steps)
     metrics = {
         "train-loss": result.loss,
