@@ -55,6 +55,7 @@ class RunConfig:
     target_delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
+    dp_planned_rounds: int = 0  # rounds the noise is calibrated for; 0 = num-server-rounds
     # data and sites
     data_root: str = ""  # simulation: one sub-folder per site, each with a dataset.json
     sites: str = ""  # comma-separated site folder names; "" = every sub-folder, sorted
@@ -75,6 +76,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
             self._fail("num-server-rounds", self.num_server_rounds, "use 1 or more rounds")
+        if self.dp_planned_rounds < 0:
+            self._fail("dp-planned-rounds", self.dp_planned_rounds, "use 0 (all rounds) or more")
         if self.model_size not in MODEL_SIZES:
             self._fail("model-size", self.model_size, f"choose one of {sorted(MODEL_SIZES)}")
         if self.num_classes < 2:
@@ -145,6 +148,10 @@ class RunConfig:
             weight_decay=self.weight_decay,
             multi_label=self.multi_label,
         )
+
+    @property
+    def planned_rounds(self) -> int:
+        return self.dp_planned_rounds or self.num_server_rounds
 
     def privacy(self) -> DPSettings:
         return DPSettings(

@@ -119,7 +119,7 @@ def train_round(
                 dataset_size=len(dataset),
                 batch_size=settings.batch_size,
                 local_epochs=settings.local_epochs,
-                planned_rounds=cfg.num_server_rounds,
+                planned_rounds=cfg.planned_rounds,
             )
         )
     plan = ledger.plan

@@ -1,0 +1,87 @@
+"""The federated job through Flower's real Simulation Engine (flwr run, SuperLink, Ray).
+
+Two tiny phantom hospitals, two rounds, DP on. The run must really complete (checked with
+``flwr list``, not the exit code), only adapter keys may travel, epsilon must rise each round,
+and the run folder must hold a sane report. A second run plans the noise for one round and
+runs two: every site refuses round 2 to stay within budget, and the server carries on.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core.config import RunConfig
+from core.site import initial_adapters
+from simulations.run import load_scenario, run_scenario
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+SMALL = {
+    "num-server-rounds": 2,
+    "model-size": "micro",
+    "in-plane-size": 32,
+    "batch-size": 8,
+    "learning-rate": 0.003,
+    "target-epsilon": 8.0,
+    "min-train-nodes": 2,
+}
+PHANTOMS = {"phantoms": {"preset": "many", "n-sites": 2, "seed": 3}}
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("phantoms")
+
+
+def run(tmp_path, data_cache, **overrides):
+    scenario = load_scenario("default") | PHANTOMS
+    out = tmp_path / "run"
+    run_scenario(scenario, overrides=SMALL | overrides, out_dir=out, data_cache=data_cache, quiet=True)
+    return out
+
+
+def test_two_sites_two_rounds_with_dp(tmp_path, data_cache):
+    out = run(tmp_path, data_cache)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for entry in metrics["rounds"]:
+        assert set(entry["status"].values()) == {"trained"} and len(entry["status"]) == 2
+        assert 0.0 <= entry["evaluate"]["accuracy"] <= 1.0
+
+    # Only the adapter wire format travelled: the checkpoint holds exactly its keys.
+    cfg = RunConfig.from_flat(json.loads((out / "config.json").read_text()))
+    reference, _ = initial_adapters(cfg)
+    saved = load_file(str(out / "checkpoints" / "round-002.safetensors"))
+    assert set(saved) == set(reference)
+    assert all(".lora_B." in k or k.startswith("head.") for k in saved)  # FFA: no A, no backbone
+    assert not torch.equal(saved["head.weight"], reference["head.weight"])  # it trained
+
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert len(privacy["sites"]) == 2
+    for site in privacy["sites"].values():
+        eps = [r["epsilon"] for r in site["rounds"]]
+        assert len(eps) == 2 and 0 < eps[0] < eps[1] <= 8.0 + 1e-9
+        assert site["plan"]["planned_rounds"] == 2
+    report = (out / "report.md").read_text()
+    assert "Epsilon spent" in report and "data-protection officer" in report
+    assert (out / "privacy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "adapters" / "adapter_model.safetensors").is_file()
+
+
+def test_sites_refuse_a_round_past_their_budget_and_the_server_carries_on(tmp_path, data_cache):
+    out = run(tmp_path, data_cache, **{"dp-planned-rounds": 1})
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["rounds"][0]["status"].values()) == {"trained"}
+    assert set(metrics["rounds"][1]["status"].values()) == {"refused"}
+    events = metrics["rounds"][1]["events"]
+    assert events and all("above the site's target" in e["reason"] for e in events)
+    first = load_file(str(out / "checkpoints" / "round-001.safetensors"))
+    second = load_file(str(out / "checkpoints" / "round-002.safetensors"))
+    assert all(torch.equal(first[k], second[k]) for k in first)  # nothing new was averaged
+    privacy = json.loads((out / "privacy.json").read_text())
+    for site in privacy["sites"].values():
+        assert [r["refused"] for r in site["rounds"]] == [False, True]
+        assert site["rounds"][1]["epsilon"] == site["rounds"][0]["epsilon"] <= 8.0
+    assert "refused" in (out / "report.md").read_text()
