@@ -11,8 +11,9 @@ import json
 import logging
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch import Tensor
 
 from core.config import RunConfig
 from core.privacy import write_json_atomic
@@ -22,6 +23,29 @@ from core.sites import SiteRef, resolve_site
 app = ClientApp()
 log = logging.getLogger(__name__)
 LEDGER_KEY = "privacy-ledger"
+HE_LAYOUT_KEY = "he-layout"  # the server's keys (server.he_strategy), repeated: no import
+HE_TOTAL_KEY = "he-total"
+
+
+def _global_adapters(msg: Message, cfg: RunConfig) -> dict[str, Tensor]:
+    """The global adapters: plaintext, or the server's encrypted sum decrypted and averaged."""
+    config = msg.content["config"]
+    if not (cfg.he and HE_TOTAL_KEY in config):
+        return msg.content["arrays"].to_torch_state_dict()
+    from core.ckks import CkksLayout, arrays_to_ciphertexts, decrypt_average, load_secret_context
+
+    secret = load_secret_context(cfg.he_secret_context)
+    ciphertexts = arrays_to_ciphertexts({k: v.numpy() for k, v in msg.content["arrays"].items()})
+    layout = CkksLayout.from_json(str(config[HE_LAYOUT_KEY]))
+    return decrypt_average(ciphertexts, int(config[HE_TOTAL_KEY]), layout, secret)
+
+
+def _encrypted(adapters: dict[str, Tensor], num_examples: int, cfg: RunConfig) -> tuple[ArrayRecord, str]:
+    from core.ckks import ciphertexts_to_arrays, encrypt_update, load_secret_context
+
+    update = encrypt_update(adapters, num_examples, load_secret_context(cfg.he_secret_context))
+    record = ArrayRecord({k: Array(v) for k, v in ciphertexts_to_arrays(update.ciphertexts).items()})
+    return record, update.layout.to_json()
 
 
 def _load_ledger(context: Context, site: SiteRef) -> dict | None:
@@ -50,7 +74,7 @@ def train(msg: Message, context: Context) -> Message:
     outcome = train_round(
         cfg,
         site_dir=site.data_dir,
-        global_adapters=msg.content["arrays"].to_torch_state_dict(),
+        global_adapters=_global_adapters(msg, cfg),
         server_round=int(config["server-round"]),
         expected_fingerprint=str(config.get("backbone-fingerprint", "")),
         ledger_state=_load_ledger(context, site),
@@ -70,7 +94,10 @@ def train(msg: Message, context: Context) -> Message:
             ),
         }
     )
-    if outcome.adapters is not None:
+    if outcome.adapters is not None and cfg.he:
+        count = int(outcome.metrics["num-examples"])
+        content["arrays"], content["site"][HE_LAYOUT_KEY] = _encrypted(outcome.adapters, count, cfg)
+    elif outcome.adapters is not None:
         content["arrays"] = ArrayRecord(outcome.adapters)
     return Message(content=content, reply_to=msg)
 
@@ -83,7 +110,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = evaluate_round(
         cfg,
         site_dir=site.data_dir,
-        global_adapters=msg.content["arrays"].to_torch_state_dict(),
+        global_adapters=_global_adapters(msg, cfg),
         expected_fingerprint=str(config.get("backbone-fingerprint", "")),
     )
     content = RecordDict(

@@ -1277,3 +1277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def ciphertexts_to_arrays(ciphertexts: Sequence[bytes]) -> dict[str, np.ndarray]:
+    """Ciphertexts as named uint8 arrays, in order: how they travel in a Flower ArrayRecord."""
+    return {f"ct-{i:05d}": np.frombuffer(c, dtype=np.uint8) for i, c in enumerate(ciphertexts)}
+
+
+def arrays_to_ciphertexts(arrays: Mapping[str, np.ndarray]) -> list[bytes]:
+    """Inverse of :func:`ciphertexts_to_arrays` (keys sort into the original order)."""
+    return [np.ascontiguousarray(arrays[key], dtype=np.uint8).tobytes() for key in sorted(arrays)]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from torch import Tensor
 
 from core.config import RunConfig
 from core.site import initial_adapters
@@ -59,21 +60,35 @@ def run_rounds(
     return arrays
 
 
+def build_strategy(cfg: RunConfig, adapters: dict[str, Tensor], fingerprint: str) -> AdapterFedAvg:
+    common = {
+        "backbone_fingerprint": fingerprint,
+        "reference": adapters,
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": cfg.fraction_evaluate,
+        "min_train_nodes": cfg.min_train_nodes,
+        "min_evaluate_nodes": cfg.min_train_nodes,
+        "min_available_nodes": cfg.min_available_nodes,
+    }
+    if not cfg.he:
+        return AdapterFedAvg(**common)
+    from core.ckks import load_public_context
+    from server.he_strategy import EncryptedAdapterFedAvg
+
+    log.info(
+        "HE mode: the server holds only the public CKKS context and never sees an update or the "
+        "global adapters in the clear; central evaluation of plaintext weights is impossible"
+    )
+    return EncryptedAdapterFedAvg(public_context=load_public_context(cfg.he_public_context), **common)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flat(context.run_config)
     folder = RunFolder(resolve_out_dir(cfg))
     folder.write_config(cfg)
     adapters, fingerprint = initial_adapters(cfg)
-    strategy = AdapterFedAvg(
-        backbone_fingerprint=fingerprint,
-        reference=adapters,
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=cfg.min_train_nodes,
-        min_evaluate_nodes=cfg.min_train_nodes,
-        min_available_nodes=cfg.min_available_nodes,
-    )
+    strategy = build_strategy(cfg, adapters, fingerprint)
     first_round = 1
     if cfg.resume and (latest := folder.load_latest()) is not None:
         done, adapters, state = latest
@@ -94,6 +109,13 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout,
     )
-    path = folder.save_final_adapters(cfg, final.to_torch_state_dict())
     folder.write_reports(strategy)
+    if cfg.he:
+        log.info(
+            "run folder: %s; the final global adapters are encrypted (checkpoints/); only the "
+            "sites can decrypt them (python -m client.decrypt RUN_DIR --secret-context FILE)",
+            folder.root,
+        )
+        return
+    path = folder.save_final_adapters(cfg, final.to_torch_state_dict())
     log.info("run folder: %s (final adapters in %s)", folder.root, path)

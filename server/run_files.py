@@ -52,6 +52,7 @@ class RunFolder:
             "backbone_fingerprint": strategy.backbone_fingerprint,
             "rounds": [r.to_json() for _, r in sorted(strategy.rounds.items())],
             "ledgers": strategy.ledgers,
+            "strategy": strategy.extra_state(),
         }
         write_json_atomic(self.checkpoints / LATEST, state)
         self.write_reports(strategy)
@@ -68,6 +69,7 @@ class RunFolder:
     def restore_strategy(strategy: AdapterFedAvg, state: dict[str, Any]) -> None:
         strategy.rounds = {int(r["round"]): RoundLog(**r) for r in state["rounds"]}
         strategy.ledgers = dict(state["ledgers"])
+        strategy.load_extra_state(state.get("strategy", {}))
 
     def write_reports(self, strategy: AdapterFedAvg) -> None:
         rounds = [r.to_json() for _, r in sorted(strategy.rounds.items())]

@@ -97,6 +97,13 @@ class AdapterFedAvg(FedAvg):
         self.rounds: dict[int, RoundLog] = {}
         self.ledgers: dict[str, dict[str, Any]] = {}
 
+    def extra_state(self) -> dict[str, Any]:
+        """Strategy state beyond rounds and ledgers that a resumed server needs."""
+        return {}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`extra_state`."""
+
     def round_log(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round, RoundLog(server_round))
 
@@ -130,11 +137,10 @@ class AdapterFedAvg(FedAvg):
             return [f"arrays do not decode as tensors: {err}"]
         return update_problems(update, self.reference, max_norm=self.max_update_norm)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def triage(self, server_round: int, replies: Iterable[Message]) -> list[tuple[str, RecordDict]]:
+        """Record every reply (errors, refusals, metrics, ledgers); return those to aggregate."""
         record = self.round_log(server_round)
-        accepted: list[RecordDict] = []
+        candidates: list[tuple[str, RecordDict]] = []
         for msg in replies:
             name = _site_name(msg)
             if msg.has_error():
@@ -147,29 +153,45 @@ class AdapterFedAvg(FedAvg):
             if ledger_json:
                 self.ledgers[name] = json.loads(ledger_json)
             record.record_metrics(name, content.metric_records.get("metrics", MetricRecord()))
-            status = str(site_info.get("status", "trained"))
-            if status == "refused":
+            if str(site_info.get("status", "trained")) == "refused":
                 record.status[name] = "refused"
                 record.event(name, "refused", str(site_info.get("reason", "")))
                 continue
+            candidates.append((name, content))
+        return candidates
+
+    def reject(self, server_round: int, name: str, reason: str) -> None:
+        record = self.round_log(server_round)
+        record.status[name] = "rejected"
+        record.event(name, "rejected", reason)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted: list[RecordDict] = []
+        for name, content in self.triage(server_round, replies):
             problems = self.check_reply(content)
             if problems:
-                record.status[name] = "rejected"
-                record.event(name, "rejected", "; ".join(problems))
-                continue
-            record.status[name] = "trained"
-            accepted.append(content)
+                self.reject(server_round, name, "; ".join(problems))
+            else:
+                self.round_log(server_round).status[name] = "trained"
+                accepted.append(content)
         if not accepted:
-            log.warning("round %d: no valid update; the global adapters stay as they were", server_round)
+            log.warning("round %d: no valid update; the global adapters stay", server_round)
             return None, None
-        arrays = aggregate_arrayrecords(accepted, WEIGHT_KEY)
+        return aggregate_arrayrecords(accepted, WEIGHT_KEY), self.train_summary(
+            server_round, accepted
+        )
+
+    def train_summary(self, server_round: int, accepted: list[RecordDict]) -> MetricRecord:
+        record = self.round_log(server_round)
         loss_pairs = [
             (float(c["metrics"]["train-loss"]), float(c["metrics"][WEIGHT_KEY]))
             for c in accepted
             if "train-loss" in c["metrics"]
         ]
         record.train = {"loss": _weighted_mean(loss_pairs), "sites": float(len(accepted))}
-        return arrays, MetricRecord(record.train)
+        return MetricRecord(record.train)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

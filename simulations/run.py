@@ -75,6 +75,15 @@ def prepare_data(scenario: dict[str, Any], cache: Path) -> Path:
     return root
 
 
+def provision_keys(folder: Path) -> dict[str, str]:
+    """Simulation only: make the CKKS contexts beside the run. In a real deployment the
+    coordinator provisions once and hands the secret context to the sites out of band."""
+    from core.ckks import provision
+
+    secret, public = provision(folder, overwrite=True)
+    return {"he-secret-context": str(secret.resolve()), "he-public-context": str(public.resolve())}
+
+
 def run_scenario(
     scenario: dict[str, Any],
     *,
@@ -86,6 +95,8 @@ def run_scenario(
     data_root = prepare_data(scenario, data_cache)
     values = dict(scenario.get("run-config", {})) | overrides
     values |= {"data-root": str(data_root.resolve()), "out-dir": str(out_dir.resolve())}
+    if values.get("he") and not values.get("he-secret-context"):
+        values |= provision_keys(out_dir / "he-keys")
     cfg = RunConfig.from_flat(values)  # fail here, before any process starts
     sites = sorted(p.parent.name for p in data_root.glob("*/dataset.json"))
     if cfg.sites:

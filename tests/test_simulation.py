@@ -85,3 +85,29 @@ def test_sites_refuse_a_round_past_their_budget_and_the_server_carries_on(tmp_pa
         assert [r["refused"] for r in site["rounds"]] == [False, True]
         assert site["rounds"][1]["epsilon"] == site["rounds"][0]["epsilon"] <= 8.0
     assert "refused" in (out / "report.md").read_text()
+
+
+def test_encrypted_run_matches_the_plaintext_run_without_dp_noise(tmp_path, data_cache):
+    """Same seed, no DP noise: the HE run ends with the plaintext run's adapters (CKKS error
+    ~1e-11 relative), and a site can decrypt the server's encrypted result."""
+    from client.decrypt import decrypt_run
+    from core.lora import adapter_state
+    from core.site import build_backbone
+    from peft import PeftModel
+
+    sgd = {"dp": False, "optimizer": "sgd", "learning-rate": 0.05}  # linear in the gradients
+    plain = run(tmp_path / "plain", data_cache, **sgd)
+    encrypted = run(tmp_path / "he", data_cache, he=True, **sgd)
+    stored = load_file(str(encrypted / "checkpoints" / "round-002.safetensors"))
+    assert all(v.dtype == torch.uint8 for v in stored.values())  # only ciphertext on the server
+    assert not (encrypted / "adapters").exists()
+
+    decrypted_dir = decrypt_run(encrypted, encrypted / "he-keys" / "site_secret.ctx", tmp_path / "d")
+    cfg = RunConfig.from_flat(json.loads((plain / "config.json").read_text()))
+    backbone, _ = build_backbone(cfg)
+    he_model = PeftModel.from_pretrained(backbone, str(decrypted_dir))
+    he_state = adapter_state(he_model)
+    plain_state = load_file(str(plain / "checkpoints" / "round-002.safetensors"))
+    assert set(plain_state) <= set(he_state)  # peft's files also hold the frozen A
+    for key, value in plain_state.items():
+        torch.testing.assert_close(he_state[key], value, rtol=1e-4, atol=1e-6)

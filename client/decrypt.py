@@ -1,0 +1,53 @@
+"""A site decrypts the final global adapters of an encrypted run into peft format.
+
+    python -m client.decrypt RUN_DIR --secret-context site_secret.ctx [--out DIR]
+
+The server stored the encrypted sum (it cannot decrypt it); any site holding the consortium's
+secret context turns it into adapters its own backbone can load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from core.ckks import CkksLayout, arrays_to_ciphertexts, decrypt_average, load_secret_context
+from core.config import RunConfig
+from core.lora import load_adapter_state, save_adapters
+from core.site import build_lora_model
+
+
+def decrypt_run(run_dir: Path, secret_context: Path, out: Path) -> Path:
+    latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
+    state = latest.get("strategy", {})
+    if state.get("global_total") is None:
+        raise SystemExit(f"{run_dir} holds no encrypted global adapters (not an HE run?)")
+    cfg = RunConfig.from_flat(json.loads((run_dir / "config.json").read_text()))
+    arrays = load_file(str(run_dir / "checkpoints" / latest["adapters"]))
+    adapters = decrypt_average(
+        arrays_to_ciphertexts({k: v.numpy() for k, v in arrays.items()}),
+        int(state["global_total"]),
+        CkksLayout.from_json(state["layout"]),
+        load_secret_context(secret_context),
+    )
+    model, _ = build_lora_model(cfg)
+    load_adapter_state(model, adapters)
+    return save_adapters(model, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--secret-context", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="default RUN_DIR/adapters")
+    args = parser.parse_args(argv)
+    path = decrypt_run(args.run_dir, args.secret_context, args.out or args.run_dir / "adapters")
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
