@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -63,7 +62,8 @@ def _load_ledger(context: Context, site: SiteRef) -> dict | None:
 def _save_ledger(context: Context, site: SiteRef, ledger: dict) -> None:
     context.state[LEDGER_KEY] = ConfigRecord({"json": json.dumps(ledger)})
     if site.state_dir is not None:
-        write_json_atomic(Path(site.state_dir) / "privacy-ledger.json", ledger)
+        site.state_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(site.state_dir / "privacy-ledger.json", ledger)
 
 
 @app.train()

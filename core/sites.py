@@ -59,4 +59,5 @@ def resolve_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteRef:
             f"{len(names)} sites; set num-supernodes={len(names)} in the federation config"
         )
     name = names[partition]
-    return SiteRef(name, Path(cfg.data_root) / name)
+    state_dir = Path(cfg.state_root) / name if cfg.state_root else None
+    return SiteRef(name, Path(cfg.data_root) / name, state_dir)

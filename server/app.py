@@ -8,6 +8,7 @@ report and the final adapters into ``out-dir``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from server.strategy import AdapterFedAvg
 
 app = ServerApp()
 log = logging.getLogger(__name__)
+# Fault injection for crash-recovery tests: the process exits right after this round's checkpoint.
+FAULT_EXIT_AFTER_ROUND = "FEDMEDVIT_FAULT_EXIT_AFTER_ROUND"
 
 
 def resolve_out_dir(cfg: RunConfig) -> Path:
@@ -57,6 +60,9 @@ def run_rounds(
         metrics = strategy.aggregate_evaluate(server_round, replies)
         folder.save_round(server_round, arrays.to_torch_state_dict(), strategy)
         log.info("round %d evaluation: %s", server_round, dict(metrics or {}))
+        if os.environ.get(FAULT_EXIT_AFTER_ROUND) == str(server_round):
+            log.error("fault injection: the ServerApp process dies after round %d", server_round)
+            os._exit(70)
     return arrays
 
 

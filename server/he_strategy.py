@@ -76,7 +76,7 @@ class EncryptedAdapterFedAvg(AdapterFedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         uploads: dict[str, EncryptedUpdate] = {}
         contents = {}
-        for name, content in self.triage(server_round, replies):
+        for name, content in sorted(self.triage(server_round, replies), key=lambda nc: nc[0]):
             try:
                 weight = content["metrics"][WEIGHT_KEY]
                 if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:

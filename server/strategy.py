@@ -169,7 +169,8 @@ class AdapterFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted: list[RecordDict] = []
-        for name, content in self.triage(server_round, replies):
+        # Sorted by site: the float sum, and so a resumed run, does not depend on reply order.
+        for name, content in sorted(self.triage(server_round, replies), key=lambda nc: nc[0]):
             problems = self.check_reply(content)
             if problems:
                 self.reject(server_round, name, "; ".join(problems))
