@@ -39,11 +39,15 @@ def _global_adapters(msg: Message, cfg: RunConfig) -> dict[str, Tensor]:
     return decrypt_average(ciphertexts, int(config[HE_TOTAL_KEY]), layout, secret)
 
 
-def _encrypted(adapters: dict[str, Tensor], num_examples: int, cfg: RunConfig) -> tuple[ArrayRecord, str]:
+def _encrypted(
+    adapters: dict[str, Tensor], num_examples: int, cfg: RunConfig
+) -> tuple[ArrayRecord, str]:
     from core.ckks import ciphertexts_to_arrays, encrypt_update, load_secret_context
 
     update = encrypt_update(adapters, num_examples, load_secret_context(cfg.he_secret_context))
-    record = ArrayRecord({k: Array(v) for k, v in ciphertexts_to_arrays(update.ciphertexts).items()})
+    record = ArrayRecord(
+        {k: Array(v) for k, v in ciphertexts_to_arrays(update.ciphertexts).items()}
+    )
     return record, update.layout.to_json()
 
 

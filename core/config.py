@@ -91,7 +91,10 @@ class RunConfig:
             self._fail("accountant", self.accountant, f"choose one of {list(ACCOUNTANTS)}")
         if self.device not in ("auto", "cpu", "cuda"):
             self._fail("device", self.device, "choose 'auto', 'cpu' or 'cuda'")
-        for key, value in (("fraction-train", self.fraction_train), ("fraction-evaluate", self.fraction_evaluate)):
+        for key, value in (
+            ("fraction-train", self.fraction_train),
+            ("fraction-evaluate", self.fraction_evaluate),
+        ):
             if not 0.0 <= value <= 1.0:
                 self._fail(key, value, "use a fraction between 0 and 1")
         if self.in_plane_size < 16 or self.in_plane_size % 16:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from core.checkpoint import BackboneError, backbone_state, fingerprint, load_backbone
 from core.config import RunConfig
 from core.data import GridConfig, SiteDataset, open_site
-from core.lora import add_lora, adapter_state, load_adapter_state
+from core.lora import adapter_state, add_lora, load_adapter_state
 from core.privacy import PrivacyLedger, plan_dp
 from core.train import DPStepPlan, evaluate, pick_device, train_dp, train_plain
 from core.vit import UniversalViT, create_vit
@@ -103,9 +103,7 @@ def train_round(
     torch.manual_seed(cfg.seed * 7_919 + server_round)  # dropout, DP noise (non-secure mode)
 
     if not cfg.dp:
-        result = train_plain(
-            model, dataset, settings, device=device, generator=generator, amp=True
-        )
+        result = train_plain(model, dataset, settings, device=device, generator=generator, amp=True)
         metrics = {"train-loss": result.loss, "num-examples": result.num_examples}
         return TrainOutcome("trained", "", adapter_state(model), metrics)
 
@@ -139,7 +137,9 @@ def train_round(
     )
     result = train_dp(model, dataset, settings, step_plan, device=device, generator=generator)
     # train_dp takes exactly plan.steps_per_round steps: what the budget check projected.
-    record = ledger.record_round(server_round, plan.noise_multiplier, plan.sample_rate, result.steps)
+    record = ledger.record_round(
+        server_round, plan.noise_multiplier, plan.sample_rate, result.steps
+    )
     metrics = {
         "train-loss": result.loss,
         "num-examples": result.num_examples,

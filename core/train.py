@@ -180,7 +180,7 @@ def train_dp(
             optimizer.zero_grad(set_to_none=True)
             if not sub_batches:  # nothing sampled: the step still releases pure noise
                 for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), device=device)
+                    p.grad_sample = torch.zeros((0, *p.shape), device=device)  # type: ignore[attr-defined]
                 optimizer.step()
                 steps += 1
                 continue
@@ -236,7 +236,7 @@ def evaluate(
     present = onehot.sum(dim=0)
     usable = (present > 0) & (present < n)  # AUC needs both outcomes of a class
     auc = (
-        float(compute_roc_auc(probs[:, usable], onehot[:, usable], average="macro"))
+        float(compute_roc_auc(probs[:, usable], onehot[:, usable], average="macro"))  # type: ignore[arg-type]
         if usable.any()
         else float("nan")
     )

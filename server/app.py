@@ -85,7 +85,9 @@ def build_strategy(cfg: RunConfig, adapters: dict[str, Tensor], fingerprint: str
         "HE mode: the server holds only the public CKKS context and never sees an update or the "
         "global adapters in the clear; central evaluation of plaintext weights is impossible"
     )
-    return EncryptedAdapterFedAvg(public_context=load_public_context(cfg.he_public_context), **common)
+    return EncryptedAdapterFedAvg(
+        public_context=load_public_context(cfg.he_public_context), **common
+    )
 
 
 @app.main()

@@ -43,7 +43,9 @@ class RoundLog:
     def site(self, name: str) -> dict[str, float | None]:
         return self.sites.setdefault(name, {})
 
-    def record_metrics(self, name: str, metrics: Mapping[str, Any], skip: tuple[str, ...] = ()) -> None:
+    def record_metrics(
+        self, name: str, metrics: Mapping[str, Any], skip: tuple[str, ...] = ()
+    ) -> None:
         """Numeric metrics only; NaN (e.g. an AUC with one class present) becomes None."""
         entry = self.site(name)
         for key, value in metrics.items():

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,10 +119,8 @@ def stop_process_group(process: subprocess.Popen[bytes], grace: float = 10.0) ->
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=grace)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
+        with suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         process.wait()
 
 
@@ -188,3 +186,109 @@ def _latest_run(link: LocalSuperLink) -> tuple[int, str] | None:
         return None
     latest = max(runs, key=lambda r: int(r["run-id"]))
     return int(latest["run-id"]), str(latest["status"])
+
+
+# --- Deployment-engine helpers (a named connection in $FLWR_HOME/config.toml) --------------
+
+
+def list_runs(env: Mapping[str, str], connection: str) -> list[dict[str, Any]]:
+    """``flwr list CONNECTION --format json``: every run the SuperLink knows, oldest first."""
+    out = subprocess.run(
+        [str(BIN / "flwr"), "list", connection, "--format", "json"],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    try:
+        runs = json.loads(out.stdout).get("runs", [])
+    except json.JSONDecodeError as err:
+        raise RunFailed(f"flwr list {connection} gave no JSON: {out.stdout}{out.stderr}") from err
+    return sorted(runs, key=lambda r: int(r["run-id"]))
+
+
+def list_supernodes(env: Mapping[str, str], connection: str) -> list[dict[str, Any]]:
+    """``flwr supernode list CONNECTION --format json``: registered nodes and their status."""
+    out = subprocess.run(
+        [str(BIN / "flwr"), "supernode", "list", connection, "--format", "json"],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    try:
+        return list(json.loads(out.stdout).get("nodes", []))
+    except json.JSONDecodeError as err:
+        raise RunFailed(f"flwr supernode list gave no JSON: {out.stdout}{out.stderr}") from err
+
+
+def flwr_run_connection(
+    env: Mapping[str, str],
+    app_dir: Path,
+    connection: str,
+    *,
+    run_config: Mapping[str, Any],
+    on_line: Callable[[str], None] = lambda line: None,
+    timeout: float = 3600,
+) -> int:
+    """``flwr run APP CONNECTION --stream`` against an already running SuperLink; returns the
+    run id once ``flwr list`` says ``finished:completed``. Bounded even if the stream stalls."""
+    import queue
+    import threading
+
+    known = {int(r["run-id"]) for r in list_runs(env, connection)}
+    command = [
+        str(BIN / "flwr"),
+        "run",
+        str(app_dir),
+        connection,
+        "--run-config",
+        overrides_string(run_config),
+        "--stream",
+    ]
+    process = subprocess.Popen(
+        command,
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    tail: list[str] = []
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            except queue.Empty:
+                line = ""
+            if line is None:
+                break
+            if line:
+                tail = [*tail[-39:], line]
+                on_line(line)
+            if time.monotonic() > deadline:
+                raise RunFailed(f"flwr run did not finish within {timeout:.0f} s")
+        process.wait(timeout=30)
+    finally:
+        stop_process_group(process)  # type: ignore[arg-type]
+    new_runs = [r for r in list_runs(env, connection) if int(r["run-id"]) not in known]
+    if not new_runs:
+        raise RunFailed("flwr run submitted no run; last output:\n" + "\n".join(tail))
+    latest = new_runs[-1]
+    if latest["status"] != "finished:completed":
+        raise RunFailed(
+            f"run {latest['run-id']} ended as {latest['status']}; last output:\n" + "\n".join(tail)
+        )
+    return int(latest["run-id"])

@@ -169,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     scenario = load_scenario(args.scenario)
     out = args.out or ROOT / "runs" / f"{scenario['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        run_scenario(scenario, overrides=parse_set(args.set), out_dir=out, data_cache=args.data_cache)
+        run_scenario(
+            scenario, overrides=parse_set(args.set), out_dir=out, data_cache=args.data_cache
+        )
     except RunFailed as err:
         print(f"FAILED: {err}", file=sys.stderr)
         return 1

@@ -25,7 +25,10 @@ def test_pyproject_app_config_declares_every_key_with_its_default():
 @pytest.mark.parametrize(
     ("values", "match"),
     [
-        ({"target-epsilon": 8.0, "lora-rnak": 4}, "unknown key 'lora-rnak'; did you mean 'lora-rank'"),
+        (
+            {"target-epsilon": 8.0, "lora-rnak": 4},
+            "unknown key 'lora-rnak'; did you mean 'lora-rank'",
+        ),
         ({"num-server-rounds": "3"}, "'num-server-rounds' must be int, got str"),
         ({"dp": 1}, "'dp' must be bool"),
         ({"learning-rate": float("nan")}, "finite"),

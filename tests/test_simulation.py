@@ -38,7 +38,9 @@ def data_cache(tmp_path_factory):
 def run(tmp_path, data_cache, **overrides):
     scenario = load_scenario("default") | PHANTOMS
     out = tmp_path / "run"
-    run_scenario(scenario, overrides=SMALL | overrides, out_dir=out, data_cache=data_cache, quiet=True)
+    run_scenario(
+        scenario, overrides=SMALL | overrides, out_dir=out, data_cache=data_cache, quiet=True
+    )
     return out
 
 
@@ -90,10 +92,11 @@ def test_sites_refuse_a_round_past_their_budget_and_the_server_carries_on(tmp_pa
 def test_encrypted_run_matches_the_plaintext_run_without_dp_noise(tmp_path, data_cache):
     """Same seed, no DP noise: the HE run ends with the plaintext run's adapters (CKKS error
     ~1e-11 relative), and a site can decrypt the server's encrypted result."""
+    from peft import PeftModel
+
     from client.decrypt import decrypt_run
     from core.lora import adapter_state
     from core.site import build_backbone
-    from peft import PeftModel
 
     sgd = {"dp": False, "optimizer": "sgd", "learning-rate": 0.05}  # linear in the gradients
     plain = run(tmp_path / "plain", data_cache, **sgd)
@@ -102,7 +105,9 @@ def test_encrypted_run_matches_the_plaintext_run_without_dp_noise(tmp_path, data
     assert all(v.dtype == torch.uint8 for v in stored.values())  # only ciphertext on the server
     assert not (encrypted / "adapters").exists()
 
-    decrypted_dir = decrypt_run(encrypted, encrypted / "he-keys" / "site_secret.ctx", tmp_path / "d")
+    decrypted_dir = decrypt_run(
+        encrypted, encrypted / "he-keys" / "site_secret.ctx", tmp_path / "d"
+    )
     cfg = RunConfig.from_flat(json.loads((plain / "config.json").read_text()))
     backbone, _ = build_backbone(cfg)
     he_model = PeftModel.from_pretrained(backbone, str(decrypted_dir))
@@ -120,7 +125,9 @@ def test_server_killed_after_round_2_resumes_bitwise_identically(tmp_path, data_
     from simulations.flower_cli import RunFailed
 
     three = {"num-server-rounds": 3}
-    straight = run(tmp_path / "straight", data_cache, **three, **{"state-root": str(tmp_path / "s1")})
+    straight = run(
+        tmp_path / "straight", data_cache, **three, **{"state-root": str(tmp_path / "s1")}
+    )
 
     crashed_state = {"state-root": str(tmp_path / "s2")}
     monkeypatch.setenv("FEDMEDVIT_FAULT_EXIT_AFTER_ROUND", "2")

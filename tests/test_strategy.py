@@ -21,7 +21,9 @@ def task_identity():
 
 
 def reply(node: int, name: str, arrays=None, metrics=None, status="trained", reason=""):
-    instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
+    instruction = Message(
+        RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train"
+    )
     site = ConfigRecord({"name": name, "status": status, "reason": reason, "privacy-ledger": ""})
     content = RecordDict({"metrics": MetricRecord(metrics or {}), "site": site})
     if arrays is not None:
@@ -50,7 +52,9 @@ def test_weighted_mean_equals_brute_force(counts):
     arrays, metrics = strategy().aggregate_train(1, replies)
     result = arrays.to_torch_state_dict()
     for key in REFERENCE:
-        expected = sum(n * u[key].double() for u, n in zip(updates, counts, strict=True)) / sum(counts)
+        expected = sum(n * u[key].double() for u, n in zip(updates, counts, strict=True)) / sum(
+            counts
+        )
         np.testing.assert_allclose(result[key].numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
     expected_loss = sum(i * n for i, n in enumerate(counts)) / sum(counts)
     assert metrics["loss"] == pytest.approx(expected_loss)
@@ -66,7 +70,9 @@ def test_bad_replies_are_left_out_and_the_round_goes_on():
         reply(3, "wrong-shape", good | {"head.bias": torch.zeros(3)}, {"num-examples": 10}),
         reply(4, "nan", nan, {"num-examples": 10}),
         reply(5, "huge", {k: v * 1e6 for k, v in good.items()}, {"num-examples": 10}),
-        reply(6, "ints", good | {"head.bias": torch.zeros(2, dtype=torch.int64)}, {"num-examples": 10}),
+        reply(
+            6, "ints", good | {"head.bias": torch.zeros(2, dtype=torch.int64)}, {"num-examples": 10}
+        ),
         reply(7, "no-weight", good, {}),
         reply(8, "refuser", None, {"num-examples": 0}, status="refused", reason="budget"),
     ]
@@ -97,7 +103,9 @@ def test_bad_replies_are_left_out_and_the_round_goes_on():
 
 def test_no_valid_reply_keeps_the_global_adapters():
     s = strategy()
-    arrays, metrics = s.aggregate_train(1, [reply(1, "a", None, {"num-examples": 0}, status="refused")])
+    arrays, metrics = s.aggregate_train(
+        1, [reply(1, "a", None, {"num-examples": 0}, status="refused")]
+    )
     assert arrays is None and metrics is None
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from core.lora import LoraSettings, add_lora, adapter_state
+from core.lora import LoraSettings, adapter_state, add_lora
 from core.train import DPStepPlan, TrainSettings, evaluate, mean_metrics, train_dp, train_plain
 from core.vit import create_vit
 
@@ -113,7 +113,7 @@ def test_evaluate_auc_matches_sklearn():
     site = bright_square_site(30, seed=3)
     model = lora_model("vanilla")
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.requires_grad:
                 p.normal_(0, 0.2)
     metrics = evaluate(model, site, batch_size=7, device=CPU)
