@@ -14,6 +14,7 @@ in :mod:`core.privacy`; this module reports what it did (noise, sample rate, ste
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -175,6 +176,11 @@ def train_dp(
         max_batch_size=settings.max_physical_batch,
     )
     total_loss, seen, steps = 0.0, 0, 0
+    # The frozen backbone means no module input requires grad, so torch notes that Opacus's full
+    # backward hooks fire on outputs only: exactly what per-sample gradients of LoRA need.
+    quiet = warnings.catch_warnings()
+    quiet.__enter__()
+    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
     try:
         for sub_batches in sampler:
             optimizer.zero_grad(set_to_none=True)
@@ -197,6 +203,7 @@ def train_dp(
             steps += 1
     finally:
         private._close()  # remove Opacus hooks: the model object may be reused
+        quiet.__exit__(None, None, None)
     return TrainResult(total_loss / max(seen, 1), len(dataset), steps, seen)
 
 
