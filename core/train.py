@@ -178,32 +178,31 @@ def train_dp(
     total_loss, seen, steps = 0.0, 0, 0
     # The frozen backbone means no module input requires grad, so torch notes that Opacus's full
     # backward hooks fire on outputs only: exactly what per-sample gradients of LoRA need.
-    quiet = warnings.catch_warnings()
-    quiet.__enter__()
-    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-    try:
-        for sub_batches in sampler:
-            optimizer.zero_grad(set_to_none=True)
-            if not sub_batches:  # nothing sampled: the step still releases pure noise
-                for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), device=device)  # type: ignore[attr-defined]
-                optimizer.step()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+        try:
+            for sub_batches in sampler:
+                optimizer.zero_grad(set_to_none=True)
+                if not sub_batches:  # nothing sampled: the step still releases pure noise
+                    for p in params:
+                        p.grad_sample = torch.zeros((0, *p.shape), device=device)  # type: ignore[attr-defined]
+                    optimizer.step()
+                    steps += 1
+                    continue
+                for position, indices in enumerate(sub_batches):
+                    last = position == len(sub_batches) - 1
+                    batch = _batch(dataset, indices, device)
+                    loss = criterion(private(batch["image"], batch["spacing"]), batch["label"])
+                    loss.backward()
+                    optimizer.signal_skip_step(do_skip=not last)
+                    optimizer.step()
+                    if not last:
+                        optimizer.zero_grad(set_to_none=True)  # keeps the clipped sum
+                    total_loss += loss.item() * len(indices)
+                    seen += len(indices)
                 steps += 1
-                continue
-            for position, indices in enumerate(sub_batches):
-                batch = _batch(dataset, indices, device)
-                loss = criterion(private(batch["image"], batch["spacing"]), batch["label"])
-                loss.backward()
-                optimizer.signal_skip_step(do_skip=position < len(sub_batches) - 1)
-                optimizer.step()
-                if position < len(sub_batches) - 1:
-                    optimizer.zero_grad(set_to_none=True)  # keeps the clipped sum
-                total_loss += loss.item() * len(indices)
-                seen += len(indices)
-            steps += 1
-    finally:
-        private._close()  # remove Opacus hooks: the model object may be reused
-        quiet.__exit__(None, None, None)
+        finally:
+            private._close()  # remove Opacus hooks: the model object may be reused
     return TrainResult(total_loss / max(seen, 1), len(dataset), steps, seen)
 
 
