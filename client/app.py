@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import Tensor
@@ -22,6 +24,10 @@ from core.sites import SiteRef, resolve_site
 app = ClientApp()
 log = logging.getLogger(__name__)
 LEDGER_KEY = "privacy-ledger"
+# Fault injection for the fault-tolerance tests: "crash:SITE" makes that site's ClientApp fail
+# mid-round; "nan:SITE" makes it send a NaN update; "tamper:SITE" flips bytes of its first
+# ciphertext (HE mode). Comma-separated; unset in normal use.
+FAULT_ENV = "FEDMEDVIT_FAULT"
 HE_LAYOUT_KEY = "he-layout"  # the server's keys (server.he_strategy), repeated: no import
 HE_TOTAL_KEY = "he-total"
 
@@ -70,10 +76,18 @@ def _save_ledger(context: Context, site: SiteRef, ledger: dict) -> None:
         write_json_atomic(site.state_dir / "privacy-ledger.json", ledger)
 
 
+def _faults(site: str) -> set[str]:
+    entries = [e.split(":", 1) for e in os.environ.get(FAULT_ENV, "").split(",") if ":" in e]
+    return {kind for kind, name in entries if name == site}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
     site = resolve_site(cfg, context.node_config)
+    faults = _faults(site.name)
+    if "crash" in faults:
+        raise RuntimeError(f"fault injection: site {site.name} dies mid-round")
     config = msg.content["config"]
     outcome = train_round(
         cfg,
@@ -85,6 +99,10 @@ def train(msg: Message, context: Context) -> Message:
     )
     if outcome.ledger is not None:
         _save_ledger(context, site, outcome.ledger)
+    if "nan" in faults and outcome.adapters is not None:
+        outcome.adapters = {
+            k: torch.full_like(v, float("nan")) for k, v in outcome.adapters.items()
+        }
     content = RecordDict(
         {
             "metrics": MetricRecord(outcome.metrics),
@@ -101,6 +119,11 @@ def train(msg: Message, context: Context) -> Message:
     if outcome.adapters is not None and cfg.he:
         count = int(outcome.metrics["num-examples"])
         content["arrays"], content["site"][HE_LAYOUT_KEY] = _encrypted(outcome.adapters, count, cfg)
+        if "tamper" in faults:
+            first = sorted(content["arrays"])[0]
+            raw = content["arrays"][first].numpy().copy()
+            raw[len(raw) // 2 :] ^= 0xFF
+            content["arrays"][first] = Array(raw)
     elif outcome.adapters is not None:
         content["arrays"] = ArrayRecord(outcome.adapters)
     return Message(content=content, reply_to=msg)

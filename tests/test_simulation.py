@@ -152,3 +152,25 @@ def test_server_killed_after_round_2_resumes_bitwise_identically(tmp_path, data_
         ]
     rounds = json.loads((resumed / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("he", [False, True], ids=["plaintext", "he"])
+def test_a_site_dies_and_another_sends_garbage_the_round_goes_on(tmp_path, he, monkeypatch):
+    """Three real ClientApps: one crashes mid-round, one sends a corrupt update (NaN, or a
+    tampered ciphertext under HE); the server leaves both out with a logged reason and the
+    round completes with the remaining site."""
+    bad = "tamper" if he else "nan"
+    monkeypatch.setenv("FEDMEDVIT_FAULT", f"crash:site-000-ct,{bad}:site-001-mr")
+    scenario = load_scenario("default") | {"phantoms": {"preset": "many", "n-sites": 3, "seed": 5}}
+    out = tmp_path / "run"
+    overrides = SMALL | {"num-server-rounds": 1, "min-train-nodes": 3, "he": he}
+    run_scenario(scenario, overrides=overrides, out_dir=out, data_cache=tmp_path, quiet=True)
+    entry = json.loads((out / "metrics.json").read_text())["rounds"][0]
+    # The crashed site replied with an error only, so the server knows it by node id.
+    assert sorted(entry["status"].values()) == ["error", "rejected", "trained"]
+    assert entry["status"]["site-002-xr"] == "trained"
+    assert entry["status"]["site-001-mr"] == "rejected"
+    reasons = " ".join(e["reason"] for e in entry["events"])
+    assert "dies mid-round" in reasons
+    assert ("digest" in reasons or "ciphertext" in reasons) if he else "NaN" in reasons
+    assert (out / "checkpoints" / "round-001.safetensors").is_file()
