@@ -236,9 +236,9 @@ def flwr_run_connection(
     """``flwr run APP CONNECTION --stream`` against an already running SuperLink; returns the
     run id once ``flwr list`` says ``finished:completed``. Bounded even if the stream stalls."""
     import queue
+    import re
     import threading
 
-    known = {int(r["run-id"]) for r in list_runs(env, connection)}
     command = [
         str(BIN / "flwr"),
         "run",
@@ -267,6 +267,7 @@ def flwr_run_connection(
     threading.Thread(target=pump, daemon=True).start()
     deadline = time.monotonic() + timeout
     tail: list[str] = []
+    run_id: int | None = None
     try:
         while True:
             try:
@@ -278,17 +279,17 @@ def flwr_run_connection(
             if line:
                 tail = [*tail[-39:], line]
                 on_line(line)
+                if run_id is None and (found := re.search(r"started run (\d+)", line)):
+                    run_id = int(found[1])
             if time.monotonic() > deadline:
                 raise RunFailed(f"flwr run did not finish within {timeout:.0f} s")
-        process.wait(timeout=30)
+        with suppress(subprocess.TimeoutExpired):  # the run's status below is what counts
+            process.wait(timeout=30)
     finally:
         stop_process_group(process)  # type: ignore[arg-type]
-    new_runs = [r for r in list_runs(env, connection) if int(r["run-id"]) not in known]
-    if not new_runs:
-        raise RunFailed("flwr run submitted no run; last output:\n" + "\n".join(tail))
-    latest = new_runs[-1]
-    if latest["status"] != "finished:completed":
-        raise RunFailed(
-            f"run {latest['run-id']} ended as {latest['status']}; last output:\n" + "\n".join(tail)
-        )
-    return int(latest["run-id"])
+    if run_id is None:
+        raise RunFailed("flwr run started no run; last output:\n" + "\n".join(tail))
+    status = {int(r["run-id"]): r["status"] for r in list_runs(env, connection)}.get(run_id)
+    if status != "finished:completed":
+        raise RunFailed(f"run {run_id} ended as {status}; last output:\n" + "\n".join(tail))
+    return run_id

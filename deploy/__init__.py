@@ -1,0 +1,1 @@
+"""Real deployment: container files, certificates and keys, and a loopback rehearsal."""
