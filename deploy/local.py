@@ -36,7 +36,7 @@ from deploy.pki import make_ca, make_node_key, make_server_cert
 from simulations.flower_cli import (
     BIN,
     RunFailed,
-    flwr_run_connection,
+    flwr_run,
     free_port,
     list_supernodes,
     overrides_string,
@@ -554,7 +554,7 @@ def run_deployment(
                 if not quiet and PROGRESS_LINE.search(plain):
                     print(f"  {time.perf_counter() - started:5.0f} s  {plain}", flush=True)
 
-            result.run_id = flwr_run_connection(
+            result.run_id = flwr_run(
                 cli_env, app, CONNECTION, run_config=values, on_line=progress, timeout=timeout
             )
         if intruder_check is not None:

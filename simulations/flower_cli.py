@@ -124,71 +124,7 @@ def stop_process_group(process: subprocess.Popen[bytes], grace: float = 10.0) ->
         process.wait()
 
 
-def flwr_run(
-    link: LocalSuperLink,
-    app_dir: Path,
-    *,
-    run_config: Mapping[str, Any],
-    federation_config: Mapping[str, Any],
-    on_line: Callable[[str], None] = lambda line: None,
-    timeout: float = 3600,
-) -> int:
-    """``flwr run APP local --stream``; returns the run id once the run has really completed."""
-    command = [
-        str(BIN / "flwr"),
-        "run",
-        str(app_dir),
-        "local",
-        "--run-config",
-        overrides_string(run_config),
-        "--federation-config",
-        overrides_string(federation_config),
-        "--stream",
-    ]
-    process = subprocess.Popen(
-        command,
-        env=link.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout
-    lines: list[str] = []
-    for line in process.stdout:
-        lines.append(line)
-        on_line(line.rstrip("\n"))
-        if time.monotonic() > deadline:
-            stop_process_group(process)  # type: ignore[arg-type]
-            raise RunFailed(f"flwr run did not finish within {timeout} s")
-    process.wait()
-    run_id = _latest_run(link)
-    if run_id is None or run_id[1] != "finished:completed":
-        tail = "".join(lines[-40:])
-        raise RunFailed(f"the Flower run did not complete (status {run_id}); last output:\n{tail}")
-    return run_id[0]
-
-
-def _latest_run(link: LocalSuperLink) -> tuple[int, str] | None:
-    out = subprocess.run(
-        [str(BIN / "flwr"), "list", "local", "--format", "json"],
-        env=link.env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    try:
-        runs = json.loads(out.stdout).get("runs", [])
-    except json.JSONDecodeError:
-        return None
-    if not runs:
-        return None
-    latest = max(runs, key=lambda r: int(r["run-id"]))
-    return int(latest["run-id"]), str(latest["status"])
-
-
-# --- Deployment-engine helpers (a named connection in $FLWR_HOME/config.toml) --------------
+# --- runs against a named connection in $FLWR_HOME/config.toml (simulation or deployment) ---
 
 
 def list_runs(env: Mapping[str, str], connection: str) -> list[dict[str, Any]]:
@@ -224,12 +160,13 @@ def list_supernodes(env: Mapping[str, str], connection: str) -> list[dict[str, A
         raise RunFailed(f"flwr supernode list gave no JSON: {out.stdout}{out.stderr}") from err
 
 
-def flwr_run_connection(
+def flwr_run(
     env: Mapping[str, str],
     app_dir: Path,
     connection: str,
     *,
     run_config: Mapping[str, Any],
+    federation_config: Mapping[str, Any] | None = None,
     on_line: Callable[[str], None] = lambda line: None,
     timeout: float = 3600,
 ) -> int:
@@ -248,6 +185,8 @@ def flwr_run_connection(
         overrides_string(run_config),
         "--stream",
     ]
+    if federation_config:  # simulation: number of SuperNodes, their resources
+        command += ["--federation-config", overrides_string(federation_config)]
     process = subprocess.Popen(
         command,
         env=dict(env),

@@ -120,7 +120,12 @@ def run_scenario(
     with local_superlink() as link:
         try:
             run_id = flwr_run(
-                link, ROOT, run_config=values, federation_config=federation, on_line=progress
+                link.env,
+                ROOT,
+                "local",
+                run_config=values,
+                federation_config=federation,
+                on_line=progress,
             )
         except RunFailed:
             print(f"superlink log: {link.log_file}", file=sys.stderr)
