@@ -80,9 +80,7 @@ def measure(size: str, data: Path, keys: tuple[Path, Path], sites: int) -> dict[
         3,
     )
     expected = weighted_average(updates)
-    error = max(
-        float((decrypted[k].double() - expected[k].double()).abs().max()) for k in expected
-    )
+    error = max(float((decrypted[k].double() - expected[k].double()).abs().max()) for k in expected)
     plain_bytes = sum(t.numel() * 4 for t in update.values())
     plaintext_round = train_s + average_s
     he_round = train_s + encrypt_s + sum_s + decrypt_s

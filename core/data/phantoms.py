@@ -4,12 +4,12 @@ Each site is a folder with ``images/`` and a Decathlon-style ``dataset.json`` (t
 validation and test splits) that :func:`core.data.open_site` reads like any real site. The task
 is binary, *lesion present* (label 1) or not (label 0), on region-of-interest crops:
 
-* ``ct3d``: CT in HU (int16 NIfTI): air -1000, fat, muscle, an organ with texture, an enhancing
-  vessel and bone; the lesion is a small hypodense blob inside the organ.
+* ``ct3d``: CT in HU (int16 NIfTI): air -1000, subcutaneous fat, muscle, an organ with
+  texture, a second organ, an enhancing vessel; the lesion is a hypodense blob in the organ.
 * ``mr3d``: MR in arbitrary units (int16 NIfTI): other contrasts, a multiplicative bias field,
   Rician noise; the lesion is hyperintense. Thick slices average the anatomy (partial volume).
 * ``xr2d``: X-ray-like projection (8- or 16-bit PNG): lung field, ribs, vessel markings; the
-  lesion is a faint nodule. PNG has no spacing, so the datalist carries it.
+  lesion is a nodule, faint to obvious. PNG has no spacing, so the datalist carries it.
 
 What makes it learnable but not trivial: lesions vary in size and contrast (some are faint),
 sit at random places in the organ, and both classes contain lesion-like distractors (vessels
@@ -68,7 +68,7 @@ class PhantomSite:
     # Lesion size and contrast are drawn per case from these ranges: faint small lesions keep
     # the task from being trivial, conspicuous ones keep it learnable from a few dozen cases.
     lesion_radius_mm: tuple[float, float] = (2.5, 7.0)
-    lesion_contrast: tuple[float, float] = (0.5, 3.0)  # x 45 HU (CT), 80 a.u. (MR), 0.16 (XR)
+    lesion_contrast: tuple[float, float] = (0.5, 3.0)  # x 45 HU (CT), 120 a.u. (MR), 0.16 (XR)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -296,7 +296,7 @@ def _render_3d(site: PhantomSite, rng: np.random.Generator, lesion: bool) -> np.
     tissue |= {"fat": -100.0, "air": -1000.0, "lesion": -45.0, "cyst": -25.0, "branch": 80.0}
     if site.kind == "mr3d":
         tissue = {"soft": 250.0, "organ": 310.0, "other": 500.0, "vessel": 50.0}
-        tissue |= {"muscle": 200.0, "fat": 700.0, "air": 0.0, "lesion": 80.0, "cyst": 200.0}
+        tissue |= {"muscle": 200.0, "fat": 700.0, "air": 0.0, "lesion": 120.0, "cyst": 100.0}
         tissue |= {"branch": -120.0}
     value = tissue["soft"] + organ * (tissue["organ"] - tissue["soft"])
     value = value + other * (tissue["other"] - tissue["soft"])
@@ -310,7 +310,7 @@ def _render_3d(site: PhantomSite, rng: np.random.Generator, lesion: bool) -> np.
         value = value + air * (tissue["air"] - value)
         value = value + 14.0 * site.noise * _white(rng, value.shape)
     else:
-        value = value * (1 - air) * np.exp(0.25 * _smooth_noise(rng, (depth, height, width), 3))
+        value = value * (1 - air) * np.exp(0.15 * _smooth_noise(rng, (depth, height, width), 3))
         sigma = 22.0 * site.noise
         real = value + sigma * _white(rng, value.shape)
         imag = sigma * _white(rng, value.shape)

@@ -1,0 +1,378 @@
+"""Importing timm/EVA and PUMIT checkpoints: complete loading, and the inflation rules hold.
+
+State dicts are built with the reference key names and random values at micro sizes (embed 96,
+depth 4, heads 3); a 40-line reference 2D ViT written from timm's documented computation is the
+oracle for the whole imported network.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from core.checkpoint import load_backbone
+from core.pretrained import (
+    IMAGENET_NORM,
+    PretrainedImportError,
+    convert_state_dict,
+    import_checkpoint,
+    main,
+    read_state_dict,
+)
+from core.vit import MODEL_SIZES
+
+E, DEPTH, HEADS, HIDDEN, P, SIDE = 96, 4, 3, 384, 16, 4  # micro; a 64 x 64 image = 4 x 4 tokens
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: on the shared two-core machine a second intra-op thread only
+    adds contention (a 10x slowdown measured under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def timm_state(*, layer_scale=False, with_cls_pos=True, seed=0) -> dict[str, torch.Tensor]:
+    """A timm VisionTransformer state dict (fused qkv) with a head and fc_norm to ignore."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=0.05):
+        return torch.randn(*shape, generator=g, dtype=F64) * scale
+
+    n_pos = SIDE * SIDE + (1 if with_cls_pos else 0)
+    state = {
+        "cls_token": r(1, 1, E),
+        "pos_embed": r(1, n_pos, E),
+        "patch_embed.proj.weight": r(E, 3, P, P),
+        "patch_embed.proj.bias": r(E),
+        "norm.weight": 1 + r(E),
+        "norm.bias": r(E),
+        "fc_norm.weight": r(E),
+        "fc_norm.bias": r(E),
+        "head.weight": r(1000, E),
+        "head.bias": r(1000),
+    }
+    for i in range(DEPTH):
+        p = f"blocks.{i}."
+        state |= {
+            p + "norm1.weight": 1 + r(E),
+            p + "norm1.bias": r(E),
+            p + "attn.qkv.weight": r(3 * E, E, scale=0.2),
+            p + "attn.qkv.bias": r(3 * E),
+            p + "attn.proj.weight": r(E, E, scale=0.2),
+            p + "attn.proj.bias": r(E),
+            p + "norm2.weight": 1 + r(E),
+            p + "norm2.bias": r(E),
+            p + "mlp.fc1.weight": r(HIDDEN, E, scale=0.2),
+            p + "mlp.fc1.bias": r(HIDDEN),
+            p + "mlp.fc2.weight": r(E, HIDDEN, scale=0.2),
+            p + "mlp.fc2.bias": r(E),
+        }
+        if layer_scale:
+            state |= {p + "ls1.gamma": r(E, scale=0.5), p + "ls2.gamma": r(E, scale=0.5)}
+    return state
+
+
+def reference_timm_features(state, rgb: torch.Tensor) -> torch.Tensor:
+    """timm's 2D ViT forward, spelled out. rgb: (N, 3, H, W) -> normalised tokens (N, 1+T, E)."""
+    x = F.conv2d(rgb, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=P)
+    x = x.flatten(2).transpose(1, 2)  # (N, T, E)
+    cls = state["cls_token"].expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1) + state["pos_embed"]  # CLS position included
+    for i in range(DEPTH):
+        p = f"blocks.{i}."
+
+        def ln(t, name, p=p):
+            return F.layer_norm(
+                t, (E,), state[p + name + ".weight"], state[p + name + ".bias"], 1e-6
+            )
+
+        n, t, _ = x.shape
+        qkv = F.linear(ln(x, "norm1"), state[p + "attn.qkv.weight"], state[p + "attn.qkv.bias"])
+        q, k, v = qkv.reshape(n, t, 3, HEADS, E // HEADS).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(E // HEADS), dim=-1)
+        y = (attn @ v).transpose(1, 2).reshape(n, t, E)
+        y = F.linear(y, state[p + "attn.proj.weight"], state[p + "attn.proj.bias"])
+        x = x + y * state.get(p + "ls1.gamma", torch.ones(E, dtype=F64))
+        h = F.gelu(F.linear(ln(x, "norm2"), state[p + "mlp.fc1.weight"], state[p + "mlp.fc1.bias"]))
+        y = F.linear(h, state[p + "mlp.fc2.weight"], state[p + "mlp.fc2.bias"])
+        x = x + y * state.get(p + "ls2.gamma", torch.ones(E, dtype=F64))
+    return F.layer_norm(x, (E,), state["norm.weight"], state["norm.bias"], 1e-6)
+
+
+def imported(state, **kwargs):
+    from core.pretrained import build_model
+
+    converted, report = convert_state_dict(state, size="micro", dtype=F64, **kwargs)
+    return build_model(converted, report.config).eval(), report
+
+
+GREY_2D = (1e4, 1.0, 1.0)  # a 2D image: DA 5
+
+
+def grey_image(n=2, seed=1):
+    return torch.rand(n, 1, 1, 64, 64, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+@pytest.mark.parametrize("layer_scale", [False, True])
+def test_imported_timm_vit_computes_what_timm_computes_on_a_grey_image(layer_scale):
+    """The whole chain at once: RGB sum, inflation, CLS position into cls_token, qkv split,
+    LayerScale fold, position grid; rope off as the source had none."""
+    state = timm_state(layer_scale=layer_scale)
+    model, report = imported(state)
+    assert report.config.rope is False and report.config.pos_grid == (8, SIDE, SIDE)
+    assert {k for k, _ in report.ignored} == {
+        "head.weight",
+        "head.bias",
+        "fc_norm.weight",
+        "fc_norm.bias",
+    }
+    x = grey_image()
+    ours = model.forward_features(x, GREY_2D)
+    reference = reference_timm_features(state, x[:, :, 0].expand(-1, 3, -1, -1))
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_inflated_kernel_on_slice_repeated_volume_equals_2d_kernel_on_the_slice():
+    state = timm_state()
+    model, _ = imported(state, in_channels=3)
+    slice_ = torch.randn(2, 3, 64, 64, dtype=F64)
+    volume = slice_.unsqueeze(2).expand(-1, -1, P, -1, -1)  # (N, 3, 16, H, W), DA 0
+    tokens = model.patch_embed(volume, da=0)  # (N, E, 1, 4, 4)
+    expected = F.conv2d(
+        slice_, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=P
+    )
+    torch.testing.assert_close(tokens[:, :, 0], expected, rtol=1e-12, atol=1e-12)
+    # And a 2D image (DA 5: SAC sums the 16 taps) sees exactly the 2D kernel.
+    flat = model.patch_embed(slice_.unsqueeze(2), da=5)
+    torch.testing.assert_close(flat[:, :, 0], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_rgb_summed_kernel_on_grey_equals_rgb_kernel_on_repeated_grey():
+    state = timm_state()
+    grey = torch.randn(2, 1, 64, 64, dtype=F64)
+    expected = F.conv2d(
+        grey.expand(-1, 3, -1, -1),
+        state["patch_embed.proj.weight"],
+        state["patch_embed.proj.bias"],
+        stride=P,
+    )
+    for channels in (1, 2):  # summed to one channel, or shared equally over two
+        model, _ = imported(state, in_channels=channels)
+        tokens = model.patch_embed(grey.unsqueeze(2).expand(-1, channels, -1, -1, -1), da=5)
+        torch.testing.assert_close(tokens[:, :, 0], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_imagenet_input_norm_is_folded_exactly():
+    state = timm_state()
+    model, report = imported(state, input_norm=IMAGENET_NORM)
+    assert report.notes
+    grey = torch.rand(2, 1, 64, 64, dtype=F64)
+    mean = torch.tensor(IMAGENET_NORM[0], dtype=F64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_NORM[1], dtype=F64).view(1, 3, 1, 1)
+    normalised = (grey.expand(-1, 3, -1, -1) - mean) / std
+    expected = F.conv2d(
+        normalised, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=P
+    )
+    tokens = model.patch_embed(grey.unsqueeze(2), da=5)
+    torch.testing.assert_close(tokens[:, :, 0], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_position_grid_repeats_depth_keeps_or_resamples_in_plane_and_cls_position_folds():
+    state = timm_state()
+    converted, report = convert_state_dict(state, size="micro", dtype=F64)
+    grid = state["pos_embed"][:, 1:].transpose(1, 2).reshape(1, E, SIDE, SIDE)
+    assert converted["pos_embed"].shape == (1, E, 8, SIDE, SIDE)
+    for d in range(8):
+        torch.testing.assert_close(converted["pos_embed"][:, :, d], grid)
+    torch.testing.assert_close(
+        converted["cls_token"], state["cls_token"] + state["pos_embed"][:, :1]
+    )
+    resampled, report = convert_state_dict(state, size="micro", pos_grid=(8, 16, 16))
+    assert resampled["pos_embed"].shape == (1, E, 8, 16, 16) and report.config.pos_grid == (
+        8,
+        16,
+        16,
+    )
+    # Without a CLS position (timm no_embed_class): cls_token is taken as is.
+    plain = timm_state(with_cls_pos=False)
+    converted, _ = convert_state_dict(plain, size="micro", dtype=F64)
+    torch.testing.assert_close(converted["cls_token"], plain["cls_token"])
+
+
+def test_split_qkv_equals_fused_qkv_output():
+    state = timm_state()
+    converted, _ = convert_state_dict(state, size="micro", dtype=F64)
+    x = torch.randn(5, E, dtype=F64)
+    fused = F.linear(x, state["blocks.2.attn.qkv.weight"], state["blocks.2.attn.qkv.bias"])
+    split = torch.cat(
+        [
+            F.linear(
+                x,
+                converted[f"blocks.2.attn.{n}_proj.weight"],
+                converted[f"blocks.2.attn.{n}_proj.bias"],
+            )
+            for n in "qkv"
+        ],
+        dim=1,
+    )
+    torch.testing.assert_close(split, fused, rtol=0, atol=0)
+
+
+def eva_state(fused: bool) -> dict[str, torch.Tensor]:
+    """EVA layout: q/v biases apart from the weights (k has none), gamma_1/2, rope buffers."""
+    state = timm_state(layer_scale=False)
+    g = torch.Generator().manual_seed(3)
+    state["rope.freqs_cos"] = torch.randn(16, 32, generator=g)
+    for i in range(DEPTH):
+        p = f"blocks.{i}.attn."
+        qkv_w, qkv_b = state.pop(p + "qkv.weight"), state.pop(p + "qkv.bias")
+        q_b, _, v_b = qkv_b.split(E)
+        if fused:
+            state[p + "qkv.weight"] = qkv_w
+        else:
+            for name, w in zip("qkv", qkv_w.split(E), strict=True):
+                state[p + f"{name}_proj.weight"] = w
+        state[p + "q_bias"], state[p + "v_bias"] = q_b, v_b
+        state[f"blocks.{i}.gamma_1"] = torch.rand(E, generator=g, dtype=F64)
+        state[f"blocks.{i}.gamma_2"] = torch.rand(E, generator=g, dtype=F64)
+    return state
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_eva_layouts_load_with_zero_k_bias_and_ignore_rope_tables(fused):
+    state = eva_state(fused)
+    converted, report = convert_state_dict(state, size="micro", dtype=F64)
+    assert ("rope.freqs_cos", "rotary tables (recomputed by the model)") in report.ignored
+    for i in range(DEPTH):
+        p = f"blocks.{i}."
+        assert torch.equal(converted[p + "attn.k_proj.bias"], torch.zeros(E, dtype=F64))
+        assert torch.equal(converted[p + "attn.q_proj.bias"], state[p + "attn.q_bias"])
+        gamma = state[p + "gamma_2"]
+        torch.testing.assert_close(converted[p + "mlp.fc2.bias"], state[p + "mlp.fc2.bias"] * gamma)
+
+
+def pumit_state(mlp: str = "gelu") -> dict[str, torch.Tensor]:
+    """PUMIT's names: 3D kernel, 3D position grid, q/k/v_proj with q_bias/v_bias, rope and MIM
+    extras to ignore."""
+    g = torch.Generator().manual_seed(5)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.05
+
+    state = {
+        "cls_token": r(1, 1, E),
+        "pos_embed": r(1, E, 4, 8, 8),
+        "patch_embed.proj.weight": r(E, 3, P, P, P),
+        "patch_embed.proj.bias": r(E),
+        "norm.weight": r(E),
+        "norm.bias": r(E),
+        "mask_token": r(1, 1, E),
+        "mim_head.0.weight": r(E, E),
+        "rope.freqs_cos": r(64, 16),
+        "rope.freqs_sin": r(64, 16),
+    }
+    for i in range(DEPTH):
+        p = f"blocks.{i}."
+        state |= {p + f"norm{j}.{t}": r(E) for j in (1, 2) for t in ("weight", "bias")}
+        state |= {p + f"attn.{n}_proj.weight": r(E, E) for n in "qkv"}
+        state |= {p + "attn.q_bias": r(E), p + "attn.v_bias": r(E)}
+        state |= {p + "attn.proj.weight": r(E, E), p + "attn.proj.bias": r(E)}
+        if mlp == "gelu":
+            state |= {p + "mlp.fc1.weight": r(HIDDEN, E), p + "mlp.fc1.bias": r(HIDDEN)}
+            state |= {p + "mlp.fc2.weight": r(E, HIDDEN), p + "mlp.fc2.bias": r(E)}
+        else:  # the released SwiGLU with sub-LN
+            state |= {p + f"mlp.{n}.weight": r(HIDDEN, E) for n in ("w1", "w2")}
+            state |= {p + "mlp.ffn_ln.weight": r(HIDDEN), p + "mlp.w3.weight": r(E, HIDDEN)}
+    return state
+
+
+def test_pumit_checkpoint_loads_completely_and_keeps_its_3d_kernel_summed_over_rgb(tmp_path):
+    state = pumit_state()
+    path = tmp_path / "pumit.pth"
+    torch.save({"state_dict": state, "epoch": 3}, path)
+    model = import_checkpoint(path, format="pumit", size="micro")
+    assert model.config.pos_grid == (4, 8, 8) and model.config.rope is True
+    torch.testing.assert_close(
+        model.patch_embed.proj.weight, state["patch_embed.proj.weight"].sum(1, keepdim=True)
+    )
+    torch.testing.assert_close(model.pos_embed, state["pos_embed"])
+    assert torch.equal(model.blocks[1].attn.k_proj.bias, torch.zeros(E))
+
+
+def test_pumit_swiglu_mlp_is_refused_with_the_reason():
+    with pytest.raises(PretrainedImportError, match="SwiGLU"):
+        convert_state_dict(pumit_state(mlp="swiglu"), format="pumit", size="micro")
+
+
+def test_missing_and_unexpected_keys_are_named():
+    state = timm_state()
+    del state["blocks.1.norm2.weight"]
+    state["blocks.0.attn.mystery"] = torch.zeros(3)
+    with pytest.raises(PretrainedImportError) as err:
+        convert_state_dict(state, size="micro")
+    assert "blocks.1.norm2.weight" in str(err.value) and "blocks.0.attn.mystery" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s.update({"reg_token": torch.zeros(1, 4, E)}), "prefix tokens"),
+        (lambda s: s.update({"blocks.0.attn.q_norm.weight": torch.ones(32)}), "QK-normal"),
+        (lambda s: s.update({"blocks.0.attn.qkv.weight": torch.zeros(3 * E, E + 1)}), "shape"),
+        (lambda s: s.pop("cls_token"), "cls_token"),
+    ],
+)
+def test_unsupported_or_malformed_checkpoints_raise_clearly(change, message):
+    state = timm_state()
+    change(state)
+    with pytest.raises(PretrainedImportError, match=message):
+        convert_state_dict(state, size="micro")
+
+
+def test_wrong_format_and_wrong_size_are_explained():
+    with pytest.raises(PretrainedImportError, match="use format 'pumit'"):
+        convert_state_dict(pumit_state(), format="timm", size="micro")
+    with pytest.raises(PretrainedImportError, match="use size micro"):
+        convert_state_dict(timm_state(), size="tiny")
+    _, report = convert_state_dict(timm_state())  # size inferred from width and depth
+    assert report.config.embed_dim == MODEL_SIZES["micro"].embed_dim
+
+
+def test_read_state_dict_unwraps_containers_and_shared_prefixes(tmp_path):
+    state = {"module.cls_token": torch.zeros(1, 1, E), "module.norm.weight": torch.ones(E)}
+    torch.save({"model": state}, tmp_path / "w.pth")
+    assert set(read_state_dict(tmp_path / "w.pth")) == {"cls_token", "norm.weight"}
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(PretrainedImportError, match="tensors-only"):
+        read_state_dict(tmp_path / "junk.pth")
+
+
+def test_cli_writes_a_backbone_whose_fingerprint_it_prints(tmp_path, capsys):
+    state = {k: v.float() for k, v in timm_state(layer_scale=True).items()}
+    save_file(state, str(tmp_path / "vit.safetensors"))
+    out = tmp_path / "backbone.safetensors"
+    code = main(
+        [
+            "--format",
+            "timm",
+            "--in",
+            str(tmp_path / "vit.safetensors"),
+            "--out",
+            str(out),
+            "--size",
+            "micro",
+            "--input-norm",
+            "imagenet",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0 and "ignored head.weight" in printed
+    digest = printed.split("fingerprint: ")[1].strip()
+    model, loaded_digest = load_backbone(out)
+    assert loaded_digest == digest and model.config.in_channels == 1 and not model.config.rope
