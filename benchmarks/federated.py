@@ -25,10 +25,12 @@ from torch.utils.data import ConcatDataset
 from core.config import RunConfig
 from core.data.phantoms import generate_hospitals
 from core.lora import adapter_state
+from core.pretrain import demo_backbone
 from core.site import build_lora_model, evaluate_round, initial_adapters, open_split, train_round
 from core.sites import list_sites
 from core.train import DPStepPlan, TrainSettings, evaluate, mean_metrics, train_dp, train_plain
 from core.vit import count_parameters
+from simulations.run import parse_set
 
 RESULTS = Path(__file__).parent / "results" / "federated.json"
 
@@ -96,26 +98,24 @@ class Pooled:
         return self.concat[index]
 
 
-def run_centralized(cfg: RunConfig, sites: list[Path], epochs: int) -> list[dict[str, float]]:
-    """Non-private training on pooled data: same total local epochs as the FL arms."""
+def run_centralized(cfg: RunConfig, sites: list[Path]) -> list[dict[str, float]]:
+    """Non-private training on pooled data, evaluated like the FL arms after every "round" of
+    ``local-epochs`` epochs: the same number of passes over each example as a site makes."""
     model, _ = build_lora_model(cfg)
     pooled = Pooled([open_split(cfg, s, "training") for s in sites])
     tests = {s.name: open_split(cfg, s, "test") for s in sites}
     generator = torch.Generator().manual_seed(cfg.seed)
     history = []
     device = torch.device("cpu")
-    for epoch in range(1, epochs + 1):
-        settings = TrainSettings(
-            local_epochs=1, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate
-        )
-        train_plain(model, pooled, settings, device=device, generator=generator)
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        train_plain(model, pooled, cfg.training(), device=device, generator=generator)
         per_site = {
             name: evaluate(model, data, batch_size=32, device=device)
             for name, data in tests.items()
         }
         summary = mean_metrics(per_site)
-        history.append({"round": epoch, **summary})
-        print(f"    epoch {epoch}: {summary}", flush=True)
+        history.append({"round": server_round, **summary})
+        print(f"    round {server_round}: {summary}", flush=True)
     return history
 
 
@@ -161,19 +161,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="micro")
     parser.add_argument("--data", type=Path, default=Path("phantom_data/benchmark-default-seed0"))
     parser.add_argument("--quick", action="store_true", help="2 rounds, fewer arms (smoke run)")
+    parser.add_argument(
+        "--pretrain-steps", type=int, default=1000, help="demo backbone steps; 0 = random init"
+    )
+    parser.add_argument("--arms", default="", help="comma-separated subset of the arms")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if not (args.data / "hospitals.json").is_file():
         generate_hospitals(args.data, "default", seed=0, overwrite=True)
     rounds = 2 if args.quick else args.rounds
-    base = {
+    base: dict[str, Any] = {
         "data-root": str(args.data.resolve()),
         "model-size": args.size,
         "num-server-rounds": rounds,
-        "learning-rate": 0.003,
-        "batch-size": 16,
-    }
+    } | parse_set(args.set)
+    if args.pretrain_steps:
+        path, _ = demo_backbone(args.data.parent, size=args.size, steps=args.pretrain_steps)
+        base["backbone"] = str(path.resolve())
     sites = [args.data / name for name in list_sites(RunConfig.from_flat(base))]
     arms: dict[str, dict[str, Any]] = {
         "fl-nonprivate": {"dp": False},
@@ -183,14 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.quick:
         arms = {k: arms[k] for k in ("fl-nonprivate", "fl-dp-eps8-ffa")}
+    if args.arms:
+        arms = {k: v for k, v in arms.items() if k in args.arms.split(",")}
     results: dict[str, Any] = {
         "rounds": rounds,
         "size": args.size,
         "sites": [s.name for s in sites],
     }
     started = time.perf_counter()
-    print("centralized non-private (pooled)")
-    results["centralized-nonprivate"] = run_centralized(RunConfig.from_flat(base), sites, rounds)
+    if not args.arms or "centralized-nonprivate" in args.arms.split(","):
+        print("centralized-nonprivate (pooled)")
+        results["centralized-nonprivate"] = run_centralized(RunConfig.from_flat(base), sites)
     for name, overrides in arms.items():
         print(name)
         results[name] = run_federated(RunConfig.from_flat(base | overrides), sites)
@@ -208,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(results: dict[str, Any]) -> None:
-    central = results["centralized-nonprivate"][-1]
+    central = results.get("centralized-nonprivate", [{"auc": float("nan")}])[-1]
     print(f"\nafter {results['rounds']} rounds (test splits, example-weighted over sites)")
     print("arm                      AUC    accuracy  max epsilon  AUC / centralized")
     for name, history in results.items():

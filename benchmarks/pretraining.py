@@ -1,7 +1,7 @@
 """What self-supervised pretraining buys: LoRA fine-tuning from a pre-trained vs a random backbone.
 
 ``python -m benchmarks.pretraining [--quick] [--pretrain-steps 1000] [--seeds 6] [--threads 1]
-[--lesions conspicuous|default] [--lora-mode vanilla] [--targets attn-mlp] [--lr 3e-3]
+[--lora-mode vanilla] [--targets attn-mlp] [--lr 3e-3]
 [--out benchmarks/results/pretraining.json]``
 
 Setup (everything generated locally, CPU, micro model):
@@ -10,12 +10,9 @@ Setup (everything generated locally, CPU, micro model):
   ``PHANTOM_PRETRAIN_SEED`` (1), all splits, labels ignored: different cases from the
   fine-tuning hospitals (seed 0), same kinds of scanner (thin CT, thick MR, two X-ray).
 * Pretraining: ``core.pretrain.pretrain`` (masked image modelling), ``--pretrain-steps``.
-* Fine-tuning data: the four ``default`` sites at seed 0, pooled centrally, with two changes
-  that make the pooled AUC measure lesion detection: every site at 50 % prevalence (with the
-  preset's Dirichlet label mix, the pooled AUC mostly rewards recognising the *site*: we
-  measured 0.65-0.70 for either backbone there and chance level once labels are IID), and
-  ``--lesions conspicuous`` (radius 5-8 mm, contrast 3-4x the preset's; with the preset's
-  faint lesions neither backbone rises above chance at micro size, 0.49-0.53 measured).
+* Fine-tuning data: the four ``default`` sites at seed 0, pooled centrally, with every site at
+  50 % prevalence: with the preset's Dirichlet label mix, the pooled AUC would partly reward
+  recognising the *site*.
 * Fine-tuning: ``core.train.train_plain`` on LoRA adapters plus the task head, non-private,
   batch 16. Defaults: vanilla LoRA rank 8 / alpha 16 on attention and MLP linears, AdamW lr
   3e-3 (the federation's FFA on q and v at lr 1e-3 learned nothing in 300 steps from either
@@ -98,16 +95,9 @@ def backbone(init: str, path: Path, cfg: RunConfig) -> UniversalViT:
         return create_vit(cfg.model_size)
 
 
-def finetuning_sites(lesions: str) -> HospitalSpec:
-    """The ``default`` sites at 50 % prevalence, with conspicuous or the preset's lesions."""
-    base = preset("default", alpha=None)
-    if lesions == "default":
-        return base
-    sites = tuple(
-        dataclasses.replace(site, lesion_radius_mm=(5.0, 8.0), lesion_contrast=(3.0, 4.0))
-        for site in base.sites
-    )
-    return HospitalSpec(sites, alpha=None, name="default-conspicuous")
+def finetuning_sites() -> HospitalSpec:
+    """The ``default`` sites at 50 % prevalence."""
+    return preset("default", alpha=None)
 
 
 def finetune(
@@ -223,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--lesions", default="conspicuous", choices=("conspicuous", "default"))
     parser.add_argument("--lora-mode", default="vanilla", choices=("vanilla", "ffa"))
     parser.add_argument("--targets", default="attn-mlp", choices=("qv", "attn", "attn-mlp"))
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -243,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = GridConfig(in_plane=(64, 64))
     with tempfile.TemporaryDirectory(prefix="bench-pretraining-") as scratch:
         work = args.work or Path(scratch)
-        sites = finetuning_sites(args.lesions)
+        sites = finetuning_sites()
         generate_hospitals(work / "finetune", sites, seed=0, overwrite=True)
         generate_hospitals(work / "archive", "default", seed=PHANTOM_PRETRAIN_SEED, overwrite=True)
         archive = open_pool([work / "archive"], ["training", "validation", "test"], grid=grid)
@@ -255,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         held_out = open_pool(site_dirs, ["validation", "test"], grid=grid, log=_quiet)
         print(
-            f"archive {len(archive)} unlabeled images; fine-tuning ({args.lesions} lesions, 50 % "
-            f"prevalence): train {len(train_pool)}, validation {len(evals['validation'])}, "
+            f"archive {len(archive)} unlabeled images; fine-tuning (50 % prevalence): "
+            f"train {len(train_pool)}, validation {len(evals['validation'])}, "
             f"test {len(evals['test'])}",
             flush=True,
         )
@@ -384,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             "chunk_steps": chunk_steps,
             "seeds": args.seeds,
             "fractions": list(FRACTIONS),
-            "finetune_data": f"phantoms: preset default sites, seed 0, 50 % prevalence, "
-            f"{args.lesions} lesions; pooled training split",
+            "finetune_data": "phantoms: preset default sites, seed 0, 50 % prevalence; "
+            "pooled training split",
             "train_examples": len(train_pool),
             "validation_examples": len(evals["validation"]),
             "test_examples": len(evals["test"]),

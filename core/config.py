@@ -43,10 +43,10 @@ class RunConfig:
     lora_mode: str = "ffa"
     # local training
     local_epochs: int = 1
-    batch_size: int = 16
+    batch_size: int = 32  # expected batch under DP: larger batches drown less in noise
     max_physical_batch: int = 32
-    learning_rate: float = 1e-3
-    optimizer: str = "adamw"
+    learning_rate: float = 0.05
+    optimizer: str = "sgd"  # momentum 0.9; Adam's per-coordinate scaling amplifies DP noise
     weight_decay: float = 0.0
     device: str = "auto"
     # differential privacy

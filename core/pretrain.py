@@ -61,7 +61,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from core.checkpoint import save_backbone
+from core.checkpoint import load_backbone, save_backbone
 from core.data import DABatchSampler, GridConfig, IntensityConfig, SiteDataset, collate
 from core.data.datalist import SPLITS, canonical_split, read_datalist
 from core.data.preprocess import pad_depth
@@ -660,6 +660,30 @@ def pretrain(
         last_loss=sum(tail) / len(tail),
         seconds=time.perf_counter() - start,
     )
+
+
+def demo_backbone(
+    cache: str | Path, *, size: str = "micro", steps: int = 1000, seed: int = 0
+) -> tuple[Path, str]:
+    """The demo backbone: ``size`` pretrained for ``steps`` on the unlabeled phantom archive.
+
+    Built once under ``cache`` (a folder named by size, steps and seed) and reused: the
+    federated demo and the benchmarks start from it. Returns (path, fingerprint), the
+    file checked against the fingerprint recorded when it was built.
+    """
+    folder = Path(cache) / f"backbone-{size}-steps{steps}-seed{seed}"
+    out = folder / "backbone.safetensors"
+    marker = folder / "fingerprint.txt"
+    if not marker.is_file():
+        started = time.perf_counter()
+        args = ["--out", str(out), "--size", size, "--steps", str(steps), "--seed", str(seed)]
+        code = main([*args, "--log-every", str(max(1, steps // 5))])
+        if code:
+            raise PretrainError(f"pretraining the demo backbone into {folder} failed (exit {code})")
+        marker.write_text(load_backbone(out)[1] + "\n")
+        print(f"pretrained the demo backbone in {time.perf_counter() - started:.0f} s", flush=True)
+    _, digest = load_backbone(out, expected_fingerprint=marker.read_text().strip())
+    return out, digest
 
 
 # --------------------------------------------------------------------------------------- CLI

@@ -35,8 +35,13 @@ class ViTConfig:
     rope: bool = True
     rope_base: float = 100.0
     qkv_bias: bool = True
+    # What the head reads: "mean" of the patch tokens (as MAE/BEiT fine-tune; a local lesion
+    # moves the mean, and MIM pretraining trains patch tokens, never the CLS token) or "cls".
+    pool: str = "mean"
 
     def __post_init__(self) -> None:
+        if self.pool not in ("mean", "cls"):
+            raise ValueError(f"pool must be 'mean' or 'cls', got {self.pool!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}"
@@ -200,7 +205,7 @@ class PatchEmbed(nn.Module):
 
 
 class UniversalViT(nn.Module):
-    """Universal ViT with a classification head on the CLS token.
+    """Universal ViT with a classification head on the pooled tokens (``config.pool``).
 
     ``forward(x, spacing)``: x (N, C, D, H, W), spacing (N, 3) or (3,) as (d, h, w) in mm, one
     degree of anisotropy per batch -> logits (N, num_classes).
@@ -267,8 +272,9 @@ class UniversalViT(nn.Module):
         return self.norm(tokens)
 
     def forward_head(self, features: Tensor) -> Tensor:
-        """(N, 1 + T, E) -> (N, num_classes) from the CLS token."""
-        return self.head(features[:, 0])
+        """(N, 1 + T, E) -> (N, num_classes) from the mean patch token or the CLS token."""
+        pooled = features[:, 1:].mean(dim=1) if self.config.pool == "mean" else features[:, 0]
+        return self.head(pooled)  # pooled: (N, E)
 
     def forward(self, x: Tensor, spacing: Tensor | Sequence[float]) -> Tensor:
         return self.forward_head(self.forward_features(x, spacing))

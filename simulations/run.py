@@ -4,7 +4,8 @@
     python -m simulations.run strict-privacy --set num-server-rounds=5 --set target-epsilon=2
     python -m simulations.run --list
 
-A scenario (``simulations/scenarios/NAME.toml``) names phantom hospitals to generate and run
+A scenario (``simulations/scenarios/NAME.toml``) names phantom hospitals to generate, an
+optional ``[pretrain]`` backbone (steps of masked image modelling on unlabeled phantoms), and run
 config values; ``--set key=value`` overrides any run-config key. The runner generates the
 hospitals (cached by preset and seed), starts its own local SuperLink, runs ``flwr run`` with
 one simulated SuperNode per hospital, prints progress per round, checks that the run really
@@ -24,6 +25,7 @@ from typing import Any
 
 from core.config import RunConfig
 from core.data.phantoms import generate_hospitals
+from core.pretrain import demo_backbone
 from simulations.flower_cli import RunFailed, flwr_run, local_superlink
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +77,24 @@ def prepare_data(scenario: dict[str, Any], cache: Path) -> Path:
     return root
 
 
+def prepare_backbone(scenario: dict[str, Any], values: dict[str, Any], cache: Path) -> None:
+    """A scenario with a ``[pretrain]`` table starts from the demo backbone: the model size
+    pretrained (once, then cached) on the unlabeled phantom archive. An explicit ``backbone``
+    key wins. The ServerApp announces the file's fingerprint and every site checks it."""
+    spec = scenario.get("pretrain")
+    if not spec or values.get("backbone"):
+        return
+    unknown = set(spec) - {"steps", "seed"}
+    if unknown:
+        raise SystemExit(f"scenario {scenario['name']}: unknown [pretrain] keys {sorted(unknown)}")
+    size = str(values.get("model-size", RunConfig.model_size))
+    path, digest = demo_backbone(
+        cache, size=size, steps=int(spec.get("steps", 1000)), seed=int(spec.get("seed", 0))
+    )
+    values["backbone"] = str(path.resolve())
+    print(f"backbone {path} (fingerprint {digest[:12]}...)")
+
+
 def provision_keys(folder: Path) -> dict[str, str]:
     """Simulation only: make the CKKS contexts beside the run. In a real deployment the
     coordinator provisions once and hands the secret context to the sites out of band."""
@@ -95,6 +115,7 @@ def run_scenario(
     data_root = prepare_data(scenario, data_cache)
     values = dict(scenario.get("run-config", {})) | overrides
     values |= {"data-root": str(data_root.resolve()), "out-dir": str(out_dir.resolve())}
+    prepare_backbone(scenario, values, data_cache)
     if values.get("he") and not values.get("he-secret-context"):
         values |= provision_keys(out_dir / "he-keys")
     cfg = RunConfig.from_flat(values)  # fail here, before any process starts

@@ -93,7 +93,8 @@ def test_pad_depth_centres_with_background() -> None:
 
 
 def test_intensity_per_modality() -> None:
-    hu = np.array([-2000.0, -1000.0, 0.0, 1000.0, 3000.0], dtype=np.float32).reshape(1, 1, 1, 5)
+    # default soft-tissue window (-175, 250) HU: air and bone saturate, 37.5 HU is mid-grey
+    hu = np.array([-1000.0, -175.0, 37.5, 250.0, 1000.0], dtype=np.float32).reshape(1, 1, 1, 5)
     config = IntensityConfig()
     assert normalize_intensity(hu, "CT", True, config).ravel().tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
     values = np.arange(1001, dtype=np.float32).reshape(1, 1, 1, -1)

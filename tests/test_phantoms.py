@@ -59,9 +59,9 @@ def test_default_preset_sites_differ_like_real_ones(default_hospitals: list[Path
     docs = [json.loads(p.read_text()) for p in default_hospitals]
     assert [d["modality"] for d in docs] == ["CT", "MR", "XR", "XR"]
     sizes = [sum(len(d[s]) for s in ("training", "validation", "test")) for d in docs]
-    assert sizes == [80, 60, 120, 40]
+    assert sizes == [240, 180, 360, 120]
     prevalences = [d["phantom"]["prevalence"] for d in docs]
-    assert len(set(prevalences)) == 4 and all(0.1 <= p <= 0.9 for p in prevalences)
+    assert len(set(prevalences)) == 4 and all(0.2 <= p <= 0.8 for p in prevalences)
     # What the files' headers say (file axis order), then what the loader makes of it.
     ct_file = nib.load(default_hospitals[0].parent / docs[0]["training"][0]["image"])
     assert ct_file.shape == (64, 64, 32) and ct_file.header.get_zooms() == (1.0, 1.0, 1.0)
@@ -126,7 +126,7 @@ def test_iid_knob(tmp_path: Path) -> None:
     mix = [json.loads(p.read_text())["phantom"]["prevalence"] for p in iid]
     assert mix == [0.5] * 6
     mix = [json.loads(p.read_text())["phantom"]["prevalence"] for p in skewed]
-    assert all(m in (0.15, 0.85) for m in mix)  # Dirichlet(0.05) is extreme; clipped, >= 3 each
+    assert all(m in (0.2, 0.8) for m in mix)  # Dirichlet(0.05) is extreme; clipped to [0.2, 0.8]
 
 
 def test_cli_writes_and_refuses_a_non_empty_folder(

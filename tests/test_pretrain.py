@@ -6,13 +6,14 @@ import json
 import pytest
 import torch
 
-from core.checkpoint import load_backbone
+from core.checkpoint import BackboneError, load_backbone
 from core.data import DABatchSampler, GridConfig, HospitalSpec, PhantomSite, generate_hospitals
 from core.pretrain import (
     MaskedImageModel,
     MIMSettings,
     PretrainError,
     build_state,
+    demo_backbone,
     load_checkpoint,
     main,
     normalized_patches,
@@ -288,3 +289,16 @@ def test_cli_writes_a_loadable_backbone_with_the_printed_fingerprint_and_resumes
     assert printed.split("fingerprint: ")[1].strip() == load_backbone(out)[1]
     assert main([*common, "--steps", "4", "--resume", str(ckpt), "--mask-ratio", "0.5"]) == 2
     assert "mask_ratio" in capsys.readouterr().err
+
+
+def test_demo_backbone_is_built_once_then_reused_and_checked(tmp_path, capsys):
+    path, digest = demo_backbone(tmp_path, steps=1)
+    assert "pretrained the demo backbone" in capsys.readouterr().out
+    assert load_backbone(path)[1] == digest
+    built = path.stat().st_mtime_ns
+    assert demo_backbone(tmp_path, steps=1) == (path, digest)  # cached: not rebuilt
+    assert path.stat().st_mtime_ns == built and "pretrained" not in capsys.readouterr().out
+    marker = path.parent / "fingerprint.txt"
+    marker.write_text("0" * 64 + "\n")  # the file no longer matches what was built
+    with pytest.raises(BackboneError, match="fingerprint"):
+        demo_backbone(tmp_path, steps=1)

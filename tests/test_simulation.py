@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.checkpoint import load_backbone
 from core.config import RunConfig
 from core.site import initial_adapters
 from simulations.run import load_scenario, run_scenario
@@ -27,7 +28,8 @@ SMALL = {
     "target-epsilon": 8.0,
     "min-train-nodes": 2,
 }
-PHANTOMS = {"phantoms": {"preset": "many", "n-sites": 2, "seed": 3}}
+# The default scenario's shape on 2 tiny sites, from a briefly pretrained demo backbone.
+PHANTOMS = {"phantoms": {"preset": "many", "n-sites": 2, "seed": 3}, "pretrain": {"steps": 3}}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,13 @@ def test_two_sites_two_rounds_with_dp(tmp_path, data_cache):
     for entry in metrics["rounds"]:
         assert set(entry["status"].values()) == {"trained"} and len(entry["status"]) == 2
         assert 0.0 <= entry["evaluate"]["accuracy"] <= 1.0
+
+    # The run federated from the pretrained demo backbone, and announced its fingerprint.
+    cfg_values = json.loads((out / "config.json").read_text())
+    backbone = data_cache / "backbone-micro-steps3-seed0" / "backbone.safetensors"
+    assert cfg_values["backbone"] == str(backbone.resolve())
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    assert latest["backbone_fingerprint"] == load_backbone(backbone)[1]
 
     # Only the adapter wire format travelled: the checkpoint holds exactly its keys.
     cfg = RunConfig.from_flat(json.loads((out / "config.json").read_text()))
@@ -162,6 +171,7 @@ def test_a_site_dies_and_another_sends_garbage_the_round_goes_on(tmp_path, he, m
     bad = "tamper" if he else "nan"
     monkeypatch.setenv("FEDMEDVIT_FAULT", f"crash:site-000-ct,{bad}:site-001-mr")
     scenario = load_scenario("default") | {"phantoms": {"preset": "many", "n-sites": 3, "seed": 5}}
+    del scenario["pretrain"]  # a random backbone: faults, not learning, are under test
     out = tmp_path / "run"
     overrides = SMALL | {"num-server-rounds": 1, "min-train-nodes": 3, "he": he}
     run_scenario(scenario, overrides=overrides, out_dir=out, data_cache=tmp_path, quiet=True)

@@ -18,8 +18,8 @@ seen end-on, cysts in the other organ) that differ only in where they are and ho
 Sites differ as real ones do: spacing and slice thickness (so DA differs), the axis order the
 volume is stored in, intensity scale, noise, site size, and label mix: each site's prevalence
 is drawn from a Dirichlet(alpha, alpha) (``alpha=None``: IID, every site at 50 %), clipped to
-[0.1, 0.9] so every split can hold both classes. Everything is deterministic from the seed:
-the same seed writes the same bytes.
+[0.2, 0.8] so every split holds enough of both classes for a per-site AUC. Everything is
+deterministic from the seed: the same seed writes the same bytes.
 
 CLI: ``python -m core.data.phantoms --out DIR --preset default --seed 0``
 """
@@ -43,7 +43,7 @@ Kind = Literal["ct3d", "mr3d", "xr2d"]
 KINDS: tuple[Kind, ...] = ("ct3d", "mr3d", "xr2d")
 _MODALITY = {"ct3d": "CT", "mr3d": "MR", "xr2d": "XR"}
 _CLASS_NAMES = ["no lesion", "lesion"]
-_PREVALENCE_RANGE = (0.1, 0.9)
+_PREVALENCE_RANGE = (0.2, 0.8)
 _SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # training, validation, test
 
 
@@ -67,8 +67,8 @@ class PhantomSite:
     gain: float = 1.0  # MR / X-ray intensity scale (arbitrary units)
     # Lesion size and contrast are drawn per case from these ranges: faint small lesions keep
     # the task from being trivial, conspicuous ones keep it learnable from a few dozen cases.
-    lesion_radius_mm: tuple[float, float] = (2.5, 7.0)
-    lesion_contrast: tuple[float, float] = (0.5, 3.0)  # x 45 HU (CT), 120 a.u. (MR), 0.16 (XR)
+    lesion_radius_mm: tuple[float, float] = (4.0, 10.0)
+    lesion_contrast: tuple[float, float] = (1.5, 4.0)  # x 45 HU (CT), 120 a.u. (MR), 0.16 (XR)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -119,7 +119,7 @@ def preset(
             PhantomSite(
                 "site-a-ct-thin",
                 "ct3d",
-                80,
+                240,
                 (64, 64),
                 32,
                 (1.0, 1.0, 1.0),
@@ -128,7 +128,7 @@ def preset(
             PhantomSite(
                 "site-b-mr-thick",
                 "mr3d",
-                60,
+                180,
                 (64, 64),
                 12,
                 (5.0, 0.7, 0.7),
@@ -137,11 +137,11 @@ def preset(
                 compress=False,
                 gain=3.2,
             ),
-            PhantomSite("site-c-xr-8bit", "xr2d", 120, (64, 64), spacing=(1.0, 0.6, 0.6)),
+            PhantomSite("site-c-xr-8bit", "xr2d", 360, (64, 64), spacing=(1.0, 0.6, 0.6)),
             PhantomSite(
                 "site-d-xr-16bit",
                 "xr2d",
-                40,
+                120,
                 (80, 64),
                 spacing=(1.0, 0.8, 0.8),
                 bit_depth=16,

@@ -72,7 +72,9 @@ class GridConfig:
 class IntensityConfig:
     """How intensities are mapped to about [0, 1] per modality."""
 
-    ct_window: tuple[float, float] = (-1000.0, 1000.0)  # HU mapped to [0, 1], clipped
+    # HU mapped to [0, 1], clipped: the abdominal soft-tissue window (W 425, L 37), as in
+    # MONAI's CT tutorials; lesions live in soft tissue, air and bone saturate.
+    ct_window: tuple[float, float] = (-175.0, 250.0)
     percentiles: tuple[float, float] = (0.5, 99.5)  # mapped to [0, 1], clipped
     mr: Literal["percentile", "zscore"] = "percentile"
     xr: Literal["percentile", "zscore"] = "percentile"
