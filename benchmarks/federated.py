@@ -1,9 +1,12 @@
 """Federated fine-tuning on phantom hospitals, side by side in one run.
 
-    python -m benchmarks.federated [--rounds 5] [--size micro] [--quick]
+    python -m benchmarks.federated [--rounds 10] [--seeds 3] [--size micro] [--quick]
 
-Arms: centralized non-private (pooled training data), FL non-private, FL with DP at epsilon 8
-and 3 (FFA LoRA), and vanilla LoRA under DP at epsilon 8. FL arms run in-process with the same
+Every arm starts from the demo backbone (``core.pretrain.demo_backbone``: masked image
+modelling on the unlabeled phantom archive, built once) with the run-config defaults, the
+default scenario's recipe. Arms: centralized non-private (pooled training data, one pass per
+"round"), FL non-private, FL with DP at epsilon 8 and 3 (FFA LoRA), and vanilla LoRA under DP
+at epsilon 8; each repeated for ``--seeds`` seeds. FL arms run in-process with the same
 ``core.site.train_round`` / ``evaluate_round`` the Flower ClientApp calls and the same
 example-weighted average as the server (Flower's transport is measured by the simulation tests,
 not here). Also measured: upload bytes per site per round (adapters vs the full model) and the
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +54,7 @@ def run_federated(cfg: RunConfig, sites: list[Path]) -> list[dict[str, float]]:
     history = []
     for server_round in range(1, cfg.num_server_rounds + 1):
         updates = []
-        for site in sites:
+        for index, site in enumerate(sites):
             outcome = train_round(
                 cfg,
                 site_dir=site,
@@ -58,6 +62,7 @@ def run_federated(cfg: RunConfig, sites: list[Path]) -> list[dict[str, float]]:
                 server_round=server_round,
                 expected_fingerprint=fingerprint,
                 ledger_state=ledgers.get(site),
+                site_secret=1_000 * cfg.seed + index,  # distinct per site; reproducible
             )
             ledgers[site] = outcome.ledger
             if outcome.adapters is not None:
@@ -155,16 +160,26 @@ def upload_bytes(cfg: RunConfig) -> dict[str, float]:
     }
 
 
+ARMS: dict[str, dict[str, Any]] = {
+    "fl-nonprivate": {"dp": False},
+    "fl-dp-eps8-ffa": {"dp": True, "target-epsilon": 8.0},
+    "fl-dp-eps3-ffa": {"dp": True, "target-epsilon": 3.0},
+    "fl-dp-eps8-vanilla": {"dp": True, "target-epsilon": 8.0, "lora-mode": "vanilla"},
+}
+CENTRAL = "centralized-nonprivate"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=3, help="repeats (LoRA/head init, sampling)")
     parser.add_argument("--size", default="micro")
     parser.add_argument("--data", type=Path, default=Path("phantom_data/benchmark-default-seed0"))
-    parser.add_argument("--quick", action="store_true", help="2 rounds, fewer arms (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds, 1 seed, 2 FL arms")
     parser.add_argument(
         "--pretrain-steps", type=int, default=1000, help="demo backbone steps; 0 = random init"
     )
-    parser.add_argument("--arms", default="", help="comma-separated subset of the arms")
+    parser.add_argument("--arms", default="", help=f"comma-separated subset of {CENTRAL}, ...")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -172,38 +187,41 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if not (args.data / "hospitals.json").is_file():
         generate_hospitals(args.data, "default", seed=0, overwrite=True)
-    rounds = 2 if args.quick else args.rounds
+    rounds, seeds = (2, 1) if args.quick else (args.rounds, args.seeds)
     base: dict[str, Any] = {
         "data-root": str(args.data.resolve()),
         "model-size": args.size,
         "num-server-rounds": rounds,
     } | parse_set(args.set)
+    backbone = {"pretrain_steps": args.pretrain_steps, "fingerprint": "seeded random"}
     if args.pretrain_steps:
-        path, _ = demo_backbone(args.data.parent, size=args.size, steps=args.pretrain_steps)
+        path, digest = demo_backbone(args.data.parent, size=args.size, steps=args.pretrain_steps)
         base["backbone"] = str(path.resolve())
+        backbone["fingerprint"] = digest
     sites = [args.data / name for name in list_sites(RunConfig.from_flat(base))]
-    arms: dict[str, dict[str, Any]] = {
-        "fl-nonprivate": {"dp": False},
-        "fl-dp-eps8-ffa": {"dp": True, "target-epsilon": 8.0},
-        "fl-dp-eps3-ffa": {"dp": True, "target-epsilon": 3.0},
-        "fl-dp-eps8-vanilla": {"dp": True, "target-epsilon": 8.0, "lora-mode": "vanilla"},
-    }
+    arms = {CENTRAL: {}} | ARMS
     if args.quick:
-        arms = {k: arms[k] for k in ("fl-nonprivate", "fl-dp-eps8-ffa")}
+        arms = {k: arms[k] for k in (CENTRAL, "fl-nonprivate", "fl-dp-eps8-ffa")}
     if args.arms:
         arms = {k: v for k, v in arms.items() if k in args.arms.split(",")}
     results: dict[str, Any] = {
+        "command": "python -m benchmarks.federated " + " ".join(argv or sys.argv[1:]),
         "rounds": rounds,
+        "seeds": seeds,
         "size": args.size,
+        "backbone": backbone,
+        "config": RunConfig.from_flat(base).to_flat(),
         "sites": [s.name for s in sites],
+        "runs": {name: [] for name in arms},
     }
     started = time.perf_counter()
-    if not args.arms or "centralized-nonprivate" in args.arms.split(","):
-        print("centralized-nonprivate (pooled)")
-        results["centralized-nonprivate"] = run_centralized(RunConfig.from_flat(base), sites)
-    for name, overrides in arms.items():
-        print(name)
-        results[name] = run_federated(RunConfig.from_flat(base | overrides), sites)
+    for seed in range(seeds):
+        for name, overrides in arms.items():
+            print(f"{name}, seed {seed}", flush=True)
+            cfg = RunConfig.from_flat(base | overrides | {"seed": seed, "backbone-seed": seed})
+            run = run_centralized if name == CENTRAL else run_federated
+            results["runs"][name].append(run(cfg, sites))
+    results["summary"] = summarize(results["runs"])
     results["upload"] = {
         mode: upload_bytes(RunConfig.from_flat(base | {"lora-mode": mode}))
         for mode in ("ffa", "vanilla")
@@ -217,18 +235,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def summarize(runs: dict[str, list[list[dict[str, float]]]]) -> dict[str, dict[str, float]]:
+    """Final-round AUC and accuracy per arm over seeds (mean, sd), and the ratio of the mean AUC
+    to the centralized mean AUC."""
+    summary = {}
+    for name, histories in runs.items():
+        aucs = [h[-1]["auc"] for h in histories]
+        accuracies = [h[-1]["accuracy"] for h in histories]
+        summary[name] = {
+            "auc_mean": statistics.fmean(aucs),
+            "auc_sd": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+            "accuracy_mean": statistics.fmean(accuracies),
+            "max_epsilon": max(h[-1].get("max_epsilon", 0.0) for h in histories),
+        }
+    central = summary.get(CENTRAL, {}).get("auc_mean", float("nan"))
+    for entry in summary.values():
+        entry["auc_over_centralized"] = entry["auc_mean"] / central
+    return summary
+
+
 def print_table(results: dict[str, Any]) -> None:
-    central = results.get("centralized-nonprivate", [{"auc": float("nan")}])[-1]
-    print(f"\nafter {results['rounds']} rounds (test splits, example-weighted over sites)")
-    print("arm                      AUC    accuracy  max epsilon  AUC / centralized")
-    for name, history in results.items():
-        if not isinstance(history, list) or not history or "auc" not in history[-1]:
-            continue
-        last = history[-1]
-        ratio = last["auc"] / central["auc"] if central["auc"] else float("nan")
-        eps = last.get("max_epsilon", 0.0)
+    print(
+        f"\nafter {results['rounds']} rounds, {results['seeds']} seed(s) "
+        "(test splits, per-site AUC weighted by examples)"
+    )
+    print("arm                      AUC (mean +- sd)  accuracy  max epsilon  AUC / centralized")
+    for name, row in results["summary"].items():
         print(
-            f"{name:24} {last['auc']:.3f}  {last['accuracy']:.3f}     {eps:6.2f}      {ratio:.2f}"
+            f"{name:24} {row['auc_mean']:.3f} +- {row['auc_sd']:.3f}    {row['accuracy_mean']:.3f}"
+            f"     {row['max_epsilon']:6.2f}      {row['auc_over_centralized']:.2f}"
         )
     for mode, up in results["upload"].items():
         ratio = up["full_over_adapter"]

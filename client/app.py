@@ -1,7 +1,7 @@
 """The hospital's Flower ClientApp: parse the message, call ``core.site``, reply.
 
-A site is named by the SuperNode's ``--node-config`` in deployment
-(``site-name``, ``data-dir``, optional ``state-dir`` for the privacy ledger on disk) and by its
+A site is named by the SuperNode's ``--node-config`` in deployment (``site-name``, ``data-dir``,
+optional ``state-dir`` for the privacy ledger and the site's secret DP seed on disk) and by its
 partition id in simulation (the sorted site folders under run config ``data-root``).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -24,6 +25,7 @@ from core.sites import SiteRef, resolve_site
 app = ClientApp()
 log = logging.getLogger(__name__)
 LEDGER_KEY = "privacy-ledger"
+SECRET_KEY = "site-secret"
 # Fault injection for the fault-tolerance tests: "crash:SITE" makes that site's ClientApp fail
 # mid-round; "nan:SITE" makes it send a NaN update; "tamper:SITE" flips bytes of its first
 # ciphertext (HE mode). Comma-separated; unset in normal use.
@@ -76,6 +78,26 @@ def _save_ledger(context: Context, site: SiteRef, ledger: dict) -> None:
         write_json_atomic(site.state_dir / "privacy-ledger.json", ledger)
 
 
+def _site_secret(context: Context, site: SiteRef) -> int:
+    """The site's secret seed for DP sampling and noise (see ``core.site.train_round``): drawn
+    once from the OS, kept in node memory and in the state folder (mode 0600), never sent."""
+    record = context.state.config_records.get(SECRET_KEY)
+    if record is not None:
+        return int(str(record["value"]))
+    path = site.state_dir / "site-secret" if site.state_dir is not None else None
+    if path is not None and path.is_file():
+        secret = int(path.read_text().strip())
+    else:
+        secret = secrets.randbits(62)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(f"{secret}\n")
+    context.state[SECRET_KEY] = ConfigRecord({"value": str(secret)})
+    return secret
+
+
 def _faults(site: str) -> set[str]:
     entries = [e.split(":", 1) for e in os.environ.get(FAULT_ENV, "").split(",") if ":" in e]
     return {kind for kind, name in entries if name == site}
@@ -96,6 +118,7 @@ def train(msg: Message, context: Context) -> Message:
         server_round=int(config["server-round"]),
         expected_fingerprint=str(config.get("backbone-fingerprint", "")),
         ledger_state=_load_ledger(context, site),
+        site_secret=_site_secret(context, site),
     )
     if outcome.ledger is not None:
         _save_ledger(context, site, outcome.ledger)

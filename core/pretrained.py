@@ -514,31 +514,9 @@ def import_checkpoint(
     input_norm: tuple[Sequence[float], Sequence[float]] | None = None,
     pos_grid: Sequence[int] | None = None,
     rope: bool | None = None,
-) -> UniversalViT:
-    """A universal ViT (no head) holding a local checkpoint's weights; see
-    :func:`convert_state_dict` for the arguments and :func:`import_with_report` for the report."""
-    model, _ = import_with_report(
-        path,
-        format=format,
-        size=size,
-        in_channels=in_channels,
-        input_norm=input_norm,
-        pos_grid=pos_grid,
-        rope=rope,
-    )
-    return model
-
-
-def import_with_report(
-    path: str | Path,
-    *,
-    format: SourceFormat = "timm",
-    size: str | ViTConfig | None = None,
-    in_channels: int = 1,
-    input_norm: tuple[Sequence[float], Sequence[float]] | None = None,
-    pos_grid: Sequence[int] | None = None,
-    rope: bool | None = None,
 ) -> tuple[UniversalViT, ImportReport]:
+    """A universal ViT (no head) holding a local checkpoint's weights, and what was converted;
+    see :func:`convert_state_dict` for the arguments."""
     state = read_state_dict(path)
     try:
         converted, report = convert_state_dict(
@@ -601,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        model, report = import_with_report(
+        model, report = import_checkpoint(
             args.source,
             format=args.format,
             size=args.size,

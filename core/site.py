@@ -92,15 +92,23 @@ def train_round(
     server_round: int,
     expected_fingerprint: str,
     ledger_state: Mapping[str, Any] | None,
+    site_secret: int,
 ) -> TrainOutcome:
-    """One round of local fine-tuning at a site (DP-SGD unless ``cfg.dp`` is False)."""
+    """One round of local fine-tuning at a site (DP-SGD unless ``cfg.dp`` is False).
+
+    ``site_secret``: a random number the site draws once and keeps to itself. Under DP it seeds
+    the Poisson sampling and the Gaussian noise: were they seeded from the run config, the
+    server could regenerate a site's noise and subtract it, and two sites would add the same
+    noise. Kept (not redrawn) so a site that restarts mid-run repeats its round bit for bit.
+    """
     model = _checked_model(cfg, expected_fingerprint)
     load_adapter_state(model, global_adapters)
     dataset = open_split(cfg, site_dir, "training")
     settings = cfg.training()
     device = pick_device(cfg.device)
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + server_round)
-    torch.manual_seed(cfg.seed * 7_919 + server_round)  # dropout, DP noise (non-secure mode)
+    seed = (site_secret if cfg.dp else cfg.seed) * 1_000_003 + server_round
+    generator = torch.Generator().manual_seed(seed % 2**63)  # batch sampling
+    torch.manual_seed((seed * 7_919) % 2**63)  # DP noise (Opacus non-secure mode) and dropout
 
     if not cfg.dp:
         result = train_plain(model, dataset, settings, device=device, generator=generator, amp=True)

@@ -296,7 +296,7 @@ def test_pumit_checkpoint_loads_completely_and_keeps_its_3d_kernel_summed_over_r
     state = pumit_state()
     path = tmp_path / "pumit.pth"
     torch.save({"state_dict": state, "epoch": 3}, path)
-    model = import_checkpoint(path, format="pumit", size="micro")
+    model, _ = import_checkpoint(path, format="pumit", size="micro")
     assert model.config.pos_grid == (4, 8, 8) and model.config.rope is True
     torch.testing.assert_close(
         model.patch_embed.proj.weight, state["patch_embed.proj.weight"].sum(1, keepdim=True)
