@@ -174,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3, help="repeats (LoRA/head init, sampling)")
     parser.add_argument("--size", default="micro")
-    parser.add_argument("--data", type=Path, default=Path("phantom_data/benchmark-default-seed0"))
+    parser.add_argument(
+        "--presets", default="default,large", help="phantom presets (site sizes) to compare"
+    )
+    parser.add_argument("--cache", type=Path, default=Path("phantom_data"))
     parser.add_argument("--quick", action="store_true", help="2 rounds, 1 seed, 2 FL arms")
     parser.add_argument(
         "--pretrain-steps", type=int, default=1000, help="demo backbone steps; 0 = random init"
@@ -185,20 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not (args.data / "hospitals.json").is_file():
-        generate_hospitals(args.data, "default", seed=0, overwrite=True)
     rounds, seeds = (2, 1) if args.quick else (args.rounds, args.seeds)
-    base: dict[str, Any] = {
-        "data-root": str(args.data.resolve()),
-        "model-size": args.size,
-        "num-server-rounds": rounds,
-    } | parse_set(args.set)
+    base: dict[str, Any] = {"model-size": args.size, "num-server-rounds": rounds}
+    base |= parse_set(args.set)
     backbone = {"pretrain_steps": args.pretrain_steps, "fingerprint": "seeded random"}
     if args.pretrain_steps:
-        path, digest = demo_backbone(args.data.parent, size=args.size, steps=args.pretrain_steps)
+        path, digest = demo_backbone(args.cache, size=args.size, steps=args.pretrain_steps)
         base["backbone"] = str(path.resolve())
         backbone["fingerprint"] = digest
-    sites = [args.data / name for name in list_sites(RunConfig.from_flat(base))]
     arms = {CENTRAL: {}} | ARMS
     if args.quick:
         arms = {k: arms[k] for k in (CENTRAL, "fl-nonprivate", "fl-dp-eps8-ffa")}
@@ -211,22 +208,37 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size,
         "backbone": backbone,
         "config": RunConfig.from_flat(base).to_flat(),
-        "sites": [s.name for s in sites],
-        "runs": {name: [] for name in arms},
+        "presets": {},
     }
     started = time.perf_counter()
-    for seed in range(seeds):
-        for name, overrides in arms.items():
-            print(f"{name}, seed {seed}", flush=True)
-            cfg = RunConfig.from_flat(base | overrides | {"seed": seed, "backbone-seed": seed})
-            run = run_centralized if name == CENTRAL else run_federated
-            results["runs"][name].append(run(cfg, sites))
-    results["summary"] = summarize(results["runs"])
+    for preset_name in args.presets.split(","):
+        data = args.cache / f"benchmark-{preset_name}-seed0"
+        if not (data / "hospitals.json").is_file():
+            generate_hospitals(data, preset_name, seed=0, overwrite=True)
+        values = base | {"data-root": str(data.resolve())}
+        sites = [data / name for name in list_sites(RunConfig.from_flat(values))]
+        runs: dict[str, list[Any]] = {name: [] for name in arms}
+        for seed in range(seeds):
+            for name, overrides in arms.items():
+                print(f"{preset_name}: {name}, seed {seed}", flush=True)
+                cfg = RunConfig.from_flat(
+                    values | overrides | {"seed": seed, "backbone-seed": seed}
+                )
+                run = run_centralized if name == CENTRAL else run_federated
+                runs[name].append(run(cfg, sites))
+        results["presets"][preset_name] = {
+            "sites": {
+                s.name: len(open_split(RunConfig.from_flat(values), s, "training")) for s in sites
+            },
+            "runs": runs,
+            "summary": summarize(runs),
+        }
     results["upload"] = {
         mode: upload_bytes(RunConfig.from_flat(base | {"lora-mode": mode}))
         for mode in ("ffa", "vanilla")
     }
-    results["step_time"] = step_times(RunConfig.from_flat(base), sites[0], repeats=3)
+    # Step time on the last preset's first site (the thin-slice CT: the largest inputs).
+    results["step_time"] = step_times(RunConfig.from_flat(values), sites[0], repeats=3)
     results["wall_time_s"] = time.perf_counter() - started
     results["torch"] = torch.__version__
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,16 +267,18 @@ def summarize(runs: dict[str, list[list[dict[str, float]]]]) -> dict[str, dict[s
 
 
 def print_table(results: dict[str, Any]) -> None:
-    print(
-        f"\nafter {results['rounds']} rounds, {results['seeds']} seed(s) "
-        "(test splits, per-site AUC weighted by examples)"
-    )
-    print("arm                      AUC (mean +- sd)  accuracy  max epsilon  AUC / centralized")
-    for name, row in results["summary"].items():
+    for preset_name, block in results["presets"].items():
         print(
-            f"{name:24} {row['auc_mean']:.3f} +- {row['auc_sd']:.3f}    {row['accuracy_mean']:.3f}"
-            f"     {row['max_epsilon']:6.2f}      {row['auc_over_centralized']:.2f}"
+            f"\n{preset_name} sites (training cases {block['sites']}): after {results['rounds']} "
+            f"rounds, {results['seeds']} seed(s), test splits, per-site AUC weighted by examples"
         )
+        print("arm                      AUC (mean +- sd)  accuracy  max epsilon  AUC / centralized")
+        for name, row in block["summary"].items():
+            print(
+                f"{name:24} {row['auc_mean']:.3f} +- {row['auc_sd']:.3f}    "
+                f"{row['accuracy_mean']:.3f}     {row['max_epsilon']:6.2f}      "
+                f"{row['auc_over_centralized']:.2f}"
+            )
     for mode, up in results["upload"].items():
         ratio = up["full_over_adapter"]
         print(
