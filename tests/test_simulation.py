@@ -7,6 +7,7 @@ runs two: every site refuses round 2 to stay within budget, and the server carri
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -138,6 +139,11 @@ def test_server_killed_after_round_2_resumes_bitwise_identically(tmp_path, data_
         tmp_path / "straight", data_cache, **three, **{"state-root": str(tmp_path / "s1")}
     )
 
+    # The same hospitals run the study again: same site secrets (DP seeds), fresh ledgers.
+    for secret in (tmp_path / "s1").glob("*/site-secret"):
+        copy = tmp_path / "s2" / secret.parent.name / "site-secret"
+        copy.parent.mkdir(parents=True)
+        shutil.copy2(secret, copy)
     crashed_state = {"state-root": str(tmp_path / "s2")}
     monkeypatch.setenv("FEDMEDVIT_FAULT_EXIT_AFTER_ROUND", "2")
     with pytest.raises(RunFailed):
