@@ -10,9 +10,8 @@ Objective. For every batch (one degree of anisotropy, DA, per batch as everywher
 * Masking: a random ``mask_ratio`` (0.6) of each sample's patch tokens is replaced by one learned
   mask token. The replacement happens *after* the patch embedding and *before* the position
   embedding is added, so a masked token still knows where it is but not what it saw. The CLS
-  token is never masked. ``UniversalViT.forward_features`` has no hook there, so
-  :meth:`MaskedImageModel.encode` runs the ViT's own submodules in the same order (and a test
-  pins that, unmasked, it equals ``forward_features`` bit for bit).
+  token is never masked. :meth:`MaskedImageModel.encode` is ``UniversalViT.forward_features``
+  with an ``edit_tokens`` hook that does the swap.
 * Target: the voxels of each masked patch, normalised per patch (mean 0, std 1) with a
   variance floor ``target_eps`` = 0.01 on the ~[0, 1] intensity scale: patches with a std below
   0.1 (flat tissue, air, padding, where the voxels are mostly noise) keep a proportionally
@@ -67,7 +66,7 @@ from core.data.datalist import SPLITS, canonical_split, read_datalist
 from core.data.preprocess import pad_depth
 from core.sac import batch_degree_of_anisotropy
 from core.train import pick_device
-from core.vit import MODEL_SIZES, UniversalViT, ViTConfig, resample_position_grid, rope_angles
+from core.vit import MODEL_SIZES, UniversalViT, ViTConfig
 
 CHECKPOINT_FORMAT = "fedmedvit-mim-v1"
 PHANTOM_PRETRAIN_SEED = 1  # the demo archive; the federation's phantom sites use seed 0
@@ -168,34 +167,18 @@ class MaskedImageModel(nn.Module):
 
         x: (N, C, D, H, W); mask: (N, T) bool or None -> ((N, 1 + T, E) normalised tokens, DA).
         """
-        vit = self.encoder
-        if x.dim() != 5:
-            raise ValueError(f"expected (N, C, D, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != vit.config.in_channels:
-            raise ValueError(
-                f"model takes {vit.config.in_channels} channel(s), input has {x.shape[1]}"
-            )
-        da = batch_degree_of_anisotropy(spacing)
-        grid_tokens = vit.patch_embed(x, da)  # (N, E, d, h, w)
-        n, e, d, h, w = grid_tokens.shape
-        tokens = grid_tokens.flatten(2).transpose(1, 2)  # (N, T, E)
-        if mask is not None:
-            if tuple(mask.shape) != (n, d * h * w):
-                raise ValueError(f"mask must be (N, T) = {(n, d * h * w)}, got {tuple(mask.shape)}")
-            mask_token = self.mask_token.to(tokens.dtype)  # (1, 1, E)
-            tokens = torch.where(mask.unsqueeze(-1), mask_token, tokens)
-        pos = resample_position_grid(vit.pos_embed, (d, h, w))  # (1, E, d, h, w)
-        tokens = tokens + pos.flatten(2).transpose(1, 2)  # (N, T, E)
-        cls = vit.cls_token.expand(n, -1, -1)  # (N, 1, E)
-        tokens = torch.cat([cls, tokens], dim=1)  # (N, 1 + T, E)
-        rope = None
-        if vit.config.rope:
-            head_dim = e // vit.config.num_heads
-            angles = rope_angles((d, h, w), head_dim, vit.config.rope_base).to(x.device)
-            rope = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
-        for block in vit.blocks:
-            tokens = block(tokens, rope)
-        return vit.norm(tokens), da
+
+        def apply_mask(tokens: Tensor) -> Tensor:  # (N, T, E) -> (N, T, E)
+            if mask is None:
+                return tokens
+            if mask.shape != tokens.shape[:2]:
+                raise ValueError(
+                    f"mask must be (N, T) = {tuple(tokens.shape[:2])}, got {tuple(mask.shape)}"
+                )
+            return torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
+
+        features = self.encoder.forward_features(x, spacing, edit_tokens=apply_mask)
+        return features, batch_degree_of_anisotropy(spacing)
 
     def predict(self, features: Tensor, depth_patch: int) -> Tensor:
         """Voxel predictions per token. features: (N, T, E) -> (N, T, C * p_d * P * P)."""

@@ -245,8 +245,18 @@ class UniversalViT(nn.Module):
         self.num_classes = num_classes
         self.head = self._make_head(num_classes)
 
-    def forward_features(self, x: Tensor, spacing: Tensor | Sequence[float]) -> Tensor:
-        """(N, C, D, H, W) -> normalised tokens (N, 1 + d*h*w, E), CLS first."""
+    def forward_features(
+        self,
+        x: Tensor,
+        spacing: Tensor | Sequence[float],
+        *,
+        edit_tokens: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """(N, C, D, H, W) -> normalised tokens (N, 1 + d*h*w, E), CLS first.
+
+        ``edit_tokens`` maps the patch tokens (N, T, E) after the embedding and before the
+        position embedding: masked image modelling swaps masked tokens for a mask token there.
+        """
         if x.dim() != 5:
             raise ValueError(
                 f"expected (N, C, D, H, W), got shape {tuple(x.shape)}; a 2D image is D == 1"
@@ -258,8 +268,11 @@ class UniversalViT(nn.Module):
         da = batch_degree_of_anisotropy(spacing)
         grid_tokens = self.patch_embed(x, da)  # (N, E, d, h, w)
         n, e, d, h, w = grid_tokens.shape
+        tokens = grid_tokens.flatten(2).transpose(1, 2)  # (N, T, E)
+        if edit_tokens is not None:
+            tokens = edit_tokens(tokens)
         pos = resample_position_grid(self.pos_embed, (d, h, w))  # (1, E, d, h, w)
-        tokens = (grid_tokens + pos).flatten(2).transpose(1, 2)  # (N, T, E)
+        tokens = tokens + pos.flatten(2).transpose(1, 2)  # (N, T, E)
         cls = self.cls_token.expand(n, -1, -1)  # (N, 1, E)
         tokens = torch.cat([cls, tokens], dim=1)  # (N, 1 + T, E)
         rope = None

@@ -27,20 +27,12 @@ from core.pretrain import (
 from core.sac import sum_depth_taps
 from core.vit import MODEL_SIZES, create_vit
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CPU = torch.device("cpu")
 GRID = GridConfig(in_plane=(32, 32))
 MICRO = MODEL_SIZES["micro"]
 SPACINGS = {0: (1.0, 1.0, 1.0), 2: (4.0, 1.0, 1.0), 5: (1e4, 1.0, 1.0)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: on the shared two-core machine a second intra-op thread only
-    adds contention (a 10x slowdown measured under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

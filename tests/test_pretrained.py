@@ -23,18 +23,10 @@ from core.pretrained import (
 )
 from core.vit import MODEL_SIZES
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 E, DEPTH, HEADS, HIDDEN, P, SIDE = 96, 4, 3, 384, 16, 4  # micro; a 64 x 64 image = 4 x 4 tokens
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: on the shared two-core machine a second intra-op thread only
-    adds contention (a 10x slowdown measured under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def timm_state(*, layer_scale=False, with_cls_pos=True, seed=0) -> dict[str, torch.Tensor]:
