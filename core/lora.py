@@ -33,7 +33,8 @@ LoraMode = Literal["ffa", "vanilla"]
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "qv": ("q_proj", "v_proj"),
     "attn": ("q_proj", "k_proj", "v_proj", "out_proj"),
-    "attn-mlp": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    # fc1 (GELU MLP) or fc1_g and fc1_x (SwiGLU): peft adapts whichever the model has.
+    "attn-mlp": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc1_g", "fc1_x", "fc2"),
 }
 PEFT_PREFIX = "base_model.model."
 

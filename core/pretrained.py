@@ -19,18 +19,28 @@ Two source formats:
     blocks.N.attn.proj .weight .bias                           -> attn.out_proj
     blocks.N.ls1.gamma, ls2.gamma (timm) / gamma_1, gamma_2 (EVA, BEiT): LayerScale, folded
         exactly into attn.out_proj / mlp.fc2 (gamma * (W x + b) == (gamma W) x + gamma b)
-    blocks.N.mlp.fc1 / fc2 .weight .bias;  norm .weight .bias
+    blocks.N.mlp.fc1 / fc2 .weight .bias  (GELU) or mlp.fc1_g / fc1_x / fc2 (EVA SwiGLU)
+    blocks.N.mlp.norm .weight .bias (optional sub-LN);  norm .weight .bias
 
-``"pumit"``: the PUMIT release (``function2-llx/PUMIT``, ``pumit/model/vit.py``; a Lightning
-``.ckpt``'s ``state_dict``, re-saved with ``torch.save`` if it holds pickled objects). It is
-EVA-02-shaped and 3D: ``patch_embed.proj.weight (E, C_src, 16, 16, 16)``, ``pos_embed (1, E, d,
-h, w)`` (a 3D grid like ours), ``cls_token``, ``blocks.N.attn.q_proj/k_proj/v_proj.weight`` (no
-weight bias) with ``attn.q_bias``/``attn.v_bias`` (k has none) or a fused ``attn.qkv.weight``,
-``attn.proj``, ``norm1``/``norm2``, ``norm``; rotary tables ``rope.freqs_cos/sin`` are ignored.
-Real PUMIT files will need small adjustments: the released ViT uses a SwiGLU MLP with sub-LN
-(``mlp.w1/w2/w3``, ``mlp.ffn_ln``, ``attn.inner_attn_ln``-style norms) that our GELU MLP cannot
-represent (refused with that explanation; the model would need a SwiGLU option), its
-LayerNorms use eps 1e-5 (ours 1e-6), and its RoPE differs from ours (bases per axis).
+``"pumit"``: the PUMIT release (``function2-llx/PUMIT``, ``pumit/model/vit.py``; the
+``state_dict`` of its Lightning ``.ckpt``, re-saved with ``torch.save`` if the file holds
+pickled objects). It is 3D and EVA-02-like; names read::
+
+    patch_embed.proj.weight (E, C_src, 16, 16, 16), .bias;  cls_token (1, 1, E)
+    pos_embed (1, E, d, h, w)                    a 3D grid like ours (added before the CLS)
+    blocks.N.norm1 / norm2 .weight .bias         LayerNorm eps 1e-5
+    blocks.N.attn.q_proj / k_proj / v_proj .weight (no bias) with attn.q_bias, attn.v_bias
+        (k has none), or a fused attn.qkv.weight;  blocks.N.attn.proj -> attn.out_proj
+    blocks.N.mlp.w1 (gate) / w2 (value) / ffn_ln (sub-LN) / w3 .weight .bias: SwiGLU,
+        w3(ffn_ln(SiLU(w1 x) * w2 x))        -> mlp.fc1_g / fc1_x / norm / fc2
+    norm .weight .bias;  mask_token, mim_head.* (MIM only) are ignored
+
+Its 3D rotary embedding (bases 2333 / 10000 / 10000 for d / h / w, EVA-02's merged h-w layout,
+interleaved pairs) is ``rope_style="pumit"`` of core.vit. Our RoPE rotates split pairs (j,
+j + hd/2), so the importer permutes the rows of q and k inside every head to match; q.k, and so
+the attention, is unchanged by a common permutation. With that, eps 1e-5 and the SwiGLU sub-LN
+MLP, the imported model computes PUMIT's ``ViT.forward`` (tested against a reference written
+from PUMIT's code).
 
 Inflation and adaptation rules (PUMIT's):
 
@@ -99,10 +109,9 @@ _IGNORABLE: tuple[tuple[str, str], ...] = (
 _UNSUPPORTED: tuple[tuple[str, str], ...] = (
     (r"^(dist_token|reg_token)$", "extra prefix tokens (distillation / registers)"),
     (r"\.attn\.(q_norm|k_norm)\.", "QK-normalisation"),
-    (r"\.attn\.(norm|inner_attn_ln)\.", "a sub-LN inside attention (EVA-02 / PUMIT scale-norm)"),
     (
-        r"\.mlp\.(w1|w2|w3|ffn_ln|fc1_g|fc1_x|norm)\.",
-        "a SwiGLU / sub-LN MLP (EVA-02, PUMIT); our MLP is fc1-GELU-fc2",
+        r"\.attn\.(norm|inner_attn_ln)\.",
+        "a sub-LN inside attention (EVA-02; its RoPE differs from ours and PUMIT's as well)",
     ),
     (r"relative_position_bias_table$", "relative position biases (BEiT)"),
 )
@@ -347,9 +356,70 @@ def _position(
     return grid.contiguous(), cls_pos
 
 
-def _block(src: _Source, i: int, embed_dim: int, hidden: int) -> dict[str, Tensor]:
-    """One transformer block's tensors under our names."""
-    p, e = f"blocks.{i}.", embed_dim
+# Our MLP names and the source names they may have: timm first, then PUMIT's.
+_MLP_SOURCE_NAMES: dict[str, tuple[str, ...]] = {
+    "fc1": ("fc1",),
+    "fc1_g": ("fc1_g", "w1"),  # SwiGLU gate (through SiLU)
+    "fc1_x": ("fc1_x", "w2"),  # SwiGLU value
+    "norm": ("norm", "ffn_ln"),  # sub-LN on the hidden features
+    "fc2": ("fc2", "w3"),
+}
+
+
+def _mlp_kind(state: Mapping[str, Tensor]) -> tuple[bool, bool, int | None]:
+    """(SwiGLU?, sub-LN?, hidden width or None) from block 0's MLP keys."""
+
+    def present(ours: str) -> str | None:
+        names = _MLP_SOURCE_NAMES[ours]
+        return next((n for n in names if f"blocks.0.mlp.{n}.weight" in state), None)
+
+    swiglu = present("fc1_g") is not None
+    first = present("fc1_g" if swiglu else "fc1")
+    hidden = int(state[f"blocks.0.mlp.{first}.weight"].shape[0]) if first else None
+    return swiglu, present("norm") is not None, hidden
+
+
+def _mlp(src: _Source, p: str, e: int, hidden: int, swiglu: bool, norm: bool) -> dict[str, Tensor]:
+    """One block's MLP tensors under our names (``Mlp`` or ``SwiGLU`` of core.vit)."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "fc1": (hidden, e),
+        "fc1_g": (hidden, e),
+        "fc1_x": (hidden, e),
+        "fc2": (e, hidden),
+    }
+    if norm:
+        shapes["norm"] = (hidden,)
+    ours = ["fc1_g", "fc1_x"] if swiglu else ["fc1"]
+    ours += ["norm", "fc2"] if norm else ["fc2"]
+    out: dict[str, Tensor] = {}
+    for name in ours:
+        candidates = _MLP_SOURCE_NAMES[name]
+        source = next((n for n in candidates if src.has(f"{p}mlp.{n}.weight")), candidates[0])
+        out[f"{p}mlp.{name}.weight"] = src.take(f"{p}mlp.{source}.weight", shapes[name])
+        out[f"{p}mlp.{name}.bias"] = src.take(f"{p}mlp.{source}.bias", (shapes[name][0],))
+    return out
+
+
+def _pair_order(embed_dim: int, num_heads: int) -> Tensor:
+    """Row order that turns PUMIT's interleaved rotary pairs (2j, 2j+1) of every head into our
+    split pairs (j, j + hd/2). q.k is unchanged when q and k are permuted alike."""
+    head_dim = embed_dim // num_heads
+    within = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])  # (hd,)
+    return (torch.arange(num_heads).unsqueeze(1) * head_dim + within).flatten()  # (E,)
+
+
+def _block(
+    src: _Source,
+    i: int,
+    config: ViTConfig,
+    hidden: int,
+    *,
+    swiglu: bool,
+    mlp_norm: bool,
+    pair_order: Tensor | None,
+) -> dict[str, Tensor]:
+    """One transformer block's tensors under our names; ``pair_order`` permutes q and k rows."""
+    p, e = f"blocks.{i}.", config.embed_dim
     out: dict[str, Tensor] = {}
     for norm in ("norm1", "norm2"):
         out[f"{p}{norm}.weight"] = src.take(f"{p}{norm}.weight", (e,))
@@ -373,14 +443,15 @@ def _block(src: _Source, i: int, embed_dim: int, hidden: int) -> dict[str, Tenso
                 )
             biases[j] = separate
     for name, weight, bias in zip("qkv", (q_w, k_w, v_w), biases, strict=True):
+        bias = bias if bias is not None else torch.zeros(e, dtype=weight.dtype)
+        if pair_order is not None and name in "qk":
+            weight, bias = weight[pair_order], bias[pair_order]
         out[f"{p}attn.{name}_proj.weight"] = weight
-        out[f"{p}attn.{name}_proj.bias"] = bias if bias is not None else torch.zeros(e)
+        out[f"{p}attn.{name}_proj.bias"] = bias
     proj_w = src.take(f"{p}attn.proj.weight", (e, e))
     proj_b = src.take(f"{p}attn.proj.bias", (e,))
-    fc1_w = src.take(f"{p}mlp.fc1.weight", (hidden, e))
-    fc1_b = src.take(f"{p}mlp.fc1.bias", (hidden,))
-    fc2_w = src.take(f"{p}mlp.fc2.weight", (e, hidden))
-    fc2_b = src.take(f"{p}mlp.fc2.bias", (e,))
+    mlp = _mlp(src, p, e, hidden, swiglu, mlp_norm)
+    fc2_w, fc2_b = mlp[f"{p}mlp.fc2.weight"], mlp[f"{p}mlp.fc2.bias"]
     # LayerScale: gamma * (W x + b) == (gamma W) x + gamma b, folded into the projection.
     for names, (w, b) in (
         ((f"{p}ls1.gamma", f"{p}gamma_1"), (proj_w, proj_b)),
@@ -394,8 +465,7 @@ def _block(src: _Source, i: int, embed_dim: int, hidden: int) -> dict[str, Tenso
             w.mul_(gamma.unsqueeze(1))
             b.mul_(gamma)
     out[f"{p}attn.out_proj.weight"], out[f"{p}attn.out_proj.bias"] = proj_w, proj_b
-    out[f"{p}mlp.fc1.weight"], out[f"{p}mlp.fc1.bias"] = fc1_w, fc1_b
-    out[f"{p}mlp.fc2.weight"], out[f"{p}mlp.fc2.bias"] = fc2_w, fc2_b
+    out.update(mlp)
     return out
 
 
@@ -446,8 +516,8 @@ def convert_state_dict(
         )
     depth = len(block_ids)
     base = _resolve_config(size, embed_dim, depth, "checkpoint")
-    fc1 = state.get("blocks.0.mlp.fc1.weight")
-    hidden = int(fc1.shape[0]) if fc1 is not None else int(embed_dim * base.mlp_ratio)
+    swiglu, mlp_norm, hidden_found = _mlp_kind(state)
+    hidden = hidden_found if hidden_found is not None else int(embed_dim * base.mlp_ratio)
     patch_weight = state.get("patch_embed.proj.weight")
     patch = int(patch_weight.shape[-1]) if patch_weight is not None else base.patch_size
     if patch & (patch - 1):
@@ -466,8 +536,11 @@ def convert_state_dict(
         "norm.weight": src.take("norm.weight", (embed_dim,)),
         "norm.bias": src.take("norm.bias", (embed_dim,)),
     }
+    pair_order = _pair_order(embed_dim, base.num_heads) if format == "pumit" else None
     for i in range(depth):
-        out.update(_block(src, i, embed_dim, hidden))
+        out.update(
+            _block(src, i, base, hidden, swiglu=swiglu, mlp_norm=mlp_norm, pair_order=pair_order)
+        )
 
     ignored = tuple(
         (k, why)
@@ -492,7 +565,11 @@ def convert_state_dict(
         mlp_ratio=ratio,
         pos_grid=(int(grid.shape[2]), int(grid.shape[3]), int(grid.shape[4])),
         rope=(format == "pumit") if rope is None else rope,
+        rope_style="pumit" if format == "pumit" else "universal",
         qkv_bias=True,  # absent source biases are exact zeros
+        mlp="swiglu" if swiglu else "gelu",
+        mlp_norm=mlp_norm,
+        norm_eps=1e-5 if format == "pumit" else 1e-6,  # torch's default / timm's
     )
     if int(embed_dim * config.mlp_ratio) != hidden:
         raise PretrainedImportError(f"MLP width {hidden} is not representable for E {embed_dim}")
@@ -500,7 +577,7 @@ def convert_state_dict(
     if input_norm is not None:
         notes.append(f"input normalisation mean {input_norm[0]} std {input_norm[1]} folded in")
     if format == "pumit":
-        notes.append("PUMIT LayerNorm eps 1e-5 becomes 1e-6; its RoPE becomes ours")
+        notes.append("q/k channels reordered into our rotary pair layout (attention unchanged)")
     converted = {k: v.to(dtype).contiguous() for k, v in out.items()}
     return converted, ImportReport(config, ignored, tuple(notes))
 

@@ -5,6 +5,10 @@ and a 5 mm MR all become token grids with the same weights. Position is a learne
 embedding resampled to each token grid, plus a 3D rotary embedding inside attention. Every
 projection is an ``nn.Linear`` (LoRA and Opacus's per-sample gradients apply) and attention runs
 through ``scaled_dot_product_attention``.
+
+The MLP is fc1-GELU-fc2 (ViT) or SwiGLU (EVA-02, PUMIT), optionally with a LayerNorm before its
+output projection (sub-LN); with ``rope_style="pumit"``, ``norm_eps=1e-5`` and SwiGLU + sub-LN
+the network computes what PUMIT's released ViT computes (see ``core.pretrained``).
 """
 
 from __future__ import annotations
@@ -33,8 +37,13 @@ class ViTConfig:
     in_channels: int = 1
     pos_grid: tuple[int, int, int] = (8, 16, 16)  # learned absolute position grid (d, h, w)
     rope: bool = True
-    rope_base: float = 100.0
+    rope_base: float = 100.0  # "universal" style only
+    # "universal": this project's 3D RoPE (rope_angles); "pumit": PUMIT's (pumit_rope_angles).
+    rope_style: str = "universal"
     qkv_bias: bool = True
+    mlp: str = "gelu"  # "gelu": fc1-GELU-fc2; "swiglu": fc2(SiLU(fc1_g x) * fc1_x x)
+    mlp_norm: bool = False  # sub-LN: a LayerNorm on the hidden features before fc2
+    norm_eps: float = 1e-6  # every LayerNorm (timm 1e-6, PUMIT 1e-5)
     # What the head reads: "mean" of the patch tokens (as MAE/BEiT fine-tune; a local lesion
     # moves the mean, and MIM pretraining trains patch tokens, never the CLS token) or "cls".
     pool: str = "mean"
@@ -42,6 +51,12 @@ class ViTConfig:
     def __post_init__(self) -> None:
         if self.pool not in ("mean", "cls"):
             raise ValueError(f"pool must be 'mean' or 'cls', got {self.pool!r}")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
+        if self.rope_style not in ("universal", "pumit"):
+            raise ValueError(f"rope_style must be 'universal' or 'pumit', got {self.rope_style!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}"
@@ -97,8 +112,23 @@ def resample_position_grid(pos: Tensor, size: tuple[int, int, int]) -> Tensor:
     return pos
 
 
+def _grid_angles(
+    grid: tuple[int, int, int], freq_h: Tensor, freq_w: Tensor, freq_d: Tensor
+) -> Tensor:
+    """Angles of 2D axial RoPE plus a depth term: pair j turns with the row index at freq_h[j],
+    pair Q + j with the column index at freq_w[j], and both with the slice index at freq_d[j].
+    Frequencies (Q,) -> (1 + d*h*w, 2Q), CLS first (angle 0), in the frequencies' dtype."""
+    d, h, w = grid
+    zz, yy, xx = torch.meshgrid(
+        *(torch.arange(size, dtype=freq_h.dtype) for size in (d, h, w)), indexing="ij"
+    )
+    zz, yy, xx = zz.reshape(-1, 1), yy.reshape(-1, 1), xx.reshape(-1, 1)  # (T, 1)
+    angles = torch.cat([yy * freq_h + zz * freq_d, xx * freq_w + zz * freq_d], dim=1)  # (T, 2Q)
+    return torch.cat([angles.new_zeros(1, angles.shape[1]), angles], dim=0)
+
+
 def rope_angles(grid: tuple[int, int, int], head_dim: int, base: float) -> Tensor:
-    """Rotation angles of the 3D RoPE for a token grid, CLS first (angle 0).
+    """Rotation angles of this project's 3D RoPE for a token grid, CLS first (angle 0).
 
     Half of the rotation pairs turn with the row index, half with the column index (2D axial
     RoPE); every pair also turns with the slice index at a frequency taken in reverse order, so
@@ -107,19 +137,26 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, base: float) -> Tenso
     """
     quarter = head_dim // 4
     freqs = base ** (-torch.arange(quarter, dtype=torch.float32) / quarter)  # (Q,)
-    d, h, w = grid
-    zz, yy, xx = torch.meshgrid(
-        torch.arange(d, dtype=torch.float32),
-        torch.arange(h, dtype=torch.float32),
-        torch.arange(w, dtype=torch.float32),
-        indexing="ij",
-    )
-    zz, yy, xx = zz.reshape(-1, 1), yy.reshape(-1, 1), xx.reshape(-1, 1)  # (T, 1)
-    depth_freqs = freqs.flip(0)
-    angles = torch.cat(
-        [yy * freqs + zz * depth_freqs, xx * freqs + zz * depth_freqs], dim=1
-    )  # (T, 2Q)
-    return torch.cat([torch.zeros(1, 2 * quarter), angles], dim=0)  # (1 + T, head_dim // 2)
+    return _grid_angles(grid, freqs, freqs, freqs.flip(0))
+
+
+PUMIT_ROPE_BASES = (2333.0, 10000.0, 10000.0)  # (d, h, w), PUMIT's defaults
+
+
+def pumit_rope_angles(grid: tuple[int, int, int], head_dim: int) -> Tensor:
+    """PUMIT's 3D RoPE angles for a token grid, CLS first (angle 0), in our pair order.
+
+    Pair j < hd/4 turns with the row index at 10000^(-4j/hd), pair hd/4 + j with the column
+    index at the same frequency (EVA-02's 2D layout), and every pair also turns with the slice
+    index at 2333^(-2(2j+1)/hd). PUMIT rotates interleaved pairs (2j, 2j+1); the importer
+    permutes q/k channels so that its pair j is our pair (j, j + hd/2). Float64, (1 + d*h*w,
+    head_dim // 2).
+    """
+    quarter = head_dim // 4
+    exponent = torch.arange(quarter, dtype=torch.float64) / (2 * quarter)  # (Q,)
+    base_d, base_h, base_w = PUMIT_ROPE_BASES
+    freq_d = base_d ** -(2 * exponent + 1 / (2 * quarter))  # (Q,)
+    return _grid_angles(grid, base_h ** -(2 * exponent), base_w ** -(2 * exponent), freq_d)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -154,14 +191,32 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    """fc1-GELU-[norm]-fc2."""
+
+    def __init__(self, dim: int, hidden: int, norm: nn.Module) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
+        self.norm = norm
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.norm(self.act(self.fc1(x))))
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP: fc2(norm(SiLU(fc1_g x) * fc1_x x)), timm's names (PUMIT's w1, w2, ffn_ln, w3)."""
+
+    def __init__(self, dim: int, hidden: int, norm: nn.Module) -> None:
+        super().__init__()
+        self.fc1_g = nn.Linear(dim, hidden)
+        self.fc1_x = nn.Linear(dim, hidden)
+        self.act = nn.SiLU()
+        self.norm = norm
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.norm(self.act(self.fc1_g(x)) * self.fc1_x(x)))
 
 
 class Block(nn.Module):
@@ -170,10 +225,13 @@ class Block(nn.Module):
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         dim = config.embed_dim
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=config.norm_eps)
         self.attn = Attention(dim, config.num_heads, config.qkv_bias)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * config.mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, eps=config.norm_eps)
+        hidden = int(dim * config.mlp_ratio)
+        sub_norm = nn.LayerNorm(hidden, eps=config.norm_eps) if config.mlp_norm else nn.Identity()
+        mlp_type = SwiGLU if config.mlp == "swiglu" else Mlp
+        self.mlp = mlp_type(dim, hidden, sub_norm)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
         x = x + self.attn(self.norm1(x), rope)
@@ -219,7 +277,7 @@ class UniversalViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, dim, *config.pos_grid))
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
         self._init_weights()
         self.num_classes = num_classes
         self.head: nn.Module = self._make_head(num_classes)  # after init: backbone RNG unaffected
@@ -278,7 +336,11 @@ class UniversalViT(nn.Module):
         rope = None
         if self.config.rope:
             head_dim = e // self.config.num_heads
-            angles = rope_angles((d, h, w), head_dim, self.config.rope_base).to(x.device)
+            if self.config.rope_style == "pumit":
+                angles = pumit_rope_angles((d, h, w), head_dim)
+            else:
+                angles = rope_angles((d, h, w), head_dim, self.config.rope_base)
+            angles = angles.to(x.device)
             rope = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
         for block in self.blocks:
             tokens = block(tokens, rope)

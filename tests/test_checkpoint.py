@@ -13,11 +13,17 @@ from core.checkpoint import (
 from core.vit import create_vit
 
 
-def test_round_trip_preserves_outputs_and_fingerprint(tmp_path):
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"mlp": "swiglu", "mlp_norm": True, "rope_style": "pumit", "norm_eps": 1e-5}],
+    ids=["vit", "pumit-style"],
+)
+def test_round_trip_preserves_outputs_and_fingerprint(tmp_path, overrides):
     torch.manual_seed(0)
-    model = create_vit("micro", num_classes=2).eval()
+    model = create_vit("micro", num_classes=2, **overrides).eval()
     digest = save_backbone(model, tmp_path / "b.safetensors")
     loaded, loaded_digest = load_backbone(tmp_path / "b.safetensors", num_classes=2)
+    assert loaded.config == model.config
     assert loaded_digest == digest == fingerprint(backbone_state(model))
     loaded.head.load_state_dict(model.head.state_dict())
     x = torch.randn(1, 1, 1, 32, 32)

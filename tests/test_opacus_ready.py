@@ -8,10 +8,20 @@ from opacus.validators import ModuleValidator
 from core.lora import LoraSettings, add_lora
 from core.vit import create_vit
 
+# PUMIT's architecture (SwiGLU, sub-LN) with LoRA on every linear, next to the default ViT.
+ARCHITECTURES = {
+    "vit-qv": ({}, "qv"),
+    "swiglu-attn-mlp": ({"mlp": "swiglu", "mlp_norm": True, "rope_style": "pumit"}, "attn-mlp"),
+}
 
-def lora_model(mode: str):
+
+def lora_model(mode: str, arch: str = "vit-qv"):
     torch.manual_seed(0)
-    model = add_lora(create_vit("micro", num_classes=3), LoraSettings(rank=4, mode=mode))
+    overrides, targets = ARCHITECTURES[arch]
+    model = add_lora(
+        create_vit("micro", num_classes=3, **overrides),
+        LoraSettings(rank=4, mode=mode, targets=targets),
+    )
     with torch.no_grad():  # non-zero B, so gradients of A are non-zero too
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -19,9 +29,10 @@ def lora_model(mode: str):
     return model
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("mode", ["ffa", "vanilla"])
-def test_module_validator_strict_passes(mode):
-    ModuleValidator.validate(lora_model(mode).train(), strict=True)
+def test_module_validator_strict_passes(mode, arch):
+    ModuleValidator.validate(lora_model(mode, arch).train(), strict=True)
 
 
 @pytest.mark.parametrize(
@@ -32,9 +43,10 @@ def test_module_validator_strict_passes(mode):
     ],
     ids=["2d", "3d"],
 )
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("mode", ["ffa", "vanilla"])
-def test_per_sample_gradients_match_a_brute_force_loop(x, spacing, mode):
-    model = lora_model(mode).train()
+def test_per_sample_gradients_match_a_brute_force_loop(x, spacing, mode, arch):
+    model = lora_model(mode, arch).train()
     labels = torch.arange(x.shape[0]) % 3
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -5,6 +5,8 @@ depth 4, heads 3); a 40-line reference 2D ViT written from timm's documented com
 oracle for the whole imported network.
 """
 
+import dataclasses
+import itertools
 import math
 
 import pytest
@@ -29,8 +31,11 @@ E, DEPTH, HEADS, HIDDEN, P, SIDE = 96, 4, 3, 384, 16, 4  # micro; a 64 x 64 imag
 F64 = torch.float64
 
 
-def timm_state(*, layer_scale=False, with_cls_pos=True, seed=0) -> dict[str, torch.Tensor]:
-    """A timm VisionTransformer state dict (fused qkv) with a head and fc_norm to ignore."""
+def timm_state(
+    *, layer_scale=False, with_cls_pos=True, swiglu=False, seed=0
+) -> dict[str, torch.Tensor]:
+    """A timm VisionTransformer state dict (fused qkv) with a head and fc_norm to ignore;
+    ``swiglu``: timm Eva's SwiGLU MLP with sub-LN (fc1_g, fc1_x, norm, fc2)."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape, scale=0.05):
@@ -60,11 +65,15 @@ def timm_state(*, layer_scale=False, with_cls_pos=True, seed=0) -> dict[str, tor
             p + "attn.proj.bias": r(E),
             p + "norm2.weight": 1 + r(E),
             p + "norm2.bias": r(E),
-            p + "mlp.fc1.weight": r(HIDDEN, E, scale=0.2),
-            p + "mlp.fc1.bias": r(HIDDEN),
             p + "mlp.fc2.weight": r(E, HIDDEN, scale=0.2),
             p + "mlp.fc2.bias": r(E),
         }
+        hidden_in = ("fc1_g", "fc1_x") if swiglu else ("fc1",)
+        for name in hidden_in:
+            state |= {p + f"mlp.{name}.weight": r(HIDDEN, E, scale=0.2)}
+            state |= {p + f"mlp.{name}.bias": r(HIDDEN)}
+        if swiglu:
+            state |= {p + "mlp.norm.weight": 1 + r(HIDDEN), p + "mlp.norm.bias": r(HIDDEN)}
         if layer_scale:
             state |= {p + "ls1.gamma": r(E, scale=0.5), p + "ls2.gamma": r(E, scale=0.5)}
     return state
@@ -91,8 +100,18 @@ def reference_timm_features(state, rgb: torch.Tensor) -> torch.Tensor:
         y = (attn @ v).transpose(1, 2).reshape(n, t, E)
         y = F.linear(y, state[p + "attn.proj.weight"], state[p + "attn.proj.bias"])
         x = x + y * state.get(p + "ls1.gamma", torch.ones(E, dtype=F64))
-        h = F.gelu(F.linear(ln(x, "norm2"), state[p + "mlp.fc1.weight"], state[p + "mlp.fc1.bias"]))
-        y = F.linear(h, state[p + "mlp.fc2.weight"], state[p + "mlp.fc2.bias"])
+
+        def fc(t, name, p=p):
+            return F.linear(t, state[p + f"mlp.{name}.weight"], state[p + f"mlp.{name}.bias"])
+
+        h = ln(x, "norm2")
+        if p + "mlp.fc1.weight" in state:
+            h = F.gelu(fc(h, "fc1"))
+        else:  # timm Eva SwiGLU: norm(silu(fc1_g h) * fc1_x h)
+            h = F.silu(fc(h, "fc1_g")) * fc(h, "fc1_x")
+            w, b = state[p + "mlp.norm.weight"], state[p + "mlp.norm.bias"]
+            h = F.layer_norm(h, (HIDDEN,), w, b, 1e-6)
+        y = fc(h, "fc2")
         x = x + y * state.get(p + "ls2.gamma", torch.ones(E, dtype=F64))
     return F.layer_norm(x, (E,), state["norm.weight"], state["norm.bias"], 1e-6)
 
@@ -111,13 +130,16 @@ def grey_image(n=2, seed=1):
     return torch.rand(n, 1, 1, 64, 64, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
-@pytest.mark.parametrize("layer_scale", [False, True])
-def test_imported_timm_vit_computes_what_timm_computes_on_a_grey_image(layer_scale):
+@pytest.mark.parametrize(("layer_scale", "swiglu"), [(False, False), (True, False), (True, True)])
+def test_imported_timm_vit_computes_what_timm_computes_on_a_grey_image(layer_scale, swiglu):
     """The whole chain at once: RGB sum, inflation, CLS position into cls_token, qkv split,
-    LayerScale fold, position grid; rope off as the source had none."""
-    state = timm_state(layer_scale=layer_scale)
+    LayerScale fold, position grid, GELU or SwiGLU sub-LN MLP; rope off as the source had
+    none."""
+    state = timm_state(layer_scale=layer_scale, swiglu=swiglu)
     model, report = imported(state)
     assert report.config.rope is False and report.config.pos_grid == (8, SIDE, SIDE)
+    assert report.config.mlp == ("swiglu" if swiglu else "gelu")
+    assert report.config.mlp_norm is swiglu
     assert {k for k, _ in report.ignored} == {
         "head.weight",
         "head.bias",
@@ -249,57 +271,196 @@ def test_eva_layouts_load_with_zero_k_bias_and_ignore_rope_tables(fused):
         torch.testing.assert_close(converted[p + "mlp.fc2.bias"], state[p + "mlp.fc2.bias"] * gamma)
 
 
-def pumit_state(mlp: str = "gelu") -> dict[str, torch.Tensor]:
-    """PUMIT's names: 3D kernel, 3D position grid, q/k/v_proj with q_bias/v_bias, rope and MIM
-    extras to ignore."""
-    g = torch.Generator().manual_seed(5)
+PUMIT_HIDDEN = int(E * 8 / 3)  # PUMIT's mlp_ratio 8/3: 256 at micro width
+PUMIT_GRID = (5, 10, 10)  # pos_embed_shape of PUMIT's pretraining config
 
-    def r(*shape):
-        return torch.randn(*shape, generator=g) * 0.05
+
+def pumit_state(sub_ln: bool = True, seed: int = 5) -> dict[str, torch.Tensor]:
+    """The state dict of PUMIT's ``ViTForMIM`` (pumit/model/vit.py, mim.py) at micro width,
+    under its own names: what ``state_dict()`` returns (the tokenizer excluded, rotary
+    frequencies non-persistent). sub_ln (the release): separate q/k/v and the MLP's ffn_ln."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=0.1):
+        return torch.randn(*shape, generator=g, dtype=F64) * scale
 
     state = {
-        "cls_token": r(1, 1, E),
-        "pos_embed": r(1, E, 4, 8, 8),
-        "patch_embed.proj.weight": r(E, 3, P, P, P),
+        "patch_embed.proj.weight": r(E, 3, P, P, P, scale=0.02),
         "patch_embed.proj.bias": r(E),
-        "norm.weight": r(E),
+        "cls_token": r(1, 1, E),
+        "pos_embed": r(1, E, *PUMIT_GRID),
+        "norm.weight": 1 + r(E),
         "norm.bias": r(E),
         "mask_token": r(1, 1, E),
         "mim_head.0.weight": r(E, E),
-        "rope.freqs_cos": r(64, 16),
-        "rope.freqs_sin": r(64, 16),
+        "mim_head.0.bias": r(E),
+        "mim_head.2.weight": r(1024, E),
+        "mim_head.2.bias": r(1024),
     }
     for i in range(DEPTH):
         p = f"blocks.{i}."
-        state |= {p + f"norm{j}.{t}": r(E) for j in (1, 2) for t in ("weight", "bias")}
-        state |= {p + f"attn.{n}_proj.weight": r(E, E) for n in "qkv"}
+        state |= {
+            p + f"norm{j}.{t}": 1 + r(E) if t == "weight" else r(E)
+            for j in (1, 2)
+            for t in ("weight", "bias")
+        }
+        if sub_ln:
+            state |= {p + f"attn.{n}_proj.weight": r(E, E, scale=0.3) for n in "qkv"}
+        else:
+            state[p + "attn.qkv.weight"] = r(3 * E, E, scale=0.3)
         state |= {p + "attn.q_bias": r(E), p + "attn.v_bias": r(E)}
         state |= {p + "attn.proj.weight": r(E, E), p + "attn.proj.bias": r(E)}
-        if mlp == "gelu":
-            state |= {p + "mlp.fc1.weight": r(HIDDEN, E), p + "mlp.fc1.bias": r(HIDDEN)}
-            state |= {p + "mlp.fc2.weight": r(E, HIDDEN), p + "mlp.fc2.bias": r(E)}
-        else:  # the released SwiGLU with sub-LN
-            state |= {p + f"mlp.{n}.weight": r(HIDDEN, E) for n in ("w1", "w2")}
-            state |= {p + "mlp.ffn_ln.weight": r(HIDDEN), p + "mlp.w3.weight": r(E, HIDDEN)}
+        for name, shape in (
+            ("w1", (PUMIT_HIDDEN, E)),
+            ("w2", (PUMIT_HIDDEN, E)),
+            ("w3", (E, PUMIT_HIDDEN)),
+        ):
+            state |= {p + f"mlp.{name}.weight": r(*shape), p + f"mlp.{name}.bias": r(shape[0])}
+        if sub_ln:
+            state |= {
+                p + "mlp.ffn_ln.weight": 1 + r(PUMIT_HIDDEN),
+                p + "mlp.ffn_ln.bias": r(PUMIT_HIDDEN),
+            }
     return state
 
 
-def test_pumit_checkpoint_loads_completely_and_keeps_its_3d_kernel_summed_over_rgb(tmp_path):
+def reference_pumit_features(state, x: torch.Tensor, aniso_d: int) -> torch.Tensor:
+    """PUMIT's ``ViT.forward`` (sub_ln, adaptive patch embedding), spelled out from its code
+    with loops where it vectorises. x: (N, 3, D, H, W) -> normalised tokens (N, 1+T, E)."""
+    weight, bias = state["patch_embed.proj.weight"], state["patch_embed.proj.bias"]
+    depth_stride = max(P >> aniso_d, 1)  # SAC: fewer depth taps for thick slices
+    if depth_stride < P:  # sum groups of consecutive depth taps
+        weight = weight.reshape(E, 3, depth_stride, P // depth_stride, P, P).sum(3)
+    x = F.conv3d(x, weight, bias, stride=(depth_stride, P, P))  # (N, E, d, h, w)
+    grid = x.shape[2:]
+    pos = state["pos_embed"]
+    small = tuple(min(a, b) for a, b in zip(pos.shape[2:], grid, strict=True))
+    pos = F.interpolate(pos, small, mode="area")  # PUMIT's resample: area down, trilinear up
+    pos = F.interpolate(pos, grid, mode="trilinear") if small != tuple(grid) else pos
+    x = (x + pos).flatten(2).transpose(1, 2)  # (N, T, E)
+    x = torch.cat([state["cls_token"].expand(x.shape[0], -1, -1), x], dim=1)
+    n, t, _ = x.shape
+    hd = E // HEADS
+    half = hd // 2  # rotary pairs (2j, 2j+1), j < half; h for j < half/2, w for the rest
+    angles = torch.zeros(t, half, dtype=F64)
+    for token, (z, yy, xx) in enumerate(itertools.product(*(range(s) for s in grid)), start=1):
+        for j in range(half):
+            jj = j % (half // 2)
+            angle = z * 2333.0 ** (-(2 * jj + 1) / half)
+            angle += (yy if j < half // 2 else xx) * 10000.0 ** (-(2 * jj) / half)
+            angles[token, j] = angle
+
+    def rotate(v):  # (N, T, heads, hd), the CLS row has angle 0
+        out = v.clone()
+        for j in range(half):
+            c, s_ = angles[:, j].cos().view(1, t, 1), angles[:, j].sin().view(1, t, 1)
+            a_, b_ = v[..., 2 * j], v[..., 2 * j + 1]
+            out[..., 2 * j], out[..., 2 * j + 1] = a_ * c - b_ * s_, b_ * c + a_ * s_
+        return out
+
+    for i in range(DEPTH):
+        p = f"blocks.{i}."
+
+        def ln(v, name, width=E, p=p):
+            return F.layer_norm(
+                v, (width,), state[p + name + ".weight"], state[p + name + ".bias"], 1e-5
+            )
+
+        h = ln(x, "norm1")
+        q = F.linear(h, state[p + "attn.q_proj.weight"], state[p + "attn.q_bias"])
+        k = F.linear(h, state[p + "attn.k_proj.weight"])
+        v = F.linear(h, state[p + "attn.v_proj.weight"], state[p + "attn.v_bias"])
+        q, k, v = (u.reshape(n, t, HEADS, hd) for u in (q, k, v))
+        q, k = rotate(q), rotate(k)
+        scores = torch.einsum("nihd,njhd->nhij", q, k) / math.sqrt(hd)
+        y = torch.einsum("nhij,njhd->nihd", scores.softmax(-1), v).reshape(n, t, E)
+        x = x + F.linear(y, state[p + "attn.proj.weight"], state[p + "attn.proj.bias"])
+        h = ln(x, "norm2")
+        w1 = F.linear(h, state[p + "mlp.w1.weight"], state[p + "mlp.w1.bias"])
+        w2 = F.linear(h, state[p + "mlp.w2.weight"], state[p + "mlp.w2.bias"])
+        h = ln(F.silu(w1) * w2, "mlp.ffn_ln", PUMIT_HIDDEN)
+        x = x + F.linear(h, state[p + "mlp.w3.weight"], state[p + "mlp.w3.bias"])
+    return F.layer_norm(x, (E,), state["norm.weight"], state["norm.bias"], 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing", "aniso_d"),
+    [
+        ((32, 48, 32), (1.0, 1.0, 1.0), 0),  # isotropic CT: 2 x 3 x 2 tokens
+        ((8, 48, 48), (5.0, 0.7, 0.7), 2),  # 5 mm MR: 4 depth taps per patch
+        ((1, 64, 64), (1e4, 1.0, 1.0), 5),  # a 2D image: taps summed
+    ],
+    ids=["3d-iso", "3d-thick", "2d"],
+)
+def test_imported_pumit_release_computes_what_pumit_computes(shape, spacing, aniso_d):
+    """Loading is complete and the network is PUMIT's: SAC patch embedding of the 3D kernel,
+    its position grid resampled, SwiGLU with sub-LN, eps 1e-5 and PUMIT's 3D RoPE (through
+    the q/k pair reordering)."""
     state = pumit_state()
+    converted, report = convert_state_dict(
+        state, format="pumit", size="micro", in_channels=3, dtype=F64
+    )
+    c = report.config
+    assert (c.mlp, c.mlp_norm, c.rope, c.rope_style, c.norm_eps) == (
+        "swiglu",
+        True,
+        True,
+        "pumit",
+        1e-5,
+    )
+    assert c.pos_grid == PUMIT_GRID and int(E * c.mlp_ratio) == PUMIT_HIDDEN
+    assert {k for k, _ in report.ignored} == {
+        "mask_token",
+        "mim_head.0.weight",
+        "mim_head.0.bias",
+        "mim_head.2.weight",
+        "mim_head.2.bias",
+    }
+    from core.pretrained import build_model
+
+    model = build_model(converted, c).eval()
+    x = torch.randn(2, 3, *shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+    ours = model.forward_features(x, spacing)
+    reference = reference_pumit_features(state, x, aniso_d)
+    torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-9)
+    # Not by luck: without the pair reordering the same weights compute something else.
+    model.config = dataclasses.replace(c, rope_style="universal")
+    assert (model.forward_features(x, spacing) - reference).abs().max() > 1e-3
+
+
+def test_pumit_checkpoint_file_loads_completely_and_sums_its_3d_kernel_over_rgb(tmp_path):
+    state = {k: v.float() for k, v in pumit_state().items()}
     path = tmp_path / "pumit.pth"
-    torch.save({"state_dict": state, "epoch": 3}, path)
-    model, _ = import_checkpoint(path, format="pumit", size="micro")
-    assert model.config.pos_grid == (4, 8, 8) and model.config.rope is True
+    torch.save({"state_dict": state, "epoch": 3, "global_step": 10}, path)  # Lightning-shaped
+    model, report = import_checkpoint(path, format="pumit", size="micro")
+    assert model.config.in_channels == 1 and model.config.mlp == "swiglu"
     torch.testing.assert_close(
         model.patch_embed.proj.weight, state["patch_embed.proj.weight"].sum(1, keepdim=True)
     )
     torch.testing.assert_close(model.pos_embed, state["pos_embed"])
     assert torch.equal(model.blocks[1].attn.k_proj.bias, torch.zeros(E))
+    torch.testing.assert_close(model.blocks[2].mlp.norm.weight, state["blocks.2.mlp.ffn_ln.weight"])
+    torch.testing.assert_close(model.blocks[2].mlp.fc1_x.bias, state["blocks.2.mlp.w2.bias"])
+    assert any("reordered" in note for note in report.notes)
 
 
-def test_pumit_swiglu_mlp_is_refused_with_the_reason():
-    with pytest.raises(PretrainedImportError, match="SwiGLU"):
-        convert_state_dict(pumit_state(mlp="swiglu"), format="pumit", size="micro")
+def test_pumit_without_sub_ln_loads_its_fused_qkv_and_plain_swiglu():
+    state = pumit_state(sub_ln=False)
+    converted, report = convert_state_dict(state, format="pumit", size="micro", dtype=F64)
+    assert report.config.mlp == "swiglu" and report.config.mlp_norm is False
+    q_rows = state["blocks.0.attn.qkv.weight"][:E]
+    order = torch.cat([torch.arange(0, 32, 2), torch.arange(1, 32, 2)])  # head dim 32
+    torch.testing.assert_close(converted["blocks.0.attn.q_proj.weight"][:32], q_rows[order])
+    torch.testing.assert_close(
+        converted["blocks.0.attn.v_proj.weight"], state["blocks.0.attn.qkv.weight"][2 * E :]
+    )
+
+
+def test_eva02_attention_sub_ln_is_refused_with_the_reason():
+    state = pumit_state()
+    state["blocks.0.attn.inner_attn_ln.weight"] = torch.ones(E)
+    with pytest.raises(PretrainedImportError, match="sub-LN inside attention"):
+        convert_state_dict(state, format="pumit", size="micro")
 
 
 def test_missing_and_unexpected_keys_are_named():
@@ -368,3 +529,31 @@ def test_cli_writes_a_backbone_whose_fingerprint_it_prints(tmp_path, capsys):
     digest = printed.split("fingerprint: ")[1].strip()
     model, loaded_digest = load_backbone(out)
     assert loaded_digest == digest and model.config.in_channels == 1 and not model.config.rope
+
+
+def test_cli_imports_a_lightning_shaped_pumit_checkpoint_into_a_loadable_backbone(tmp_path):
+    """What a user does with the release file: import it, then federate from the backbone."""
+    state = {k: v.float() for k, v in pumit_state().items()}
+    checkpoint = {
+        "epoch": 0,
+        "global_step": 300000,
+        "pytorch-lightning_version": "2.1.0",
+        "state_dict": state,
+        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-6, "params": [0]}]}],
+        "lr_schedulers": [{"t_in_epochs": False, "base_values": [2e-5]}],
+    }
+    torch.save(checkpoint, tmp_path / "pumit.ckpt")
+    out = tmp_path / "backbone.safetensors"
+    args = ["--format", "pumit", "--in", str(tmp_path / "pumit.ckpt"), "--out", str(out)]
+    assert main([*args, "--input-norm", "imagenet"]) == 0
+    model, _ = load_backbone(out, num_classes=2)
+    c = model.config
+    assert (c.mlp, c.mlp_norm, c.rope_style, c.norm_eps, c.pos_grid) == (
+        "swiglu",
+        True,
+        "pumit",
+        1e-5,
+        PUMIT_GRID,
+    )
+    logits = model(torch.rand(2, 1, 8, 32, 32), (5.0, 0.7, 0.7))
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()

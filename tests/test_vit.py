@@ -13,11 +13,17 @@ from core.vit import (
     rope_angles,
 )
 
+SWIGLU_PUMIT = {"mlp": "swiglu", "mlp_norm": True, "rope_style": "pumit", "norm_eps": 1e-5}
 
-@pytest.mark.parametrize("name", ["micro", "tiny"])
-def test_registry_sizes_forward_backward_2d_and_3d(name):
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [("micro", {}), ("tiny", {}), ("micro", SWIGLU_PUMIT)],
+    ids=["micro", "tiny", "micro-swiglu-pumit"],
+)
+def test_registry_sizes_forward_backward_2d_and_3d(name, overrides):
     torch.manual_seed(0)
-    model = create_vit(name, num_classes=3)
+    model = create_vit(name, num_classes=3, **overrides)
     for x, spacing in [
         (torch.randn(2, 1, 1, 32, 48), (1e4, 0.2, 0.2)),  # 2D X-ray
         (torch.randn(2, 1, 32, 32, 32), (1.0, 1.0, 1.0)),  # isotropic CT, DA 0
@@ -61,6 +67,25 @@ def test_bad_inputs_raise_clear_errors():
         create_vit("huge")
     with pytest.raises(ValueError, match="divisible"):
         ViTConfig(embed_dim=100, depth=1, num_heads=3)
+    for field, value in [("mlp", "relu"), ("rope_style", "eva"), ("norm_eps", 0.0)]:
+        with pytest.raises(ValueError, match=field):
+            ViTConfig(embed_dim=96, depth=1, num_heads=3, **{field: value})
+
+
+def test_swiglu_sub_ln_block_is_the_gated_formula():
+    torch.manual_seed(0)
+    model = create_vit("micro", **SWIGLU_PUMIT).double()
+    mlp = model.blocks[0].mlp
+    with torch.no_grad():
+        mlp.norm.weight.normal_()
+    x = torch.randn(5, 96, dtype=torch.float64)
+    gate, value = x @ mlp.fc1_g.weight.T + mlp.fc1_g.bias, x @ mlp.fc1_x.weight.T + mlp.fc1_x.bias
+    hidden = torch.sigmoid(gate) * gate * value  # SiLU(g) = g * sigmoid(g)
+    mean, var = hidden.mean(-1, keepdim=True), hidden.var(-1, unbiased=False, keepdim=True)
+    normed = (hidden - mean) / torch.sqrt(var + 1e-5) * mlp.norm.weight + mlp.norm.bias
+    expected = normed @ mlp.fc2.weight.T + mlp.fc2.bias
+    torch.testing.assert_close(mlp(x), expected, rtol=1e-12, atol=1e-12)
+    assert len(mlp.norm.weight) == int(96 * 4.0)  # the sub-LN acts on the hidden width
 
 
 def test_position_grid_resampling_area_down_trilinear_up():
