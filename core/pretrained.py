@@ -30,7 +30,7 @@ pickled objects). It is 3D and EVA-02-like; names read::
     pos_embed (1, E, d, h, w)                    a 3D grid like ours (added before the CLS)
     blocks.N.norm1 / norm2 .weight .bias         LayerNorm eps 1e-5
     blocks.N.attn.q_proj / k_proj / v_proj .weight (no bias) with attn.q_bias, attn.v_bias
-        (k has none), or a fused attn.qkv.weight;  blocks.N.attn.proj -> attn.out_proj
+        (k has none);  blocks.N.attn.proj -> attn.out_proj
     blocks.N.mlp.w1 (gate) / w2 (value) / ffn_ln (sub-LN) / w3 .weight .bias: SwiGLU,
         w3(ffn_ln(SiLU(w1 x) * w2 x))        -> mlp.fc1_g / fc1_x / norm / fc2
     norm .weight .bias;  mask_token, mim_head.* (MIM only) are ignored
@@ -64,7 +64,7 @@ tokens, rotary tables), which are listed in the report; anything else raises
 CLI::
 
     python -m core.pretrained --format timm --in vit.pth --out backbone.safetensors
-        [--size base] [--in-channels 1] [--input-norm imagenet] [--rope | --no-rope]
+        [--size base] [--in-channels 1] [--input-norm auto|none|imagenet] [--rope | --no-rope]
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ IMAGENET_NORM: tuple[tuple[float, ...], tuple[float, ...]] = (
 _WRAPPERS = ("state_dict", "model", "module", "model_state", "state")
 _PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.")
 
+_ROTARY_TABLES = r"((^|\.)rope\.|freqs_(cos|sin)$)"
 # Keys that carry nothing the backbone computes: listed in the report, then dropped.
 _IGNORABLE: tuple[tuple[str, str], ...] = (
     (r"^head(\.|$)", "classifier head"),
@@ -101,8 +102,7 @@ _IGNORABLE: tuple[tuple[str, str], ...] = (
     (r"^(pre_logits|attn_pool|head_drop)\.", "classifier pooling"),
     (r"^mask_token$", "MIM mask token (pretraining only)"),
     (r"^(lm_head|mim_head|decoder|decoder_\w+)(\.|$)", "MIM / MAE decoder (pretraining only)"),
-    (r"(^|\.)rope\.", "rotary tables (recomputed by the model)"),
-    (r"freqs_(cos|sin)$", "rotary tables (recomputed by the model)"),
+    (_ROTARY_TABLES, "rotary tables (PUMIT's RoPE is recomputed by the model)"),
     (r"\.relative_position_index$", "index buffer"),
 )
 # Keys of architecture features our ViT does not have: refusing beats silently dropping them.
@@ -111,7 +111,8 @@ _UNSUPPORTED: tuple[tuple[str, str], ...] = (
     (r"\.attn\.(q_norm|k_norm)\.", "QK-normalisation"),
     (
         r"\.attn\.(norm|inner_attn_ln)\.",
-        "a sub-LN inside attention (EVA-02; its RoPE differs from ours and PUMIT's as well)",
+        "a LayerNorm before the attention output projection (EVA-02 inner_attn_ln / timm "
+        "scale_attn_inner); core.vit.Attention has none",
     ),
     (r"relative_position_bias_table$", "relative position biases (BEiT)"),
 )
@@ -254,7 +255,8 @@ class _Source:
         if shape is not None and tuple(value.shape) != shape:
             raise PretrainedImportError(
                 f"checkpoint key {key!r} has shape {tuple(value.shape)}, expected {shape}; the "
-                "checkpoint does not fit this architecture (check --size)"
+                "checkpoint does not fit this architecture (check --format and --size; the MLP "
+                "width is read from blocks.0)"
             )
         return value.detach().to(torch.float64).clone()  # float64: exact folds; never aliases
 
@@ -356,47 +358,44 @@ def _position(
     return grid.contiguous(), cls_pos
 
 
-# Our MLP names and the source names they may have: timm first, then PUMIT's.
-_MLP_SOURCE_NAMES: dict[str, tuple[str, ...]] = {
-    "fc1": ("fc1",),
-    "fc1_g": ("fc1_g", "w1"),  # SwiGLU gate (through SiLU)
-    "fc1_x": ("fc1_x", "w2"),  # SwiGLU value
-    "norm": ("norm", "ffn_ln"),  # sub-LN on the hidden features
-    "fc2": ("fc2", "w3"),
+# The source's names of our MLP layers, per format (timm Eva's SwiGLU / PUMIT's).
+_MLP_NAMES: dict[SourceFormat, dict[str, str]] = {
+    "timm": {"fc1": "fc1", "fc1_g": "fc1_g", "fc1_x": "fc1_x", "norm": "norm", "fc2": "fc2"},
+    "pumit": {"fc1_g": "w1", "fc1_x": "w2", "norm": "ffn_ln", "fc2": "w3"},
 }
 
 
-def _mlp_kind(state: Mapping[str, Tensor]) -> tuple[bool, bool, int | None]:
-    """(SwiGLU?, sub-LN?, hidden width or None) from block 0's MLP keys."""
+@dataclass(frozen=True)
+class _MlpLayout:
+    """Which of our MLP layers the checkpoint has (read from block 0) and their source names."""
 
-    def present(ours: str) -> str | None:
-        names = _MLP_SOURCE_NAMES[ours]
-        return next((n for n in names if f"blocks.0.mlp.{n}.weight" in state), None)
+    layers: tuple[str, ...]  # ours, e.g. ("fc1", "fc2") or ("fc1_g", "fc1_x", "norm", "fc2")
+    names: Mapping[str, str]  # ours -> source
+    hidden: int | None  # width read from block 0, None if absent there
 
-    swiglu = present("fc1_g") is not None
-    first = present("fc1_g" if swiglu else "fc1")
-    hidden = int(state[f"blocks.0.mlp.{first}.weight"].shape[0]) if first else None
-    return swiglu, present("norm") is not None, hidden
+    @classmethod
+    def read(cls, state: Mapping[str, Tensor], fmt: SourceFormat) -> _MlpLayout:
+        names = _MLP_NAMES[fmt]
+
+        def present(ours: str) -> bool:
+            return ours in names and f"blocks.0.mlp.{names[ours]}.weight" in state
+
+        swiglu = fmt == "pumit" or present("fc1_g")  # PUMIT's MLP is always SwiGLU
+        layers: tuple[str, ...] = ("fc1_g", "fc1_x") if swiglu else ("fc1",)
+        layers += ("norm", "fc2") if present("norm") else ("fc2",)
+        first = state.get(f"blocks.0.mlp.{names[layers[0]]}.weight")
+        return cls(layers, names, int(first.shape[0]) if first is not None else None)
 
 
-def _mlp(src: _Source, p: str, e: int, hidden: int, swiglu: bool, norm: bool) -> dict[str, Tensor]:
+def _mlp(src: _Source, p: str, e: int, hidden: int, layout: _MlpLayout) -> dict[str, Tensor]:
     """One block's MLP tensors under our names (``Mlp`` or ``SwiGLU`` of core.vit)."""
-    shapes: dict[str, tuple[int, ...]] = {
-        "fc1": (hidden, e),
-        "fc1_g": (hidden, e),
-        "fc1_x": (hidden, e),
-        "fc2": (e, hidden),
-    }
-    if norm:
-        shapes["norm"] = (hidden,)
-    ours = ["fc1_g", "fc1_x"] if swiglu else ["fc1"]
-    ours += ["norm", "fc2"] if norm else ["fc2"]
+    shapes: dict[str, tuple[int, ...]] = {"norm": (hidden,), "fc2": (e, hidden)}
     out: dict[str, Tensor] = {}
-    for name in ours:
-        candidates = _MLP_SOURCE_NAMES[name]
-        source = next((n for n in candidates if src.has(f"{p}mlp.{n}.weight")), candidates[0])
-        out[f"{p}mlp.{name}.weight"] = src.take(f"{p}mlp.{source}.weight", shapes[name])
-        out[f"{p}mlp.{name}.bias"] = src.take(f"{p}mlp.{source}.bias", (shapes[name][0],))
+    for ours in layout.layers:
+        shape = shapes.get(ours, (hidden, e))  # fc1, fc1_g, fc1_x: (hidden, E)
+        source = f"{p}mlp.{layout.names[ours]}"
+        out[f"{p}mlp.{ours}.weight"] = src.take(f"{source}.weight", shape)
+        out[f"{p}mlp.{ours}.bias"] = src.take(f"{source}.bias", (shape[0],))
     return out
 
 
@@ -411,20 +410,25 @@ def _pair_order(embed_dim: int, num_heads: int) -> Tensor:
 def _block(
     src: _Source,
     i: int,
-    config: ViTConfig,
+    embed_dim: int,
+    mlp: _MlpLayout,
     hidden: int,
-    *,
-    swiglu: bool,
-    mlp_norm: bool,
     pair_order: Tensor | None,
 ) -> dict[str, Tensor]:
-    """One transformer block's tensors under our names; ``pair_order`` permutes q and k rows."""
-    p, e = f"blocks.{i}.", config.embed_dim
+    """One transformer block's tensors under our names; ``pair_order`` (PUMIT) permutes the
+    rows of q and k."""
+    p, e = f"blocks.{i}.", embed_dim
     out: dict[str, Tensor] = {}
     for norm in ("norm1", "norm2"):
         out[f"{p}{norm}.weight"] = src.take(f"{p}{norm}.weight", (e,))
         out[f"{p}{norm}.bias"] = src.take(f"{p}{norm}.bias", (e,))
-    # q, k, v weights: fused (timm, EVA fused, PUMIT without sub-LN) or separate.
+    if pair_order is not None and src.has(f"{p}attn.qkv.weight"):
+        raise PretrainedImportError(
+            f"{p}attn.qkv.weight is a fused qkv: PUMIT's released ViT (sub_ln) has separate "
+            "attn.q_proj/k_proj/v_proj, and its code cannot run a fused qkv with RoPE; if this "
+            "is a 2D timm/EVA checkpoint, use format 'timm'"
+        )
+    # q, k, v weights: fused (timm, EVA fused) or separate (EVA, PUMIT).
     if src.has(f"{p}attn.qkv.weight"):
         q_w, k_w, v_w = src.take(f"{p}attn.qkv.weight", (3 * e, e)).split(e, dim=0)
         fused_bias = src.optional(f"{p}attn.qkv.bias", (3 * e,))
@@ -450,8 +454,8 @@ def _block(
         out[f"{p}attn.{name}_proj.bias"] = bias
     proj_w = src.take(f"{p}attn.proj.weight", (e, e))
     proj_b = src.take(f"{p}attn.proj.bias", (e,))
-    mlp = _mlp(src, p, e, hidden, swiglu, mlp_norm)
-    fc2_w, fc2_b = mlp[f"{p}mlp.fc2.weight"], mlp[f"{p}mlp.fc2.bias"]
+    mlp_state = _mlp(src, p, e, hidden, mlp)
+    fc2_w, fc2_b = mlp_state[f"{p}mlp.fc2.weight"], mlp_state[f"{p}mlp.fc2.bias"]
     # LayerScale: gamma * (W x + b) == (gamma W) x + gamma b, folded into the projection.
     for names, (w, b) in (
         ((f"{p}ls1.gamma", f"{p}gamma_1"), (proj_w, proj_b)),
@@ -465,7 +469,7 @@ def _block(
             w.mul_(gamma.unsqueeze(1))
             b.mul_(gamma)
     out[f"{p}attn.out_proj.weight"], out[f"{p}attn.out_proj.bias"] = proj_w, proj_b
-    out.update(mlp)
+    out.update(mlp_state)
     return out
 
 
@@ -502,6 +506,13 @@ def convert_state_dict(
             "Importing would silently change what the network computes; choose a plain ViT "
             "checkpoint or extend core.vit with the feature"
         )
+    rotary = sorted(k for k in keys if re.search(_ROTARY_TABLES, k))
+    if format == "timm" and rotary:
+        raise PretrainedImportError(
+            f"keys {rotary[:3]}: the source used a rotary position embedding (EVA-02 and RoPE "
+            "ViTs) whose layout core.vit does not implement; importing without it would change "
+            "what the network computes"
+        )
     src = _Source(state)
     if "cls_token" not in state:
         raise PretrainedImportError(
@@ -516,8 +527,8 @@ def convert_state_dict(
         )
     depth = len(block_ids)
     base = _resolve_config(size, embed_dim, depth, "checkpoint")
-    swiglu, mlp_norm, hidden_found = _mlp_kind(state)
-    hidden = hidden_found if hidden_found is not None else int(embed_dim * base.mlp_ratio)
+    mlp = _MlpLayout.read(state, format)
+    hidden = mlp.hidden if mlp.hidden is not None else int(embed_dim * base.mlp_ratio)
     patch_weight = state.get("patch_embed.proj.weight")
     patch = int(patch_weight.shape[-1]) if patch_weight is not None else base.patch_size
     if patch & (patch - 1):
@@ -538,9 +549,7 @@ def convert_state_dict(
     }
     pair_order = _pair_order(embed_dim, base.num_heads) if format == "pumit" else None
     for i in range(depth):
-        out.update(
-            _block(src, i, base, hidden, swiglu=swiglu, mlp_norm=mlp_norm, pair_order=pair_order)
-        )
+        out.update(_block(src, i, embed_dim, mlp, hidden, pair_order))
 
     ignored = tuple(
         (k, why)
@@ -567,8 +576,8 @@ def convert_state_dict(
         rope=(format == "pumit") if rope is None else rope,
         rope_style="pumit" if format == "pumit" else "universal",
         qkv_bias=True,  # absent source biases are exact zeros
-        mlp="swiglu" if swiglu else "gelu",
-        mlp_norm=mlp_norm,
+        mlp="swiglu" if "fc1_g" in mlp.layers else "gelu",
+        mlp_norm="norm" in mlp.layers,
         norm_eps=1e-5 if format == "pumit" else 1e-6,  # torch's default / timm's
     )
     if int(embed_dim * config.mlp_ratio) != hidden:
@@ -578,6 +587,12 @@ def convert_state_dict(
         notes.append(f"input normalisation mean {input_norm[0]} std {input_norm[1]} folded in")
     if format == "pumit":
         notes.append("q/k channels reordered into our rotary pair layout (attention unchanged)")
+        if input_norm is None:
+            notes.append(
+                "PUMIT was pretrained on ImageNet-normalised input (pumit/model/mim.py); pass "
+                "input_norm=IMAGENET_NORM (CLI: --input-norm imagenet, the default for pumit) "
+                "unless your pipeline normalises that way itself"
+            )
     converted = {k: v.to(dtype).contiguous() for k, v in out.items()}
     return converted, ImportReport(config, ignored, tuple(notes))
 
@@ -641,9 +656,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--in-channels", type=int, default=1)
     parser.add_argument(
         "--input-norm",
-        default="none",
-        choices=("none", "imagenet"),
-        help="fold the source's input normalisation into the patch embedding",
+        default="auto",
+        choices=("auto", "none", "imagenet"),
+        help="fold the source's input normalisation into the patch embedding (auto: imagenet "
+        "for pumit, as PUMIT pretrained on ImageNet-normalised input; none for timm)",
     )
     parser.add_argument(
         "--pos-grid", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="resample"
@@ -655,13 +671,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="rotary embedding (default: off for timm, on for pumit)",
     )
     args = parser.parse_args(argv)
+    input_norm = args.input_norm
+    if input_norm == "auto":
+        input_norm = "imagenet" if args.format == "pumit" else "none"
     try:
         model, report = import_checkpoint(
             args.source,
             format=args.format,
             size=args.size,
             in_channels=args.in_channels,
-            input_norm=IMAGENET_NORM if args.input_norm == "imagenet" else None,
+            input_norm=IMAGENET_NORM if input_norm == "imagenet" else None,
             pos_grid=args.pos_grid,
             rope=args.rope,
         )

@@ -87,12 +87,14 @@ class ViTConfig:
         return cls(**values)
 
 
-# Named sizes. "micro" is for tests and the CPU demo; "base" is ViT-B (about 86M parameters).
+# Named sizes. "micro" is for tests and the CPU demo; "base" is ViT-B (about 86M parameters);
+# "large" is ViT-L (PUMIT-L's width, depth and heads), for importing such checkpoints.
 MODEL_SIZES: dict[str, ViTConfig] = {
     "micro": ViTConfig(embed_dim=96, depth=4, num_heads=3),
     "tiny": ViTConfig(embed_dim=192, depth=12, num_heads=3),
     "small": ViTConfig(embed_dim=384, depth=12, num_heads=6),
     "base": ViTConfig(embed_dim=768, depth=12, num_heads=12),
+    "large": ViTConfig(embed_dim=1024, depth=24, num_heads=16),
 }
 
 
@@ -340,8 +342,8 @@ class UniversalViT(nn.Module):
                 angles = pumit_rope_angles((d, h, w), head_dim)
             else:
                 angles = rope_angles((d, h, w), head_dim, self.config.rope_base)
-            angles = angles.to(x.device)
-            rope = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+            # cos/sin on the CPU: PUMIT's angles are float64, which not every device has.
+            rope = (angles.cos().to(x.device, x.dtype), angles.sin().to(x.device, x.dtype))
         for block in self.blocks:
             tokens = block(tokens, rope)
         return self.norm(tokens)

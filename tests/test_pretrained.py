@@ -18,12 +18,14 @@ from core.checkpoint import load_backbone
 from core.pretrained import (
     IMAGENET_NORM,
     PretrainedImportError,
+    _resolve_config,
+    build_model,
     convert_state_dict,
     import_checkpoint,
     main,
     read_state_dict,
 )
-from core.vit import MODEL_SIZES
+from core.vit import MODEL_SIZES, ViTConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,8 +119,6 @@ def reference_timm_features(state, rgb: torch.Tensor) -> torch.Tensor:
 
 
 def imported(state, **kwargs):
-    from core.pretrained import build_model
-
     converted, report = convert_state_dict(state, size="micro", dtype=F64, **kwargs)
     return build_model(converted, report.config).eval(), report
 
@@ -239,10 +239,9 @@ def test_split_qkv_equals_fused_qkv_output():
 
 
 def eva_state(fused: bool) -> dict[str, torch.Tensor]:
-    """EVA layout: q/v biases apart from the weights (k has none), gamma_1/2, rope buffers."""
+    """EVA (BEiT-style) layout: q/v biases apart from the weights (k has none), gamma_1/2."""
     state = timm_state(layer_scale=False)
     g = torch.Generator().manual_seed(3)
-    state["rope.freqs_cos"] = torch.randn(16, 32, generator=g)
     for i in range(DEPTH):
         p = f"blocks.{i}.attn."
         qkv_w, qkv_b = state.pop(p + "qkv.weight"), state.pop(p + "qkv.bias")
@@ -259,10 +258,9 @@ def eva_state(fused: bool) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_eva_layouts_load_with_zero_k_bias_and_ignore_rope_tables(fused):
+def test_eva_layouts_load_with_zero_k_bias_and_folded_gammas(fused):
     state = eva_state(fused)
-    converted, report = convert_state_dict(state, size="micro", dtype=F64)
-    assert ("rope.freqs_cos", "rotary tables (recomputed by the model)") in report.ignored
+    converted, _ = convert_state_dict(state, size="micro", dtype=F64)
     for i in range(DEPTH):
         p = f"blocks.{i}."
         assert torch.equal(converted[p + "attn.k_proj.bias"], torch.zeros(E, dtype=F64))
@@ -271,76 +269,88 @@ def test_eva_layouts_load_with_zero_k_bias_and_ignore_rope_tables(fused):
         torch.testing.assert_close(converted[p + "mlp.fc2.bias"], state[p + "mlp.fc2.bias"] * gamma)
 
 
-PUMIT_HIDDEN = int(E * 8 / 3)  # PUMIT's mlp_ratio 8/3: 256 at micro width
+def test_timm_checkpoint_with_rotary_tables_is_refused():
+    """A 2D source that used RoPE (EVA-02's tables) would lose it silently in the timm format."""
+    state = eva_state(fused=False)
+    state["rope.freqs_cos"] = torch.randn(16, 32)
+    with pytest.raises(PretrainedImportError, match="rotary position embedding"):
+        convert_state_dict(state, size="micro")
+
+
 PUMIT_GRID = (5, 10, 10)  # pos_embed_shape of PUMIT's pretraining config
 
 
-def pumit_state(sub_ln: bool = True, seed: int = 5) -> dict[str, torch.Tensor]:
-    """The state dict of PUMIT's ``ViTForMIM`` (pumit/model/vit.py, mim.py) at micro width,
-    under its own names: what ``state_dict()`` returns (the tokenizer excluded, rotary
-    frequencies non-persistent). sub_ln (the release): separate q/k/v and the MLP's ffn_ln."""
-    g = torch.Generator().manual_seed(seed)
+@dataclasses.dataclass(frozen=True)
+class PumitShape:
+    embed: int = E
+    depth: int = DEPTH
+    heads: int = HEADS
+    grid: tuple[int, int, int] = PUMIT_GRID
 
-    def r(*shape, scale=0.1):
-        return torch.randn(*shape, generator=g, dtype=F64) * scale
+    @property
+    def hidden(self) -> int:  # PUMIT's mlp_ratio 8/3: 256 at micro width, 341 at 128
+        return int(self.embed * 8 / 3)
+
+    def config(self):
+        return ViTConfig(embed_dim=self.embed, depth=self.depth, num_heads=self.heads)
+
+
+MICRO_PUMIT = PumitShape()
+
+
+def pumit_state(shape: PumitShape = MICRO_PUMIT, seed: int = 5) -> dict[str, torch.Tensor]:
+    """The state dict of PUMIT's ``ViTForMIM`` (pumit/model/vit.py, mim.py; sub_ln=True as
+    released) under its own names: what ``state_dict()`` returns, the tokenizer excluded and
+    the rotary frequencies non-persistent."""
+    g = torch.Generator().manual_seed(seed)
+    e, hidden = shape.embed, shape.hidden
+
+    def r(*size, scale=0.1):
+        return torch.randn(*size, generator=g, dtype=F64) * scale
 
     state = {
-        "patch_embed.proj.weight": r(E, 3, P, P, P, scale=0.02),
-        "patch_embed.proj.bias": r(E),
-        "cls_token": r(1, 1, E),
-        "pos_embed": r(1, E, *PUMIT_GRID),
-        "norm.weight": 1 + r(E),
-        "norm.bias": r(E),
-        "mask_token": r(1, 1, E),
-        "mim_head.0.weight": r(E, E),
-        "mim_head.0.bias": r(E),
-        "mim_head.2.weight": r(1024, E),
+        "patch_embed.proj.weight": r(e, 3, P, P, P, scale=0.02),
+        "patch_embed.proj.bias": r(e),
+        "cls_token": r(1, 1, e),
+        "pos_embed": r(1, e, *shape.grid),
+        "norm.weight": 1 + r(e),
+        "norm.bias": r(e),
+        "mask_token": r(1, 1, e),
+        "mim_head.0.weight": r(e, e),
+        "mim_head.0.bias": r(e),
+        "mim_head.2.weight": r(1024, e),
         "mim_head.2.bias": r(1024),
     }
-    for i in range(DEPTH):
+    for i in range(shape.depth):
         p = f"blocks.{i}."
-        state |= {
-            p + f"norm{j}.{t}": 1 + r(E) if t == "weight" else r(E)
-            for j in (1, 2)
-            for t in ("weight", "bias")
-        }
-        if sub_ln:
-            state |= {p + f"attn.{n}_proj.weight": r(E, E, scale=0.3) for n in "qkv"}
-        else:
-            state[p + "attn.qkv.weight"] = r(3 * E, E, scale=0.3)
-        state |= {p + "attn.q_bias": r(E), p + "attn.v_bias": r(E)}
-        state |= {p + "attn.proj.weight": r(E, E), p + "attn.proj.bias": r(E)}
-        for name, shape in (
-            ("w1", (PUMIT_HIDDEN, E)),
-            ("w2", (PUMIT_HIDDEN, E)),
-            ("w3", (E, PUMIT_HIDDEN)),
-        ):
-            state |= {p + f"mlp.{name}.weight": r(*shape), p + f"mlp.{name}.bias": r(shape[0])}
-        if sub_ln:
-            state |= {
-                p + "mlp.ffn_ln.weight": 1 + r(PUMIT_HIDDEN),
-                p + "mlp.ffn_ln.bias": r(PUMIT_HIDDEN),
-            }
+        for name, width in (("norm1", e), ("norm2", e), ("mlp.ffn_ln", hidden)):
+            state |= {p + f"{name}.weight": 1 + r(width), p + f"{name}.bias": r(width)}
+        state |= {p + f"attn.{n}_proj.weight": r(e, e, scale=0.3) for n in "qkv"}
+        state |= {p + "attn.q_bias": r(e), p + "attn.v_bias": r(e)}
+        state |= {p + "attn.proj.weight": r(e, e), p + "attn.proj.bias": r(e)}
+        for name, size in (("w1", (hidden, e)), ("w2", (hidden, e)), ("w3", (e, hidden))):
+            state |= {p + f"mlp.{name}.weight": r(*size), p + f"mlp.{name}.bias": r(size[0])}
     return state
 
 
-def reference_pumit_features(state, x: torch.Tensor, aniso_d: int) -> torch.Tensor:
+def reference_pumit_features(state, x: torch.Tensor, aniso_d: int, heads: int) -> torch.Tensor:
     """PUMIT's ``ViT.forward`` (sub_ln, adaptive patch embedding), spelled out from its code
     with loops where it vectorises. x: (N, 3, D, H, W) -> normalised tokens (N, 1+T, E)."""
     weight, bias = state["patch_embed.proj.weight"], state["patch_embed.proj.bias"]
+    e = weight.shape[0]
     depth_stride = max(P >> aniso_d, 1)  # SAC: fewer depth taps for thick slices
     if depth_stride < P:  # sum groups of consecutive depth taps
-        weight = weight.reshape(E, 3, depth_stride, P // depth_stride, P, P).sum(3)
+        weight = weight.reshape(e, 3, depth_stride, P // depth_stride, P, P).sum(3)
     x = F.conv3d(x, weight, bias, stride=(depth_stride, P, P))  # (N, E, d, h, w)
-    grid = x.shape[2:]
+    grid = tuple(x.shape[2:])
     pos = state["pos_embed"]
     small = tuple(min(a, b) for a, b in zip(pos.shape[2:], grid, strict=True))
     pos = F.interpolate(pos, small, mode="area")  # PUMIT's resample: area down, trilinear up
-    pos = F.interpolate(pos, grid, mode="trilinear") if small != tuple(grid) else pos
+    pos = F.interpolate(pos, grid, mode="trilinear") if small != grid else pos
     x = (x + pos).flatten(2).transpose(1, 2)  # (N, T, E)
     x = torch.cat([state["cls_token"].expand(x.shape[0], -1, -1), x], dim=1)
     n, t, _ = x.shape
-    hd = E // HEADS
+    hd = e // heads
     half = hd // 2  # rotary pairs (2j, 2j+1), j < half; h for j < half/2, w for the rest
     angles = torch.zeros(t, half, dtype=F64)
     for token, (z, yy, xx) in enumerate(itertools.product(*(range(s) for s in grid)), start=1):
@@ -358,47 +368,50 @@ def reference_pumit_features(state, x: torch.Tensor, aniso_d: int) -> torch.Tens
             out[..., 2 * j], out[..., 2 * j + 1] = a_ * c - b_ * s_, b_ * c + a_ * s_
         return out
 
-    for i in range(DEPTH):
+    def ln(v, key):
+        w_, b_ = state[key + ".weight"], state[key + ".bias"]
+        return F.layer_norm(v, w_.shape, w_, b_, 1e-5)
+
+    for i in itertools.count():
         p = f"blocks.{i}."
-
-        def ln(v, name, width=E, p=p):
-            return F.layer_norm(
-                v, (width,), state[p + name + ".weight"], state[p + name + ".bias"], 1e-5
-            )
-
-        h = ln(x, "norm1")
+        if p + "norm1.weight" not in state:
+            break
+        h = ln(x, p + "norm1")
         q = F.linear(h, state[p + "attn.q_proj.weight"], state[p + "attn.q_bias"])
         k = F.linear(h, state[p + "attn.k_proj.weight"])
         v = F.linear(h, state[p + "attn.v_proj.weight"], state[p + "attn.v_bias"])
-        q, k, v = (u.reshape(n, t, HEADS, hd) for u in (q, k, v))
+        q, k, v = (u.reshape(n, t, heads, hd) for u in (q, k, v))
         q, k = rotate(q), rotate(k)
         scores = torch.einsum("nihd,njhd->nhij", q, k) / math.sqrt(hd)
-        y = torch.einsum("nhij,njhd->nihd", scores.softmax(-1), v).reshape(n, t, E)
+        y = torch.einsum("nhij,njhd->nihd", scores.softmax(-1), v).reshape(n, t, e)
         x = x + F.linear(y, state[p + "attn.proj.weight"], state[p + "attn.proj.bias"])
-        h = ln(x, "norm2")
+        h = ln(x, p + "norm2")
         w1 = F.linear(h, state[p + "mlp.w1.weight"], state[p + "mlp.w1.bias"])
         w2 = F.linear(h, state[p + "mlp.w2.weight"], state[p + "mlp.w2.bias"])
-        h = ln(F.silu(w1) * w2, "mlp.ffn_ln", PUMIT_HIDDEN)
+        h = ln(F.silu(w1) * w2, p + "mlp.ffn_ln")
         x = x + F.linear(h, state[p + "mlp.w3.weight"], state[p + "mlp.w3.bias"])
-    return F.layer_norm(x, (E,), state["norm.weight"], state["norm.bias"], 1e-5)
+    return ln(x, "norm")
 
 
 @pytest.mark.parametrize(
-    ("shape", "spacing", "aniso_d"),
+    ("pumit", "volume", "spacing", "aniso_d"),
     [
-        ((32, 48, 32), (1.0, 1.0, 1.0), 0),  # isotropic CT: 2 x 3 x 2 tokens
-        ((8, 48, 48), (5.0, 0.7, 0.7), 2),  # 5 mm MR: 4 depth taps per patch
-        ((1, 64, 64), (1e4, 1.0, 1.0), 5),  # a 2D image: taps summed
+        (MICRO_PUMIT, (32, 48, 32), (1.0, 1.0, 1.0), 0),  # isotropic CT: 2 x 3 x 2 tokens
+        (MICRO_PUMIT, (8, 48, 48), (5.0, 0.7, 0.7), 2),  # 5 mm MR: 4 depth taps per patch
+        (MICRO_PUMIT, (1, 64, 64), (1e4, 1.0, 1.0), 5),  # a 2D image: taps summed
+        # Head dim 32 -> 32 with 4 heads, hidden 341, and a token grid (2, 3, 2) larger than the
+        # position grid (3, 2, 4) in h: PUMIT's trilinear growth runs too.
+        (PumitShape(128, 2, 4, (3, 2, 4)), (32, 48, 32), (1.0, 1.0, 1.0), 0),
     ],
-    ids=["3d-iso", "3d-thick", "2d"],
+    ids=["3d-iso", "3d-thick", "2d", "e128-pos-grows"],
 )
-def test_imported_pumit_release_computes_what_pumit_computes(shape, spacing, aniso_d):
+def test_imported_pumit_release_computes_what_pumit_computes(pumit, volume, spacing, aniso_d):
     """Loading is complete and the network is PUMIT's: SAC patch embedding of the 3D kernel,
     its position grid resampled, SwiGLU with sub-LN, eps 1e-5 and PUMIT's 3D RoPE (through
     the q/k pair reordering)."""
-    state = pumit_state()
+    state = pumit_state(pumit)
     converted, report = convert_state_dict(
-        state, format="pumit", size="micro", in_channels=3, dtype=F64
+        state, format="pumit", size=pumit.config(), in_channels=3, dtype=F64
     )
     c = report.config
     assert (c.mlp, c.mlp_norm, c.rope, c.rope_style, c.norm_eps) == (
@@ -408,7 +421,7 @@ def test_imported_pumit_release_computes_what_pumit_computes(shape, spacing, ani
         "pumit",
         1e-5,
     )
-    assert c.pos_grid == PUMIT_GRID and int(E * c.mlp_ratio) == PUMIT_HIDDEN
+    assert c.pos_grid == pumit.grid and int(pumit.embed * c.mlp_ratio) == pumit.hidden
     assert {k for k, _ in report.ignored} == {
         "mask_token",
         "mim_head.0.weight",
@@ -416,12 +429,10 @@ def test_imported_pumit_release_computes_what_pumit_computes(shape, spacing, ani
         "mim_head.2.weight",
         "mim_head.2.bias",
     }
-    from core.pretrained import build_model
-
     model = build_model(converted, c).eval()
-    x = torch.randn(2, 3, *shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+    x = torch.randn(2, 3, *volume, generator=torch.Generator().manual_seed(2), dtype=F64)
     ours = model.forward_features(x, spacing)
-    reference = reference_pumit_features(state, x, aniso_d)
+    reference = reference_pumit_features(state, x, aniso_d, pumit.heads)
     torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-9)
     # Not by luck: without the pair reordering the same weights compute something else.
     model.config = dataclasses.replace(c, rope_style="universal")
@@ -442,25 +453,33 @@ def test_pumit_checkpoint_file_loads_completely_and_sums_its_3d_kernel_over_rgb(
     torch.testing.assert_close(model.blocks[2].mlp.norm.weight, state["blocks.2.mlp.ffn_ln.weight"])
     torch.testing.assert_close(model.blocks[2].mlp.fc1_x.bias, state["blocks.2.mlp.w2.bias"])
     assert any("reordered" in note for note in report.notes)
+    assert any("ImageNet-normalised" in note for note in report.notes)  # none was folded
 
 
-def test_pumit_without_sub_ln_loads_its_fused_qkv_and_plain_swiglu():
-    state = pumit_state(sub_ln=False)
-    converted, report = convert_state_dict(state, format="pumit", size="micro", dtype=F64)
-    assert report.config.mlp == "swiglu" and report.config.mlp_norm is False
-    q_rows = state["blocks.0.attn.qkv.weight"][:E]
-    order = torch.cat([torch.arange(0, 32, 2), torch.arange(1, 32, 2)])  # head dim 32
-    torch.testing.assert_close(converted["blocks.0.attn.q_proj.weight"][:32], q_rows[order])
-    torch.testing.assert_close(
-        converted["blocks.0.attn.v_proj.weight"], state["blocks.0.attn.qkv.weight"][2 * E :]
-    )
+def test_pumit_errors_name_pumit_keys():
+    state = pumit_state()
+    del state["blocks.3.mlp.w1.weight"]
+    with pytest.raises(PretrainedImportError) as err:
+        convert_state_dict(state, format="pumit", size="micro")
+    assert "blocks.3.mlp.w1.weight" in str(err.value) and "fc1_g" not in str(err.value)
+    fused = pumit_state()
+    for n in "qkv":
+        fused.pop(f"blocks.0.attn.{n}_proj.weight")
+    fused["blocks.0.attn.qkv.weight"] = torch.zeros(3 * E, E, dtype=F64)
+    with pytest.raises(PretrainedImportError, match=r"blocks\.0\.attn\.qkv\.weight is a fused"):
+        convert_state_dict(fused, format="pumit", size="micro")
 
 
 def test_eva02_attention_sub_ln_is_refused_with_the_reason():
     state = pumit_state()
     state["blocks.0.attn.inner_attn_ln.weight"] = torch.ones(E)
-    with pytest.raises(PretrainedImportError, match="sub-LN inside attention"):
+    with pytest.raises(PretrainedImportError, match="LayerNorm before the attention output"):
         convert_state_dict(state, format="pumit", size="micro")
+
+
+def test_sizes_are_read_from_width_and_depth_including_pumit_l():
+    assert _resolve_config(None, 768, 12, "x").num_heads == 12  # PUMIT-B
+    assert _resolve_config(None, 1024, 24, "x").num_heads == 16  # PUMIT-L
 
 
 def test_missing_and_unexpected_keys_are_named():
@@ -531,7 +550,7 @@ def test_cli_writes_a_backbone_whose_fingerprint_it_prints(tmp_path, capsys):
     assert loaded_digest == digest and model.config.in_channels == 1 and not model.config.rope
 
 
-def test_cli_imports_a_lightning_shaped_pumit_checkpoint_into_a_loadable_backbone(tmp_path):
+def test_cli_imports_a_lightning_shaped_pumit_checkpoint_into_a_loadable_backbone(tmp_path, capsys):
     """What a user does with the release file: import it, then federate from the backbone."""
     state = {k: v.float() for k, v in pumit_state().items()}
     checkpoint = {
@@ -545,7 +564,8 @@ def test_cli_imports_a_lightning_shaped_pumit_checkpoint_into_a_loadable_backbon
     torch.save(checkpoint, tmp_path / "pumit.ckpt")
     out = tmp_path / "backbone.safetensors"
     args = ["--format", "pumit", "--in", str(tmp_path / "pumit.ckpt"), "--out", str(out)]
-    assert main([*args, "--input-norm", "imagenet"]) == 0
+    assert main(args) == 0
+    assert "note: input normalisation mean (0.485" in capsys.readouterr().out  # auto: ImageNet
     model, _ = load_backbone(out, num_classes=2)
     c = model.config
     assert (c.mlp, c.mlp_norm, c.rope_style, c.norm_eps, c.pos_grid) == (
