@@ -577,3 +577,43 @@ def test_cli_imports_a_lightning_shaped_pumit_checkpoint_into_a_loadable_backbon
     )
     logits = model(torch.rand(2, 1, 8, 32, 32), (5.0, 0.7, 0.7))
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+
+
+def test_a_site_fine_tunes_an_imported_pumit_backbone_under_dp(tmp_path):
+    """The imported architecture goes through a hospital's real round: LoRA on every linear
+    (SwiGLU's fc1_g / fc1_x too), Opacus DP-SGD, the ledger spends epsilon."""
+    from core.config import RunConfig
+    from core.data import HospitalSpec, PhantomSite, generate_hospitals
+    from core.site import initial_adapters, train_round
+
+    state = {k: v.float() for k, v in pumit_state().items()}
+    save_file(state, str(tmp_path / "pumit.safetensors"))
+    backbone = tmp_path / "backbone.safetensors"
+    args = ["--format", "pumit", "--in", str(tmp_path / "pumit.safetensors"), "--out"]
+    assert main([*args, str(backbone), "--size", "micro"]) == 0
+    spec = HospitalSpec((PhantomSite("xr", "xr2d", 24, (32, 32)),), alpha=None)
+    generate_hospitals(tmp_path / "sites", spec, seed=0)
+    cfg = RunConfig.from_flat(
+        {
+            "backbone": str(backbone),
+            "lora-targets": "attn-mlp",
+            "in-plane-size": 32,
+            "batch-size": 8,
+            "num-server-rounds": 2,
+        }
+    )
+    adapters, digest = initial_adapters(cfg)
+    assert digest == load_backbone(backbone)[1]
+    outcome = train_round(
+        cfg,
+        site_dir=tmp_path / "sites" / "xr",
+        global_adapters=adapters,
+        server_round=1,
+        expected_fingerprint=digest,
+        ledger_state=None,
+        site_secret=7,
+    )
+    assert outcome.status == "trained" and outcome.adapters is not None
+    assert "blocks.0.mlp.fc1_g.lora_B.weight" in outcome.adapters
+    assert not torch.equal(outcome.adapters["head.weight"], adapters["head.weight"])
+    assert outcome.ledger is not None and 0 < outcome.metrics["epsilon"] <= 8.0
