@@ -66,7 +66,9 @@ REPORT_FILE = "report.md"
 PLOT_FILE = "privacy.png"
 REPORT_FORMAT = "fedmedvit.privacy-report"
 REPORT_VERSION = 1
-PREFERRED_METRICS = ("accuracy", "auc", "loss")
+# AUC first: under DP a noisy head often predicts the majority class, so plain accuracy can sit
+# at the prevalence while the ranking (AUC) and balanced accuracy show what was learned.
+PREFERRED_METRICS = ("auc", "balanced-accuracy", "accuracy", "loss")
 DASH = "—"
 
 
@@ -411,7 +413,8 @@ def _site_section(site: SiteBudget) -> list[str]:
 
 
 def metric_label(name: str) -> str:
-    return {"auc": "AUC"}.get(name, name.replace("_", " ").capitalize())
+    known = {"auc": "AUC", "balanced-accuracy": "Balanced accuracy"}
+    return known.get(name, name.replace("_", " ").capitalize())
 
 
 def _metric_names(metrics: Sequence[RoundMetrics]) -> list[str]:
@@ -439,7 +442,7 @@ def _metrics_section(metrics: Sequence[RoundMetrics]) -> list[str]:
 
 
 def choose_metric(metrics: Sequence[RoundMetrics]) -> str:
-    """Accuracy if any was measured, else AUC, else loss: the panel shows what exists."""
+    """The first of PREFERRED_METRICS that was measured: the panel shows what exists."""
     for name in PREFERRED_METRICS:
         for row in metrics:
             values = [row.evaluate.get(name), *(site.get(name) for site in row.sites.values())]
@@ -568,7 +571,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("run_dir", help="the run folder")
     parser.add_argument(
-        "--metric", default=None, help="metric for the right panel (default: accuracy, else auc)"
+        "--metric",
+        default=None,
+        help="metric for the right panel (default: auc, else balanced-accuracy, accuracy, loss)",
     )
     args = parser.parse_args(argv)
     try:

@@ -215,7 +215,12 @@ def evaluate(
     device: torch.device,
     multi_label: bool = False,
 ) -> dict[str, float]:
-    """Loss, accuracy and ROC AUC (macro over classes, MONAI's implementation)."""
+    """Loss, accuracy, balanced accuracy and ROC AUC (macro over classes, MONAI's).
+
+    Balanced accuracy (the mean recall over the classes present; per label (TPR + TNR) / 2 for
+    multi-label) does not reward predicting the majority class, which plain accuracy does on a
+    site with 70% negatives.
+    """
     from monai.metrics import compute_roc_auc
 
     model.to(device).eval()
@@ -241,19 +246,48 @@ def evaluate(
         onehot = torch.nn.functional.one_hot(labels, num_classes=logits.shape[1]).float()
     present = onehot.sum(dim=0)
     usable = (present > 0) & (present < n)  # AUC needs both outcomes of a class
+    balanced = balanced_accuracy(probs, labels, multi_label=multi_label)
     auc = (
         float(compute_roc_auc(probs[:, usable], onehot[:, usable], average="macro"))  # type: ignore[arg-type]
         if usable.any()
         else float("nan")
     )
-    return {"loss": loss_sum / max(n, 1), "accuracy": accuracy, "auc": auc, "num-examples": n}
+    return {
+        "loss": loss_sum / max(n, 1),
+        "accuracy": accuracy,
+        "balanced-accuracy": balanced,
+        "auc": auc,
+        "num-examples": n,
+    }
+
+
+def balanced_accuracy(probs: Tensor, labels: Tensor, *, multi_label: bool) -> float:
+    """Mean recall over the classes present in ``labels`` (probs (N, K), labels (N,)); for
+    multi-label (labels (N, K) 0/1, decision at 0.5), the mean over labels with both outcomes
+    present of (TPR + TNR) / 2. NaN when no class qualifies."""
+    if multi_label:
+        decided, truth = probs > 0.5, labels.bool()
+        rates = [
+            (decided[truth[:, k], k].float().mean() + (~decided[~truth[:, k], k]).float().mean())
+            / 2
+            for k in range(labels.shape[1])
+            if 0 < int(truth[:, k].sum()) < len(labels)
+        ]
+    else:
+        predicted = probs.argmax(dim=1)
+        rates = [(predicted[labels == c] == c).float().mean() for c in labels.unique()]
+    return float(torch.stack(rates).mean()) if rates else float("nan")
+
+
+# The evaluation metrics sites report and the server averages (weighted by examples).
+EVAL_METRICS = ("loss", "accuracy", "balanced-accuracy", "auc")
 
 
 def mean_metrics(per_site: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     """Example-weighted mean of site metrics (NaN AUCs are left out of the AUC mean)."""
     out: dict[str, float] = {}
     weights = {site: float(m["num-examples"]) for site, m in per_site.items()}
-    for key in ("loss", "accuracy", "auc"):
+    for key in EVAL_METRICS:
         pairs = [
             (float(m[key]), weights[s])
             for s, m in per_site.items()

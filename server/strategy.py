@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from core.lora import update_problems
+from core.train import EVAL_METRICS
 
 log = logging.getLogger(__name__)
 WEIGHT_KEY = "num-examples"
@@ -220,6 +221,6 @@ class AdapterFedAvg(FedAvg):
                     if key in m and np.isfinite(m[key])
                 ]
             )
-            for key in ("loss", "accuracy", "auc")
+            for key in EVAL_METRICS
         }
         return MetricRecord(record.evaluate)

@@ -98,8 +98,8 @@ def test_report_tables_carry_the_exact_epsilons(run_dir, ledgers):
         )
     assert "## Site site\\|b" in text  # a pipe in a site name cannot break the table
     assert "Epsilon is cumulative" in text and "honest-but-curious" in text.lower()
-    assert "| Round | Accuracy | AUC | Loss |" in text
-    assert "| 3 | 0.8000 | 0.6000 | — |" in text  # global accuracy, AUC, loss per round
+    assert "| Round | AUC | Accuracy | Loss |" in text
+    assert "| 3 | 0.6000 | 0.8000 | — |" in text  # global AUC, accuracy, loss per round
 
 
 def test_plot_is_a_png_image(run_dir):
@@ -217,7 +217,13 @@ def test_metrics_labels_events_and_nan_are_accepted(tmp_path):
     assert row.sites == {"a": {"epsilon": 1.5}}
 
 
-def test_metric_panel_falls_back_to_auc():
+def test_metric_panel_prefers_auc_then_balanced_then_plain_accuracy():
     only_auc = parse_metrics({"rounds": [{"round": 1, "sites": {"a": {"auc": 0.7}}}]})
     assert choose_metric(only_auc) == "auc"
-    assert choose_metric(parse_metrics(_metrics())) == "accuracy"
+    no_auc = {"accuracy": 0.7, "balanced-accuracy": 0.6}
+    assert choose_metric(parse_metrics({"rounds": [{"round": 1, "evaluate": no_auc}]})) == (
+        "balanced-accuracy"
+    )
+    only_accuracy = parse_metrics({"rounds": [{"round": 1, "evaluate": {"accuracy": 0.7}}]})
+    assert choose_metric(only_accuracy) == "accuracy"
+    assert choose_metric(parse_metrics(_metrics())) == "auc"

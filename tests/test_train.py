@@ -5,10 +5,18 @@ import math
 
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from core.lora import LoraSettings, adapter_state, add_lora
-from core.train import DPStepPlan, TrainSettings, evaluate, mean_metrics, train_dp, train_plain
+from core.train import (
+    DPStepPlan,
+    TrainSettings,
+    balanced_accuracy,
+    evaluate,
+    mean_metrics,
+    train_dp,
+    train_plain,
+)
 from core.vit import create_vit
 
 CPU = torch.device("cpu")
@@ -123,6 +131,8 @@ def test_evaluate_auc_matches_sklearn():
         images = torch.stack([b["image"] for b in batch])
         probs = torch.softmax(model(images, (1e4, 1.0, 1.0)), dim=1)[:, 1]
     assert metrics["auc"] == pytest.approx(roc_auc_score(site.labels.numpy(), probs.numpy()))
+    expected = balanced_accuracy_score(site.labels.numpy(), (probs > 0.5).numpy())
+    assert metrics["balanced-accuracy"] == pytest.approx(expected)
     assert metrics["num-examples"] == 30
 
 
@@ -133,4 +143,30 @@ def test_mean_metrics_weights_by_examples_and_skips_nan():
             "b": {"loss": 2.0, "accuracy": 1.0, "auc": 0.8, "num-examples": 30},
         }
     )
+    assert math.isnan(merged.pop("balanced-accuracy"))  # no site reported it
     assert merged == {"loss": 1.75, "accuracy": 0.875, "auc": 0.8}
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_balanced_accuracy_matches_sklearn(multi_label):
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(40, 3, generator=g)
+    if multi_label:
+        labels = (torch.rand(40, 3, generator=g) < 0.3).float()
+        labels[:, 2] = 1.0  # one outcome only: left out
+        expected = (
+            sum(
+                balanced_accuracy_score(labels[:, k].numpy(), (probs[:, k] > 0.5).numpy())
+                for k in (0, 1)
+            )
+            / 2
+        )
+    else:
+        labels = torch.tensor([0] * 28 + [1] * 9 + [2] * 3)  # imbalanced
+        expected = balanced_accuracy_score(labels.numpy(), probs.argmax(1).numpy())
+    got = balanced_accuracy(probs, labels, multi_label=multi_label)
+    assert got == pytest.approx(expected)
+    majority = torch.zeros(40, 3)
+    majority[:, 0] = 1.0
+    if not multi_label:  # always predicting the majority class: accuracy 0.7, balanced 1/3
+        assert balanced_accuracy(majority, labels, multi_label=False) == pytest.approx(1 / 3)
