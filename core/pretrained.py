@@ -23,8 +23,8 @@ Two source formats:
     blocks.N.mlp.norm .weight .bias (optional sub-LN);  norm .weight .bias
 
 ``"pumit"``: the PUMIT release (``function2-llx/PUMIT``, ``pumit/model/vit.py``; the
-``state_dict`` of its Lightning ``.ckpt``, re-saved with ``torch.save`` if the file holds
-pickled objects). It is 3D and EVA-02-like; names read::
+``state_dict`` of its Lightning ``.ckpt``, read weights-only with paths allowed, as Lightning
+stores its checkpoint folder as one). It is 3D and EVA-02-like; names read::
 
     patch_embed.proj.weight (E, C_src, 16, 16, 16), .bias;  cls_token (1, 1, E)
     pos_embed (1, E, d, h, w)                    a 3D grid like ours (added before the CLS)
@@ -72,9 +72,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import pathlib
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -91,6 +92,12 @@ IMAGENET_NORM: tuple[tuple[float, ...], tuple[float, ...]] = (
     (0.485, 0.456, 0.406),
     (0.229, 0.224, 0.225),
 )
+_SAFE_CLASSES: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+    pathlib.PosixPath,
+    pathlib.WindowsPath,
+    pathlib.PurePosixPath,
+    pathlib.PureWindowsPath,
+]
 _WRAPPERS = ("state_dict", "model", "module", "model_state", "state")
 _PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.")
 
@@ -153,13 +160,16 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             ) from err
     else:
         try:
-            # weights_only: a checkpoint must never run code when it is read.
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+            # weights_only: a checkpoint must never run code when it is read. Paths are allowed:
+            # Lightning keeps its checkpoint folder as one (PUMIT's .ckpt), and building a
+            # path runs nothing.
+            with torch.serialization.safe_globals(_SAFE_CLASSES):
+                raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # pickle and zip errors come in many types
             raise PretrainedImportError(
                 f"{path} cannot be read as a tensors-only torch checkpoint ({err}); if it holds "
-                "pickled objects (e.g. a Lightning .ckpt), re-save only its state dict: "
-                "torch.save(ckpt['state_dict'], 'weights.pth')"
+                "other pickled objects, re-save only its state dict where you trust the file: "
+                "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth')"
             ) from err
     return unwrap_state_dict(raw, source=str(path))
 

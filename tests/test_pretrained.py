@@ -8,6 +8,7 @@ oracle for the whole imported network.
 import dataclasses
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -559,6 +560,7 @@ def test_cli_imports_a_lightning_shaped_pumit_checkpoint_into_a_loadable_backbon
         "pytorch-lightning_version": "2.1.0",
         "state_dict": state,
         "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-6, "params": [0]}]}],
+        "callbacks": {"ModelCheckpoint{'every_n_train_steps': 10000}": {"dirpath": Path("/runs")}},
         "lr_schedulers": [{"t_in_epochs": False, "base_values": [2e-5]}],
     }
     torch.save(checkpoint, tmp_path / "pumit.ckpt")
