@@ -160,14 +160,14 @@ def run_scenario(
 
 def summarize(out_dir: Path) -> str:
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    lines = ["round  accuracy  auc     loss   sites"]
+    lines = ["round     auc  bal-acc  accuracy   loss   sites"]
     for entry in metrics["rounds"]:
         ev = entry.get("evaluate", {})
         status = entry.get("status", {})
         trained = sum(1 for s in status.values() if s == "trained")
         lines.append(
-            f"{entry['round']:>5}  {_fmt(ev.get('accuracy'))}  {_fmt(ev.get('auc'))}  "
-            f"{_fmt(ev.get('loss'))}  {trained}/{len(status)} trained"
+            f"{entry['round']:>5}  {_fmt(ev.get('auc'))}  {_fmt(ev.get('balanced-accuracy'))}   "
+            f"{_fmt(ev.get('accuracy'))}  {_fmt(ev.get('loss'))}  {trained}/{len(status)} trained"
         )
     report = out_dir / "report.md"
     if report.is_file():
