@@ -284,7 +284,8 @@ EVAL_METRICS = ("loss", "accuracy", "balanced-accuracy", "auc")
 
 
 def mean_metrics(per_site: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """Example-weighted mean of site metrics (NaN AUCs are left out of the AUC mean)."""
+    """Example-weighted mean of site metrics, NaN values left out (the server aggregates
+    evaluation with it; benchmarks average in-process with it)."""
     out: dict[str, float] = {}
     weights = {site: float(m["num-examples"]) for site, m in per_site.items()}
     for key in EVAL_METRICS:

@@ -14,6 +14,7 @@ the network computes what PUMIT's released ViT computes (see ``core.pretrained``
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -159,6 +160,19 @@ def pumit_rope_angles(grid: tuple[int, int, int], head_dim: int) -> Tensor:
     base_d, base_h, base_w = PUMIT_ROPE_BASES
     freq_d = base_d ** -(2 * exponent + 1 / (2 * quarter))  # (Q,)
     return _grid_angles(grid, base_h ** -(2 * exponent), base_w ** -(2 * exponent), freq_d)
+
+
+@functools.lru_cache(maxsize=64)
+def rope_tables(
+    style: str, grid: tuple[int, int, int], head_dim: int, base: float
+) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles, (1 + d*h*w, head_dim // 2) each, computed once per
+    token grid on the CPU (PUMIT's angles are float64, which not every device has)."""
+    if style == "pumit":
+        angles = pumit_rope_angles(grid, head_dim)
+    else:
+        angles = rope_angles(grid, head_dim, base)
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -338,12 +352,10 @@ class UniversalViT(nn.Module):
         rope = None
         if self.config.rope:
             head_dim = e // self.config.num_heads
-            if self.config.rope_style == "pumit":
-                angles = pumit_rope_angles((d, h, w), head_dim)
-            else:
-                angles = rope_angles((d, h, w), head_dim, self.config.rope_base)
-            # cos/sin on the CPU: PUMIT's angles are float64, which not every device has.
-            rope = (angles.cos().to(x.device, x.dtype), angles.sin().to(x.device, x.dtype))
+            cos, sin = rope_tables(
+                self.config.rope_style, (d, h, w), head_dim, self.config.rope_base
+            )
+            rope = (cos.to(x.device, x.dtype), sin.to(x.device, x.dtype))
         for block in self.blocks:
             tokens = block(tokens, rope)
         return self.norm(tokens)

@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from core.lora import update_problems
-from core.train import EVAL_METRICS
+from core.train import mean_metrics
 
 log = logging.getLogger(__name__)
 WEIGHT_KEY = "num-examples"
@@ -213,14 +213,5 @@ class AdapterFedAvg(FedAvg):
             per_site[name] = values
         if not per_site:
             return None
-        record.evaluate = {
-            key: _weighted_mean(
-                [
-                    (float(m[key]), float(m[WEIGHT_KEY]))
-                    for m in per_site.values()
-                    if key in m and np.isfinite(m[key])
-                ]
-            )
-            for key in EVAL_METRICS
-        }
+        record.evaluate = mean_metrics(per_site)
         return MetricRecord(record.evaluate)
