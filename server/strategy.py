@@ -77,6 +77,16 @@ def _site_name(msg: Message) -> str:
     return f"node-{msg.metadata.src_node_id}"
 
 
+def _weight_problem(metrics: MetricRecord | None) -> str:
+    """Why a reply's example count cannot weight an average ("" when it can)."""
+    if metrics is None or WEIGHT_KEY not in metrics:
+        return f"the reply has no MetricRecord 'metrics' with '{WEIGHT_KEY}'"
+    weight = metrics[WEIGHT_KEY]
+    if not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
+        return f"'{WEIGHT_KEY}' must be a positive number, got {weight!r}"
+    return ""
+
+
 def _weighted_mean(pairs: list[tuple[float, float]]) -> float:
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if total else float("nan")
@@ -128,12 +138,9 @@ class AdapterFedAvg(FedAvg):
         """Why a train reply cannot be averaged (empty list when it can)."""
         if len(content.array_records) != 1 or "arrays" not in content.array_records:
             return ["the reply must carry exactly one ArrayRecord named 'arrays'"]
-        metrics = content.metric_records.get("metrics")
-        if metrics is None or WEIGHT_KEY not in metrics:
-            return [f"the reply has no MetricRecord 'metrics' with '{WEIGHT_KEY}'"]
-        weight = metrics[WEIGHT_KEY]
-        if not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
-            return [f"'{WEIGHT_KEY}' must be a positive number, got {weight!r}"]
+        weight_problem = _weight_problem(content.metric_records.get("metrics"))
+        if weight_problem:
+            return [weight_problem]
         try:
             update = content["arrays"].to_torch_state_dict()
         except Exception as err:  # a payload that does not even decode
@@ -210,6 +217,10 @@ class AdapterFedAvg(FedAvg):
             metrics = msg.content.metric_records.get("metrics", MetricRecord())
             values = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
             record.record_metrics(name, values, skip=(WEIGHT_KEY,))
+            problem = _weight_problem(metrics)
+            if problem:  # a malformed reply cannot weight the average: left out, not fatal
+                record.event(name, "evaluate-rejected", problem)
+                continue
             per_site[name] = values
         if not per_site:
             return None

@@ -120,3 +120,20 @@ def test_fingerprint_is_announced():
         s.configure_train(1, ArrayRecord(REFERENCE), ConfigRecord(), OneNodeGrid())  # type: ignore[arg-type]
     )
     assert {m.content["config"]["backbone-fingerprint"] for m in messages} == {"f" * 64}
+
+
+def test_evaluation_is_example_weighted_and_malformed_replies_are_left_out():
+    s = strategy()
+    good = {"loss": 0.5, "accuracy": 0.6, "balanced-accuracy": 0.5, "auc": 0.7}
+    replies = [
+        reply(1, "a", None, good | {"num-examples": 10}),
+        reply(2, "b", None, {"loss": 1.0, "accuracy": 1.0, "auc": 0.9, "num-examples": 30}),
+        reply(3, "no-weight", None, {"loss": 99.0, "auc": 0.0}),
+        reply(4, "nan-weight", None, {"loss": 99.0, "num-examples": float("nan")}),
+    ]
+    metrics = s.aggregate_evaluate(1, replies)
+    assert metrics["loss"] == pytest.approx((0.5 * 10 + 1.0 * 30) / 40)
+    assert metrics["auc"] == pytest.approx((0.7 * 10 + 0.9 * 30) / 40)
+    assert metrics["balanced-accuracy"] == pytest.approx(0.5)  # only site a reported it
+    events = {e["site"]: e["kind"] for e in s.round_log(1).events}
+    assert events == {"no-weight": "evaluate-rejected", "nan-weight": "evaluate-rejected"}
