@@ -2,12 +2,12 @@
 
     python -m benchmarks.federated [--rounds 10] [--seeds 3] [--size micro] [--quick]
 
-Every arm starts from the demo backbone (``core.pretrain.demo_backbone``: masked image
+Every arm starts from the demo backbone (``core.pretrain.mim.demo_backbone``: masked image
 modelling on the unlabeled phantom archive, built once) with the run-config defaults, the
 default scenario's recipe. Arms: centralized non-private (pooled training data, one pass per
 "round"), FL non-private, FL with DP at epsilon 8 and 3 (FFA LoRA), and vanilla LoRA under DP
 at epsilon 8; each repeated for ``--seeds`` seeds. FL arms run in-process with the same
-``core.site.train_round`` / ``evaluate_round`` the Flower ClientApp calls and the same
+``core.federation.rounds.train_round`` / ``evaluate_round`` the Flower ClientApp calls and the same
 example-weighted average as the server (Flower's transport is measured by the simulation tests,
 not here). Also measured: upload bytes per site per round (adapters vs the full model) and the
 DP-SGD step time vs the non-private step time. Writes ``benchmarks/results/federated.json``.
@@ -26,14 +26,27 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset
 
+from core.adapters.lora import adapter_state
 from core.config import RunConfig
 from core.data.phantoms import generate_hospitals
-from core.lora import adapter_state
-from core.pretrain import demo_backbone
-from core.site import build_lora_model, evaluate_round, initial_adapters, open_split, train_round
-from core.sites import list_sites
-from core.train import DPStepPlan, TrainSettings, evaluate, mean_metrics, train_dp, train_plain
-from core.vit import count_parameters
+from core.federation.rounds import (
+    build_lora_model,
+    evaluate_round,
+    initial_adapters,
+    open_split,
+    train_round,
+)
+from core.federation.sites import list_sites
+from core.model.vit import count_parameters
+from core.pretrain.mim import demo_backbone
+from core.training.loops import (
+    DPStepPlan,
+    TrainSettings,
+    evaluate,
+    mean_metrics,
+    train_dp,
+    train_plain,
+)
 from simulations.run import parse_set
 
 RESULTS = Path(__file__).parent / "results" / "federated.json"

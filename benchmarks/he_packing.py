@@ -1,7 +1,7 @@
 """HE packing benchmark: ciphertext size, time and error of encrypted FedAvg.
 
 Compares TenSEAL's default packing (N = 8192, [60, 40, 40, 60], scale 2^40, public-key
-encryption, one CKKSVector per update) with the parameters chosen in ``core.ckks`` and a few
+encryption, one CKKSVector per update) with the parameters chosen in ``core.he.ckks`` and a few
 alternatives, for updates of the tiny and base adapter sizes, and checks the precision at both
 ends of the promised range (100 sites at the largest magnitudes, 2 sites at the smallest).
 
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core import ckks
+from core.he import ckks
 
 RESULTS = Path(__file__).resolve().parent / "results" / "he_packing.json"
 
@@ -107,7 +107,7 @@ def quiet_stdout() -> Iterator[None]:
 def run_chosen(
     params: ckks.CkksParams, states: list[dict[str, torch.Tensor]], counts: list[int]
 ) -> dict[str, Any]:
-    """The ``core.ckks`` path end to end, with real files' worth of bytes."""
+    """The ``core.he.ckks`` path end to end, with real files' worth of bytes."""
     secret = ckks.new_secret_context(params)
     public = ckks.context_from_bytes(secret.serialize_public())
     encrypt_times, updates = [], []

@@ -22,7 +22,10 @@ from typing import Any
 import torch
 
 from benchmarks.federated import weighted_average
-from core.ckks import (
+from core.config import RunConfig
+from core.data.phantoms import generate_hospitals
+from core.federation.rounds import initial_adapters, train_round
+from core.he.ckks import (
     aggregate_encrypted,
     decrypt_average,
     encrypt_update,
@@ -30,9 +33,6 @@ from core.ckks import (
     load_secret_context,
     provision,
 )
-from core.config import RunConfig
-from core.data.phantoms import generate_hospitals
-from core.site import initial_adapters, train_round
 
 RESULTS = Path(__file__).parent / "results" / "he_round.json"
 

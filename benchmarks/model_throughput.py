@@ -99,8 +99,8 @@ class MonaiClassifier(nn.Module):
 
 
 def build_ours(size: str, lora: bool, mode: str = "vanilla") -> nn.Module:
-    from core.lora import LoraMode, LoraSettings, add_lora
-    from core.vit import create_vit
+    from core.adapters.lora import LoraMode, LoraSettings, add_lora
+    from core.model.vit import create_vit
 
     torch.manual_seed(0)
     model = create_vit(size, num_classes=NUM_CLASSES)

@@ -9,18 +9,18 @@ Setup (everything generated locally, CPU, micro model):
 * Pretraining data: an unlabeled phantom archive, the ``default`` preset at seed
   ``PHANTOM_PRETRAIN_SEED`` (1), all splits, labels ignored: different cases from the
   fine-tuning hospitals (seed 0), same kinds of scanner (thin CT, thick MR, two X-ray).
-* Pretraining: ``core.pretrain.pretrain`` (masked image modelling), ``--pretrain-steps``.
+* Pretraining: ``core.pretrain.mim.pretrain`` (masked image modelling), ``--pretrain-steps``.
 * Fine-tuning data: the four ``default`` sites at seed 0, pooled centrally, with every site at
   50 % prevalence: with the preset's Dirichlet label mix, the pooled AUC would partly reward
   recognising the *site*.
-* Fine-tuning: ``core.train.train_plain`` on LoRA adapters plus the task head, non-private,
+* Fine-tuning: ``core.training.loops.train_plain`` on LoRA adapters plus the task head, non-private,
   batch 16. Defaults: vanilla LoRA rank 8 / alpha 16 on attention and MLP linears, AdamW lr
   3e-3 (the federation's FFA on q and v at lr 1e-3 learned nothing in 300 steps from either
   backbone on this task). Training runs in 6 chunks of about 50 optimizer steps, each a
   ``train_plain`` call with a fresh optimizer (as federated rounds do); after each chunk the
   model is evaluated. Label fractions 100 % and 10 % of the pooled training split (10 % drawn
   per seed, stratified by site and class, at least one of each); same steps for both.
-* Evaluation: ``core.train.evaluate`` on the pooled validation (60) and test (60) splits,
+* Evaluation: ``core.training.loops.evaluate`` on the pooled validation (60) and test (60) splits,
   never trained on. Reported: test AUC after the last chunk, and test AUC at the chunk the
   validation AUC picks (early stopping). ``--seeds`` seeds per cell (head init, LoRA A, batch
   order, label subset): mean and standard deviation.
@@ -51,14 +51,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.checkpoint import backbone_state, fingerprint, load_backbone
+from core.adapters.lora import LoraSettings, add_lora
 from core.config import RunConfig
 from core.data import DABatchSampler, GridConfig, collate
 from core.data.phantoms import HospitalSpec, generate_hospitals, preset
-from core.lora import LoraSettings, add_lora
-from core.pretrain import PHANTOM_PRETRAIN_SEED, ImagePool, MIMSettings, open_pool, pretrain
-from core.train import TrainSettings, evaluate, train_plain
-from core.vit import MODEL_SIZES, UniversalViT, create_vit
+from core.model.checkpoint import backbone_state, fingerprint, load_backbone
+from core.model.vit import MODEL_SIZES, UniversalViT, create_vit
+from core.pretrain.mim import PHANTOM_PRETRAIN_SEED, ImagePool, MIMSettings, open_pool, pretrain
+from core.training.loops import TrainSettings, evaluate, train_plain
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pretraining.json"
 FRACTIONS = (1.0, 0.1)

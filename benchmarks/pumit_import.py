@@ -5,7 +5,7 @@
 1. Import: a checkpoint in PUMIT-B's release layout (ViT-B 768/12/12, SwiGLU 2048 with sub-LN,
    3D patch kernel 16^3 over RGB, position grid 5x10x10, MIM head; random values, since the
    release cannot be downloaded here) is written as a Lightning-shaped ``.ckpt`` and converted by
-   ``python -m core.pretrained --format pumit`` in a subprocess: wall time, the child's peak
+   ``python -m core.model.convert --format pumit`` in a subprocess: wall time, the child's peak
    memory (``ru_maxrss`` of the waited child), file sizes.
 2. Training: the imported PUMIT-B against our ViT-B (GELU 3072, our RoPE), both with LoRA r=8 FFA
    on q and v and a 2-class head, made private by Opacus (hooks, Poisson sampling, as
@@ -81,7 +81,7 @@ def pumit_b_state(seed: int = 0) -> dict[str, Tensor]:
 def measure_import(folder: Path) -> dict[str, Any]:
     ckpt, out = folder / "pumit.ckpt", folder / "pumit-b.safetensors"
     torch.save({"epoch": 0, "global_step": 300000, "state_dict": pumit_b_state()}, ckpt)
-    command = [sys.executable, "-m", "core.pretrained", "--format", "pumit"]
+    command = [sys.executable, "-m", "core.model.convert", "--format", "pumit"]
     command += ["--in", str(ckpt), "--out", str(out)]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -100,7 +100,7 @@ def measure_import(folder: Path) -> dict[str, Any]:
 
 
 def lora_dp_runner(name: str, backbone: nn.Module, dims: str) -> Runner:
-    from core.lora import LoraSettings, add_lora
+    from core.adapters.lora import LoraSettings, add_lora
 
     torch.manual_seed(0)
     backbone.reset_head(NUM_CLASSES)  # type: ignore[operator]
@@ -117,8 +117,8 @@ def lora_dp_runner(name: str, backbone: nn.Module, dims: str) -> Runner:
 
 
 def time_training(backbone_path: str, steps: int) -> list[dict[str, Any]]:
-    from core.checkpoint import load_backbone
-    from core.vit import create_vit
+    from core.model.checkpoint import load_backbone
+    from core.model.vit import create_vit
 
     rows = []
     for dims in ("2d", "3d"):

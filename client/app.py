@@ -1,4 +1,4 @@
-"""The hospital's Flower ClientApp: parse the message, call ``core.site``, reply.
+"""The hospital's Flower ClientApp: parse the message, call ``core.federation.rounds``, reply.
 
 A site is named by the SuperNode's ``--node-config`` in deployment (``site-name``, ``data-dir``,
 optional ``state-dir`` for the privacy ledger and the site's secret DP seed on disk) and by its
@@ -18,9 +18,9 @@ from flwr.clientapp import ClientApp
 from torch import Tensor
 
 from core.config import RunConfig
-from core.privacy import write_json_atomic
-from core.site import evaluate_round, train_round
-from core.sites import SiteRef, resolve_site
+from core.federation.rounds import evaluate_round, train_round
+from core.federation.sites import SiteRef, resolve_site
+from core.io import write_json_atomic
 
 app = ClientApp()
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def _global_adapters(msg: Message, cfg: RunConfig) -> dict[str, Tensor]:
     config = msg.content["config"]
     if not (cfg.he and HE_TOTAL_KEY in config):
         return msg.content["arrays"].to_torch_state_dict()
-    from core.ckks import CkksLayout, arrays_to_ciphertexts, decrypt_average, load_secret_context
+    from core.he.ckks import CkksLayout, arrays_to_ciphertexts, decrypt_average, load_secret_context
 
     secret = load_secret_context(cfg.he_secret_context)
     ciphertexts = arrays_to_ciphertexts({k: v.numpy() for k, v in msg.content["arrays"].items()})
@@ -50,7 +50,7 @@ def _global_adapters(msg: Message, cfg: RunConfig) -> dict[str, Tensor]:
 def _encrypted(
     adapters: dict[str, Tensor], num_examples: int, cfg: RunConfig
 ) -> tuple[ArrayRecord, str]:
-    from core.ckks import ciphertexts_to_arrays, encrypt_update, load_secret_context
+    from core.he.ckks import ciphertexts_to_arrays, encrypt_update, load_secret_context
 
     update = encrypt_update(adapters, num_examples, load_secret_context(cfg.he_secret_context))
     record = ArrayRecord(
@@ -79,8 +79,9 @@ def _save_ledger(context: Context, site: SiteRef, ledger: dict) -> None:
 
 
 def _site_secret(context: Context, site: SiteRef) -> int:
-    """The site's secret seed for DP sampling and noise (see ``core.site.train_round``): drawn
-    once from the OS, kept in node memory and in the state folder (mode 0600), never sent."""
+    """The site's secret seed for DP sampling and noise (see
+    ``core.federation.rounds.train_round``): drawn once from the OS, kept in node memory and
+    in the state folder (mode 0600), never sent."""
     record = context.state.config_records.get(SECRET_KEY)
     if record is not None:
         return int(str(record["value"]))

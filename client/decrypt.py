@@ -14,10 +14,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from core.ckks import CkksLayout, arrays_to_ciphertexts, decrypt_average, load_secret_context
+from core.adapters.lora import load_adapter_state, save_adapters
 from core.config import RunConfig
-from core.lora import load_adapter_state, save_adapters
-from core.site import build_lora_model
+from core.federation.rounds import build_lora_model
+from core.he.ckks import CkksLayout, arrays_to_ciphertexts, decrypt_average, load_secret_context
 
 
 def decrypt_run(run_dir: Path, secret_context: Path, out: Path) -> Path:

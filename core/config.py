@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from core.lora import LORA_TARGETS, LoraSettings
-from core.privacy import ACCOUNTANTS, DPSettings
-from core.train import TrainSettings
-from core.vit import MODEL_SIZES
+from core.adapters.lora import LORA_TARGETS, LoraSettings
+from core.model.vit import MODEL_SIZES
+from core.privacy.ledger import ACCOUNTANTS, DPSettings
+from core.training.loops import TrainSettings
 
 
 class ConfigError(ValueError):
@@ -101,7 +101,9 @@ class RunConfig:
             self._fail("in-plane-size", self.in_plane_size, "use a multiple of the patch size 16")
         if self.he and not (self.he_public_context and self.he_secret_context):
             self._fail(
-                "he", self.he, "set he-public-context and he-secret-context (core.ckks provision)"
+                "he",
+                self.he,
+                "set he-public-context and he-secret-context (fedmedvit provision)",
             )
         # Sub-settings validate their own ranges; re-raise naming the run-config keys.
         for build in (self.lora, self.training, self.privacy):

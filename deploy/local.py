@@ -501,7 +501,7 @@ def run_deployment(
         "out-dir": str(out / "run"),
     }
     if he:
-        from core.ckks import provision
+        from core.he.ckks import provision
 
         secret, public = provision(out / "he", overwrite=True)
         values |= {"he": True, "he-secret-context": str(secret), "he-public-context": str(public)}

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
 from core.config import RunConfig
-from core.site import initial_adapters
+from core.federation.rounds import initial_adapters
 from server.run_files import RunFolder
 from server.strategy import AdapterFedAvg
 
@@ -78,7 +78,7 @@ def build_strategy(cfg: RunConfig, adapters: dict[str, Tensor], fingerprint: str
     }
     if not cfg.he:
         return AdapterFedAvg(**common)
-    from core.ckks import load_public_context
+    from core.he.ckks import load_public_context
     from server.he_strategy import EncryptedAdapterFedAvg
 
     log.info(

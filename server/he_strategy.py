@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from core.ckks import (
+from core.he.ckks import (
     CkksContext,
     CkksError,
     CkksLayout,

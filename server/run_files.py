@@ -4,7 +4,7 @@ Layout (``out-dir``)::
 
     config.json                 the validated run config
     metrics.json                per round: aggregated train/eval metrics, per-site metrics, events
-    privacy.json, report.md, privacy.png    the privacy-budget report (core.report)
+    privacy.json, report.md, privacy.png    the privacy-budget report (core.privacy.report)
     checkpoints/round-NNN.safetensors       global adapters after round NNN
     checkpoints/latest.json     round, fingerprint, strategy state: what a resumed server needs
     adapters/                   final global adapters in peft format (plaintext runs only)
@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from core.adapters.lora import load_adapter_state, save_adapters
 from core.config import RunConfig
-from core.lora import load_adapter_state, save_adapters
-from core.privacy import PrivacyLedger, write_json_atomic
-from core.report import render_report, write_metrics_json, write_privacy_json
-from core.site import build_lora_model
+from core.federation.rounds import build_lora_model
+from core.io import write_json_atomic
+from core.privacy.ledger import PrivacyLedger
+from core.privacy.report import render_report, write_metrics_json, write_privacy_json
 from server.strategy import AdapterFedAvg, RoundLog
 
 LATEST = "latest.json"

@@ -23,8 +23,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from core.lora import update_problems
-from core.train import mean_metrics
+from core.adapters.lora import update_problems
+from core.training.loops import mean_metrics
 
 log = logging.getLogger(__name__)
 WEIGHT_KEY = "num-examples"

@@ -25,7 +25,7 @@ from typing import Any
 
 from core.config import RunConfig
 from core.data.phantoms import generate_hospitals
-from core.pretrain import demo_backbone
+from core.pretrain.mim import demo_backbone
 from simulations.flower_cli import RunFailed, flwr_run, local_superlink
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ def prepare_backbone(scenario: dict[str, Any], values: dict[str, Any], cache: Pa
 def provision_keys(folder: Path) -> dict[str, str]:
     """Simulation only: make the CKKS contexts beside the run. In a real deployment the
     coordinator provisions once and hands the secret context to the sites out of band."""
-    from core.ckks import provision
+    from core.he.ckks import provision
 
     secret, public = provision(folder, overwrite=True)
     return {"he-secret-context": str(secret.resolve()), "he-public-context": str(public.resolve())}

@@ -33,7 +33,7 @@ from core.data.preprocess import (
     resample_to_grid,
 )
 from core.data.readers import Volume, read_image, volume_from_array
-from core.sac import batch_degree_of_anisotropy, degree_of_anisotropy
+from core.model.sac import batch_degree_of_anisotropy, degree_of_anisotropy
 
 logger = logging.getLogger(__name__)
 

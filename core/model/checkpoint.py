@@ -1,0 +1,107 @@
+"""Backbone checkpoints as safetensors, with a content fingerprint.
+
+Every site must fine-tune adapters on the *same* frozen backbone, or averaging adapters is
+meaningless. The fingerprint (sha256 over the tensors in sorted key order, including names,
+dtypes and shapes) lets the server announce which backbone a round uses and a site prove it
+holds exactly that one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor
+
+from core.io import atomic_path
+from core.model.vit import UniversalViT, ViTConfig
+
+CHECKPOINT_FORMAT = "fedmedvit-backbone-v1"
+
+
+class BackboneError(ValueError):
+    """A backbone checkpoint is unreadable, incomplete or not the one the federation uses."""
+
+
+def backbone_state(model: UniversalViT) -> dict[str, Tensor]:
+    """The frozen part of the model: everything but the task head."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+
+
+def fingerprint(state: Mapping[str, Tensor]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor, in sorted key order."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_backbone(model: UniversalViT, path: str | Path) -> str:
+    """Write the backbone (no head) and its config; returns the fingerprint."""
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone_state(model).items()}
+    digest = fingerprint(state)
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "config": json.dumps(model.config.to_dict()),
+        "fingerprint": digest,
+    }
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+    return digest
+
+
+def read_backbone_metadata(path: str | Path) -> tuple[ViTConfig, str]:
+    """Config and recorded fingerprint of a checkpoint, without loading the tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"backbone checkpoint {path} does not exist; check the path")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise BackboneError(f"{path} is not a readable safetensors file: {err}") from err
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise BackboneError(
+            f"{path} has format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}; "
+            "write it with core.model.checkpoint.save_backbone (or import it with "
+            "core.model.convert)"
+        )
+    return ViTConfig.from_dict(json.loads(metadata["config"])), metadata["fingerprint"]
+
+
+def load_backbone(
+    path: str | Path, *, num_classes: int = 0, expected_fingerprint: str | None = None
+) -> tuple[UniversalViT, str]:
+    """Build the model from a checkpoint and verify its content; returns (model, fingerprint).
+
+    Raises BackboneError when the tensors do not hash to the recorded fingerprint (a corrupt
+    file) or to ``expected_fingerprint`` (a different backbone than the federation's).
+    """
+    config, recorded = read_backbone_metadata(path)
+    state = load_file(str(path))
+    actual = fingerprint(state)
+    if actual != recorded:
+        raise BackboneError(
+            f"{path} is corrupt: its tensors hash to {actual[:12]}..., the file records "
+            f"{recorded[:12]}...; copy the checkpoint again"
+        )
+    if expected_fingerprint is not None and actual != expected_fingerprint:
+        raise BackboneError(
+            f"backbone {path} has fingerprint {actual[:12]}..., but the federation uses "
+            f"{expected_fingerprint[:12]}...; install the coordinator's backbone checkpoint"
+        )
+    model = UniversalViT(config, num_classes=num_classes)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise BackboneError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
+    return model, actual

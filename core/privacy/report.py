@@ -1,0 +1,588 @@
+"""Privacy-budget report of a run folder, for the people who sign off on a site's privacy.
+
+``python -m core.privacy.report RUN_DIR`` reads two JSON files from ``RUN_DIR`` and writes
+``report.md``
+(tables per site and a plain-language explanation for a data-protection officer) and
+``privacy.png`` (cumulative epsilon per round per site; model quality per round), then prints
+the path of ``report.md``. Re-running it re-renders from the JSON files alone.
+
+``privacy.json`` (written by :func:`write_privacy_json` from the sites' ledgers)::
+
+    {"format": "fedmedvit.privacy-report", "version": 1,
+     "sites": {"site-a": {<PrivacyLedger.to_dict()>, "epsilon_spent": 2.99, "total_steps": 24}}}
+
+  where a ledger's dict is::
+
+    {"format": "fedmedvit.privacy-ledger", "version": 1,
+     "settings": {"target_epsilon": 3.0, "target_delta": 1e-05, "max_grad_norm": 1.0,
+                  "accountant": "rdp"},
+     "dataset_size": 40,
+     "plan": {"noise_multiplier": 2.19, "sample_rate": 0.25, "steps_per_round": 8,
+              "planned_rounds": 3} | null,
+     "history": [[noise_multiplier, sample_rate, steps], ...],          # Opacus accountant
+     "rounds": [{"round": 1, "epsilon": 1.82, "steps": 8, "noise_multiplier": 2.19,
+                 "sample_rate": 0.25, "refused": false, "reason": ""}, ...]}
+
+  ``epsilon`` of a round is cumulative (everything spent up to and including that round) at the
+  site's target delta; a refused round has ``steps`` 0, null noise and rate, and a reason.
+  ``epsilon_spent`` and ``total_steps`` are conveniences for other readers; the report uses
+  the rounds.
+
+``metrics.json`` (written by the ServerApp, see :func:`write_metrics_json`)::
+
+    {"rounds": [{"round": 1,
+                 "train": {"loss": 0.61},                                   # optional
+                 "evaluate": {"accuracy": 0.71, "auc": 0.80, "loss": 0.55},  # optional, global
+                 "sites": {"site-a": {"accuracy": 0.70, "auc": 0.79, "epsilon": 1.82}}}]}
+
+  Only ``round`` (an integer >= 1) is required. Metric values are numbers, or null when not
+  measured; any metric name is allowed. String values are labels (e.g. a site's ``"status"``)
+  and other keys of a round (e.g. ``"events"``) are ignored by the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.io import write_json_atomic, write_text_atomic
+from core.privacy.ledger import (
+    DPPlan,
+    DPSettings,
+    LedgerFormatError,
+    PrivacyLedger,
+    RoundRecord,
+)
+
+PRIVACY_FILE = "privacy.json"
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.md"
+PLOT_FILE = "privacy.png"
+REPORT_FORMAT = "fedmedvit.privacy-report"
+REPORT_VERSION = 1
+# AUC first: under DP a noisy head often predicts the majority class, so plain accuracy can sit
+# at the prevalence while the ranking (AUC) and balanced accuracy show what was learned.
+PREFERRED_METRICS = ("auc", "balanced-accuracy", "accuracy", "loss")
+DASH = "—"
+
+
+class ReportInputError(ValueError):
+    """A report input that is missing or malformed; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class SiteBudget:
+    """One site's privacy settings and per-round records, as read back from ``privacy.json``."""
+
+    name: str
+    settings: DPSettings
+    dataset_size: int
+    plan: DPPlan | None
+    total_steps: int
+    rounds: tuple[RoundRecord, ...]
+
+    @property
+    def epsilon_spent(self) -> float:
+        return self.rounds[-1].epsilon if self.rounds else 0.0
+
+    @property
+    def refused_rounds(self) -> tuple[RoundRecord, ...]:
+        return tuple(record for record in self.rounds if record.refused)
+
+
+@dataclass(frozen=True)
+class RoundMetrics:
+    """Aggregated and per-site metrics of one round (values None when not measured)."""
+
+    server_round: int
+    train: Mapping[str, float | None]
+    evaluate: Mapping[str, float | None]
+    sites: Mapping[str, Mapping[str, float | None]]
+
+
+# -- writing the inputs ----------------------------------------------------------------------
+
+
+def build_privacy_summary(ledgers: Mapping[str, PrivacyLedger]) -> dict[str, Any]:
+    """The ``privacy.json`` document for a run, from each site's ledger."""
+    sites: dict[str, Any] = {}
+    for name, ledger in ledgers.items():
+        if not isinstance(name, str) or not name:
+            raise ReportInputError(f"site names must be non-empty strings, got {name!r}")
+        records = ledger.records
+        sites[name] = {
+            **ledger.to_dict(),
+            "epsilon_spent": records[-1].epsilon if records else 0.0,
+            "total_steps": ledger.total_steps,
+        }
+    return {"format": REPORT_FORMAT, "version": REPORT_VERSION, "sites": sites}
+
+
+def write_privacy_json(
+    run_dir: str | os.PathLike[str], ledgers: Mapping[str, PrivacyLedger]
+) -> Path:
+    """Atomically write ``RUN_DIR/privacy.json`` from the sites' ledgers."""
+    return write_json_atomic(Path(run_dir) / PRIVACY_FILE, build_privacy_summary(ledgers))
+
+
+def write_metrics_json(run_dir: str | os.PathLike[str], metrics: Mapping[str, Any]) -> Path:
+    """Validate a ``metrics.json`` document against the schema, then write it atomically.
+
+    Non-finite numbers are written as null, since JSON cannot hold NaN.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    document = _finite_or_null(metrics)
+    parse_metrics(document, source=str(path))
+    return write_json_atomic(path, document)
+
+
+# -- reading the inputs ----------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise ReportInputError(
+            f"{path}: file not found; the run folder must hold {PRIVACY_FILE} and {METRICS_FILE}"
+        ) from err
+
+    def reject_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a number JSON allows")
+
+    try:
+        return json.loads(text, parse_constant=reject_constant)
+    except ValueError as err:
+        raise ReportInputError(f"{path}: not valid JSON ({err})") from err
+
+
+def _metric_map(value: object, where: str) -> dict[str, float | None]:
+    """Numbers and nulls are metrics; strings are labels (e.g. a site's status) and are skipped."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ReportInputError(f"{where}: expected an object of metrics, got {value!r}")
+    metrics: dict[str, float | None] = {}
+    for key, item in value.items():
+        if isinstance(item, str):
+            continue
+        if item is not None and (
+            isinstance(item, bool) or not isinstance(item, int | float) or not math.isfinite(item)
+        ):
+            raise ReportInputError(
+                f"{where}.{key}: expected a number, null or a string label, got {item!r}"
+            )
+        metrics[str(key)] = None if item is None else float(item)
+    return metrics
+
+
+def _finite_or_null(value: Any) -> Any:
+    """NaN/inf (e.g. a mean over no sites) become null: JSON has no NaN and means "not measured"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
+def parse_privacy(data: Any, *, source: str = PRIVACY_FILE) -> tuple[SiteBudget, ...]:
+    """Validate a ``privacy.json`` document; errors name ``source`` and the field."""
+    if not isinstance(data, Mapping):
+        raise ReportInputError(f"{source}: expected an object, got {type(data).__name__}")
+    if data.get("format", REPORT_FORMAT) != REPORT_FORMAT:
+        raise ReportInputError(
+            f"{source}: format: expected {REPORT_FORMAT!r}, got {data['format']!r}"
+        )
+    if "sites" not in data:
+        raise ReportInputError(f"{source}: sites: missing field")
+    sites = data["sites"]
+    if not isinstance(sites, Mapping) or not sites:
+        raise ReportInputError(f"{source}: sites: expected a non-empty object, got {sites!r}")
+    budgets = []
+    for name, entry in sites.items():
+        try:
+            ledger = PrivacyLedger.from_dict(entry, source=f"sites.{name}")
+        except LedgerFormatError as err:
+            raise ReportInputError(f"{source}: {err}") from err
+        budgets.append(
+            SiteBudget(
+                name=str(name),
+                settings=ledger.settings,
+                dataset_size=ledger.dataset_size,
+                plan=ledger.plan,
+                total_steps=ledger.total_steps,
+                rounds=ledger.records,
+            )
+        )
+    return tuple(budgets)
+
+
+def parse_metrics(data: Any, *, source: str = METRICS_FILE) -> tuple[RoundMetrics, ...]:
+    """Validate a ``metrics.json`` document; errors name ``source`` and the field."""
+    if not isinstance(data, Mapping) or "rounds" not in data:
+        raise ReportInputError(f"{source}: rounds: missing field (expected {{'rounds': [...]}})")
+    raw_rounds = data["rounds"]
+    if not isinstance(raw_rounds, list):
+        raise ReportInputError(f"{source}: rounds: expected a list, got {raw_rounds!r}")
+    parsed = []
+    for index, raw in enumerate(raw_rounds):
+        where = f"rounds[{index}]"
+        if not isinstance(raw, Mapping):
+            raise ReportInputError(f"{source}: {where}: expected an object, got {raw!r}")
+        server_round = raw.get("round")
+        if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 1:
+            raise ReportInputError(
+                f"{source}: {where}.round: expected an integer >= 1, got {server_round!r}"
+            )
+        try:
+            raw_sites = raw.get("sites")
+            raw_sites = {} if raw_sites is None else raw_sites
+            if not isinstance(raw_sites, Mapping):
+                raise ReportInputError(f"{where}.sites: expected an object, got {raw_sites!r}")
+            parsed.append(
+                RoundMetrics(
+                    server_round=server_round,
+                    train=_metric_map(raw.get("train"), f"{where}.train"),
+                    evaluate=_metric_map(raw.get("evaluate"), f"{where}.evaluate"),
+                    sites={
+                        str(site): _metric_map(values, f"{where}.sites.{site}")
+                        for site, values in raw_sites.items()
+                    },
+                )
+            )
+        except ReportInputError as err:
+            raise ReportInputError(f"{source}: {err}") from err
+    return tuple(parsed)
+
+
+def load_privacy(path: str | os.PathLike[str]) -> tuple[SiteBudget, ...]:
+    file = Path(path)
+    return parse_privacy(_read_json(file), source=str(file))
+
+
+def load_metrics(path: str | os.PathLike[str]) -> tuple[RoundMetrics, ...]:
+    file = Path(path)
+    return parse_metrics(_read_json(file), source=str(file))
+
+
+# -- markdown --------------------------------------------------------------------------------
+
+
+def format_epsilon(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def format_delta(value: float) -> str:
+    return f"{value:.1e}"
+
+
+def _format_optional(value: float | None, spec: str) -> str:
+    return DASH if value is None else format(value, spec)
+
+
+def _cell(text: object) -> str:
+    """Keep free text (reasons, site names) from breaking a Markdown table row."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _site_status(site: SiteBudget) -> str:
+    if site.epsilon_spent > site.settings.target_epsilon:
+        return "OVER BUDGET"
+    if site.refused_rounds:
+        return f"stopped: refused {len(site.refused_rounds)} round(s) to stay within budget"
+    return "within budget"
+
+
+DPO_EXPLANATION = """\
+## What these numbers mean
+
+This section is for a hospital's data-protection officer.
+
+- **Epsilon (ε)** measures how much the model updates a hospital sent out could reveal about
+  any single training image (sample). With guarantee (ε, δ), whether one image was used or not
+  changes the probability of anything the hospital sent by at most a factor of e^ε (about
+  2.7 for ε = 1, 20 for ε = 3, 150 for ε = 5), except with probability δ. Smaller is more
+  private. The consortium agrees each site's target before training starts.
+- **Epsilon is cumulative.** Every round that trains on the data adds to it, and it never
+  goes down. The "epsilon spent so far" column is the total from the first round up to and
+  including that row, computed by composing every training step of every round with the
+  {accountants} accountant; it is not the cost of that round alone.
+- **Delta (δ)** is the small probability that the epsilon guarantee does not hold. The
+  software refuses any delta that is not below 1 / (number of training images) at a site;
+  values around 1e-5 or smaller are usual.
+- **Noise multiplier, sample rate, steps** are the training settings that determine epsilon:
+  each step uses a random subset of images (each image included with probability "sample
+  rate"), limits every image's influence to the clipping norm and adds Gaussian noise of that
+  many times the clipping norm. Each site chooses its noise once, at the start, so that its
+  target is reached after the planned number of rounds and not before.
+- **Refused** means the site computed, *before* training, the epsilon it would reach after
+  that round; it was above the site's target, so the site did not train and sent nothing
+  derived from its data. The federation carried on with the other sites.
+
+Assumptions behind the guarantee:
+
+- **Sample-level privacy.** The guarantee protects each training image. A patient with k
+  images in the data set is protected at roughly k times the epsilon shown (group privacy).
+- **Honest-but-curious server.** The coordinator follows the protocol but may inspect what it
+  receives. The guarantee covers everything derived from the training data that leaves a
+  site, so it also holds against the server and against the other sites.
+- **Trusted local code.** Each site runs the training code as written (clipping, noise,
+  random sampling, accounting) on its own machines; the guarantee is about what leaves the
+  site, not about access to the site's systems.
+- Evaluation results a site reports (accuracy, AUC, loss on its own data) and the number of
+  training images are not covered by the epsilon above.
+"""
+
+
+def render_markdown(
+    sites: Sequence[SiteBudget],
+    metrics: Sequence[RoundMetrics],
+    *,
+    plot_name: str = PLOT_FILE,
+) -> str:
+    """The text of ``report.md``: summary, the explanation, one table per site, model quality."""
+    accountants = sorted({site.settings.accountant.upper() for site in sites})
+    lines = [
+        "# Privacy-budget report",
+        "",
+        f"![Cumulative epsilon per round and model quality]({plot_name})",
+        "",
+        "## Summary",
+        "",
+        "| Site | Epsilon spent | Target epsilon | Delta | Accountant | Clipping norm "
+        "| Dataset size | Rounds trained | Rounds refused | Status |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for site in sites:
+        trained = sum(1 for record in site.rounds if not record.refused)
+        lines.append(
+            f"| {_cell(site.name)} | {format_epsilon(site.epsilon_spent)} "
+            f"| {format_epsilon(site.settings.target_epsilon)} "
+            f"| {format_delta(site.settings.target_delta)} | {site.settings.accountant.upper()} "
+            f"| {site.settings.max_grad_norm:g} | {site.dataset_size} | {trained} "
+            f"| {len(site.refused_rounds)} | {_site_status(site)} |"
+        )
+    lines += ["", DPO_EXPLANATION.format(accountants=" / ".join(accountants))]
+    for site in sites:
+        lines += _site_section(site)
+    lines += _metrics_section(metrics)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _site_section(site: SiteBudget) -> list[str]:
+    settings = site.settings
+    lines = [f"## Site {_cell(site.name)}", ""]
+    if site.plan is not None:
+        lines += [
+            f"Planned: {site.plan.planned_rounds} rounds of {site.plan.steps_per_round} steps, "
+            f"noise multiplier {site.plan.noise_multiplier:.4f}, sample rate "
+            f"{site.plan.sample_rate:.4g}, clipping norm {settings.max_grad_norm:g}, "
+            f"{site.dataset_size} training images.",
+            "",
+        ]
+    if not site.rounds:
+        return [*lines, "No rounds recorded yet.", ""]
+    lines += [
+        "| Round | Epsilon spent so far | Target epsilon | Delta | Noise multiplier "
+        "| Sample rate | Steps | Status |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for record in site.rounds:
+        status = "refused" if record.refused else "trained"
+        lines.append(
+            f"| {record.server_round} | {format_epsilon(record.epsilon)} "
+            f"| {format_epsilon(settings.target_epsilon)} | {format_delta(settings.target_delta)} "
+            f"| {_format_optional(record.noise_multiplier, '.4f')} "
+            f"| {_format_optional(record.sample_rate, '.4g')} | {record.steps} | {status} |"
+        )
+    if site.refused_rounds:
+        lines += ["", "Refused rounds:", ""]
+        lines += [
+            f"- Round {record.server_round}: {_cell(record.reason)}"
+            for record in site.refused_rounds
+        ]
+    return [*lines, ""]
+
+
+def metric_label(name: str) -> str:
+    known = {"auc": "AUC", "balanced-accuracy": "Balanced accuracy"}
+    return known.get(name, name.replace("_", " ").capitalize())
+
+
+def _metric_names(metrics: Sequence[RoundMetrics]) -> list[str]:
+    seen = {name for row in metrics for name in row.evaluate}
+    preferred = [name for name in PREFERRED_METRICS if name in seen]
+    return preferred + sorted(seen - set(preferred))
+
+
+def _metrics_section(metrics: Sequence[RoundMetrics]) -> list[str]:
+    names = _metric_names(metrics)
+    lines = ["## Global model quality per round", ""]
+    if not names:
+        return [*lines, "No aggregated evaluation metrics were recorded.", ""]
+    lines += [
+        "| Round | " + " | ".join(_cell(metric_label(name)) for name in names) + " |",
+        "|---:|" + "---:|" * len(names),
+    ]
+    for row in metrics:
+        cells = [_format_optional(row.evaluate.get(name), ".4f") for name in names]
+        lines.append(f"| {row.server_round} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+# -- plot ------------------------------------------------------------------------------------
+
+
+def choose_metric(metrics: Sequence[RoundMetrics]) -> str:
+    """The first of PREFERRED_METRICS that was measured: the panel shows what exists."""
+    for name in PREFERRED_METRICS:
+        for row in metrics:
+            values = [row.evaluate.get(name), *(site.get(name) for site in row.sites.values())]
+            if any(value is not None for value in values):
+                return name
+    return PREFERRED_METRICS[0]
+
+
+def render_plot(
+    sites: Sequence[SiteBudget],
+    metrics: Sequence[RoundMetrics],
+    path: str | os.PathLike[str],
+    *,
+    metric: str | None = None,
+) -> Path:
+    """Left: cumulative epsilon per round per site with dashed targets. Right: model quality."""
+    # Figure + Agg canvas directly: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    metric = metric or choose_metric(metrics)
+    figure = Figure(figsize=(12, 4.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    eps_axes, metric_axes = figure.subplots(1, 2)
+    colors = {site.name: f"C{index % 10}" for index, site in enumerate(sites)}
+
+    for site in sites:
+        color = colors[site.name]
+        rounds = [record.server_round for record in site.rounds]
+        eps_axes.plot(
+            rounds,
+            [record.epsilon for record in site.rounds],
+            marker="o",
+            color=color,
+            label=site.name,
+        )
+        refused = site.refused_rounds
+        if refused:
+            eps_axes.plot(
+                [record.server_round for record in refused],
+                [record.epsilon for record in refused],
+                linestyle="none",
+                marker="x",
+                markersize=10,
+                color=color,
+                label=f"{site.name} refused",
+            )
+        eps_axes.axhline(
+            site.settings.target_epsilon,
+            linestyle="--",
+            color=color,
+            linewidth=1,
+            label=f"{site.name} target ({format_epsilon(site.settings.target_epsilon)})",
+        )
+    eps_axes.set_title("Privacy budget spent (cumulative)")
+    eps_axes.set_xlabel("Round")
+    eps_axes.set_ylabel("Epsilon at each site's delta")
+    eps_axes.set_ylim(bottom=0)
+    eps_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    eps_axes.legend(fontsize="small")
+
+    plotted = False
+    site_names = sorted({name for row in metrics for name in row.sites})
+    extra_colors = iter(f"C{index % 10}" for index in range(len(colors), len(colors) + 100))
+    for name in site_names:
+        points = [
+            (row.server_round, row.sites[name][metric])
+            for row in metrics
+            if name in row.sites and row.sites[name].get(metric) is not None
+        ]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            color = colors.get(name) or next(extra_colors)
+            metric_axes.plot(xs, ys, marker=".", alpha=0.75, color=color, label=name)
+            plotted = True
+    global_points = [
+        (row.server_round, row.evaluate[metric])
+        for row in metrics
+        if row.evaluate.get(metric) is not None
+    ]
+    if global_points:
+        xs, ys = zip(*global_points, strict=True)
+        metric_axes.plot(xs, ys, marker="o", color="black", linewidth=2.5, label="global")
+        plotted = True
+    label = metric_label(metric)
+    metric_axes.set_title(f"{label} per round")
+    metric_axes.set_xlabel("Round")
+    metric_axes.set_ylabel(label)
+    metric_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if plotted:
+        metric_axes.legend(fontsize="small")
+    else:
+        metric_axes.text(
+            0.5, 0.5, f"no {label} recorded", ha="center", transform=metric_axes.transAxes
+        )
+
+    target = Path(path)
+    figure.savefig(target, dpi=110)
+    return target
+
+
+# -- entry points ----------------------------------------------------------------------------
+
+
+def render_report(run_dir: str | os.PathLike[str], *, metric: str | None = None) -> Path:
+    """Re-render ``report.md`` and ``privacy.png`` in ``run_dir`` from its JSON files."""
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        raise ReportInputError(f"{folder}: not a directory; pass the run folder")
+    sites = load_privacy(folder / PRIVACY_FILE)
+    metrics = load_metrics(folder / METRICS_FILE)
+    render_plot(sites, metrics, folder / PLOT_FILE, metric=metric)
+    return write_text_atomic(
+        folder / REPORT_FILE, render_markdown(sites, metrics, plot_name=PLOT_FILE)
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m core.privacy.report",
+        description=f"Render {REPORT_FILE} and {PLOT_FILE} from a run folder's "
+        f"{PRIVACY_FILE} and {METRICS_FILE}.",
+    )
+    parser.add_argument("run_dir", help="the run folder")
+    parser.add_argument(
+        "--metric",
+        default=None,
+        help="metric for the right panel (default: auc, else balanced-accuracy, accuracy, loss)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        report = render_report(args.run_dir, metric=args.metric)
+    except ReportInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,423 @@
+"""The real deployment: container files checked against the real Flower CLI, and the same
+deployment run as local processes (TLS, registered SuperNodes, separate app processes).
+
+No Docker daemon exists here, so the compose file and Dockerfile are checked statically: every
+flag they pass must exist in the installed ``flower-superlink``/``flower-supernode``/
+``flower-superexec``/``flwr`` (flags come and go between Flower releases), images must pin our
+flwr version, and each hospital's mounts must match the paths its node config and the run
+config name. Then ``deploy.local`` runs the deployment for real on loopback, with one
+SuperNode whose key was never registered; the SuperLink must refuse it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shlex
+import subprocess
+import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+from core.config import RunConfig
+from deploy import local
+from deploy.pki import make_ca, make_node_key, make_server_cert
+from simulations.flower_cli import BIN
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+DEPLOY_DIR = "/srv/deploy"  # stands in for ${DEPLOY_DIR} when the compose file is read
+HOSPITALS = ("hospital-1", "hospital-2", "hospital-3")
+APP_IMAGE_ENTRYPOINT = "flower-superexec"
+STOCK_ENTRYPOINTS = {"flwr/superlink": "flower-superlink", "flwr/supernode": "flower-supernode"}
+OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?error}``, as compose reads them."""
+
+    def replace(match: re.Match[str]) -> str:
+        name, op, arg = match[1], match[2], match[3]
+        if env.get(name):
+            return env[name]
+        if op == ":-":
+            return arg or ""
+        raise AssertionError(f"${{{name}}} is required: {arg}")
+
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", replace, text)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    text = interpolate((DEPLOY / "compose.yaml").read_text(), {"DEPLOY_DIR": DEPLOY_DIR})
+    return yaml.safe_load(text)
+
+
+@pytest.fixture(scope="module")
+def run_config() -> dict:
+    with (DEPLOY / "run-config.toml").open("rb") as handle:
+        return tomllib.load(handle)
+
+
+@pytest.fixture(scope="module")
+def pyproject() -> dict:
+    with (ROOT / "pyproject.toml").open("rb") as handle:
+        return tomllib.load(handle)
+
+
+@functools.cache
+def cli_options(*command: str) -> frozenset[str]:
+    """Every ``--option`` the installed CLI's ``--help`` lists."""
+    env = os.environ | {"COLUMNS": "200", "NO_COLOR": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    out = subprocess.run(
+        [str(BIN / command[0]), *command[1:], "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    options = frozenset(OPTION.findall(out.stdout))
+    assert "--help" in options, f"{command} --help printed no options:\n{out.stdout}{out.stderr}"
+    return options
+
+
+def flags(arguments: list[str]) -> list[str]:
+    return [arg.split("=", 1)[0] for arg in arguments if arg.startswith("--")]
+
+
+def option_values(arguments: list[str]) -> dict[str, str]:
+    """``--flag=value`` and ``--flag value`` forms; bare flags map to ''."""
+    values: dict[str, str] = {}
+    for i, arg in enumerate(arguments):
+        if not arg.startswith("--"):
+            continue
+        if "=" in arg:
+            key, value = arg.split("=", 1)
+        else:
+            following = arguments[i + 1] if i + 1 < len(arguments) else ""
+            key, value = arg, "" if following.startswith("--") else following
+        values[key] = value
+    return values
+
+
+def mounts(service: dict) -> dict[str, tuple[str, bool]]:
+    """Container path -> (host path, read-only) for a service's short-syntax volumes."""
+    result = {}
+    for volume in service.get("volumes", []):
+        parts = volume.split(":")
+        assert len(parts) in (2, 3), volume
+        result[parts[1]] = (parts[0], len(parts) == 3 and parts[2] == "ro")
+    return result
+
+
+def mounted_at(service: dict, path: str) -> tuple[str, bool] | None:
+    """The mount that provides container ``path`` (the path itself or a parent folder)."""
+    target = PurePosixPath(path)
+    for container, (host, read_only) in mounts(service).items():
+        if target == PurePosixPath(container) or PurePosixPath(container) in target.parents:
+            return host, read_only
+    return None
+
+
+def entrypoint(service: dict) -> str:
+    image = service["image"].split(":")[0]
+    if image in STOCK_ENTRYPOINTS:
+        return STOCK_ENTRYPOINTS[image]
+    assert "build" in service and service["build"]["dockerfile"] == "deploy/app.Dockerfile"
+    return APP_IMAGE_ENTRYPOINT
+
+
+def _installed(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+# --- static checks of the container files -------------------------------------------------
+
+
+def test_images_pin_the_flwr_version_in_use(compose, pyproject):
+    version = _installed("flwr")
+    assert f"flwr[simulation]=={version}" in pyproject["project"]["dependencies"]
+    for service in compose["services"].values():
+        if "build" not in service:
+            assert service["image"] in (f"flwr/superlink:{version}", f"flwr/supernode:{version}")
+    dockerfile = (DEPLOY / "app.Dockerfile").read_text()
+    assert f"ARG FLWR_VERSION={version}\n" in dockerfile
+    assert "FROM flwr/superexec:${FLWR_VERSION}-${PYTHON_TAG}" in dockerfile
+    # The package requires Python 3.11; the bare superexec tag is a newer Python.
+    assert pyproject["project"]["requires-python"] == ">=3.11,<3.12"
+    assert "ARG PYTHON_TAG=py3.11-ubuntu24.04" in dockerfile
+    assert f'ENTRYPOINT ["{APP_IMAGE_ENTRYPOINT}"]' in dockerfile
+
+
+def test_app_image_installs_cpu_torch_first_then_the_package(pyproject):
+    dockerfile = (DEPLOY / "app.Dockerfile").read_text()
+    torch_pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("torch=="))
+    torch_line = dockerfile.index(f'pip install --no-cache-dir "{torch_pin}" --index-url')
+    package_line = dockerfile.index("pip install --no-cache-dir .")
+    assert torch_line < package_line
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
+    # The sed that drops the [simulation] extra must match the real dependency line.
+    sed = re.search(r"sed -i 's/(.+?)/(.+?)/' pyproject.toml", dockerfile)
+    assert sed is not None
+    pattern = sed[1].replace("\\[", "[").replace("\\]", "]")
+    assert any(d.startswith(pattern.strip('"')) for d in pyproject["project"]["dependencies"])
+    # Everything COPY'd must survive the Dockerfile's ignore file, and nothing else is sent.
+    ignore = [
+        line.strip()
+        for line in (DEPLOY / "app.Dockerfile.dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert ignore[0] == "*"  # exclude everything, then allow back what the image needs
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    copied = re.findall(r"^COPY --chown=app:app (.+) \S+$", dockerfile, flags=re.M)
+    assert {name for line in copied for name in line.split()} == allowed
+
+
+def test_every_flag_in_the_compose_file_exists_in_the_installed_cli(compose, help_pages):
+    for name, service in compose["services"].items():
+        command = service["command"]
+        unknown = set(flags(command)) - cli_options(entrypoint(service))
+        assert not unknown, f"{name}: {entrypoint(service)} has no {sorted(unknown)}"
+
+
+def test_every_flag_in_the_local_deployment_exists_in_the_installed_cli(tmp_path, help_pages):
+    site = local.Site(
+        name="h",
+        data_dir=tmp_path,
+        state_dir=tmp_path,
+        private_key=tmp_path / "k",
+        public_key=tmp_path / "k.pub",
+        runtime_port=9094,
+        superexec_secret=tmp_path / "s",
+    )
+    commands = [
+        local.superlink_command(8000, tmp_path, tmp_path / "db", tmp_path / "s"),
+        local.supernode_command(site, "127.0.0.1:8000", tmp_path / "ca.pem"),
+        local.superexec_command("127.0.0.1:8000", tmp_path / "s", tmp_path / "ca.pem"),
+        local.superexec_command("127.0.0.1:9094", tmp_path / "s", None),
+    ]
+    for command in commands:
+        unknown = set(flags(command[1:])) - cli_options(Path(command[0]).name)
+        assert not unknown, f"{command[0]} has no {sorted(unknown)}"
+    assert set(flags(["--name"])) <= cli_options("flwr", "supernode", "register")
+
+
+def readme_commands() -> list[tuple[tuple[str, ...], list[str]]]:
+    """(CLI command, words) for every ``flwr``/``python -m`` line in the README's bash blocks."""
+    readme = (DEPLOY / "README.md").read_text()
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.split(" #")[0])
+            if words[:1] == ["flwr"]:
+                found.append((tuple(words[: 3 if words[1] == "supernode" else 2]), words))
+            elif words[:2] == ["python", "-m"]:
+                has_subcommand = len(words) > 3 and not words[3].startswith("-")
+                found.append((tuple(words[: 4 if has_subcommand else 3]), words))
+    return found
+
+
+@pytest.fixture(scope="module")
+def help_pages(compose):
+    """Read every ``--help`` these tests need in parallel (each CLI start costs seconds)."""
+    commands = {(entrypoint(service),) for service in compose["services"].values()}
+    commands |= {("flower-superlink",), ("flower-supernode",), ("flower-superexec",)}
+    commands |= {("flwr", "supernode", "register")} | {c for c, _ in readme_commands()}
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        list(pool.map(lambda command: cli_options(*command), sorted(commands)))
+
+
+def test_flwr_commands_in_the_readme_use_real_flags(help_pages):
+    commands = readme_commands()
+    for command, words in commands:
+        unknown = set(flags(words)) - cli_options(*command)
+        assert not unknown, f"README: {' '.join(command)} has no {sorted(unknown)}"
+    assert len(commands) >= 8
+
+
+def test_coordinator_runs_tls_with_supernode_auth(compose, run_config):
+    superlink = compose["services"]["superlink"]
+    options = option_values(superlink["command"])
+    assert "--insecure" not in options and "--enable-supernode-auth" in options
+    assert options["--isolation"] == "process"
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
+        mount = mounted_at(superlink, options[flag])
+        assert mount is not None and mount[1], f"superlink {flag} is not mounted read-only"
+    assert mounted_at(superlink, options["--superexec-auth-secret-file"]) is not None
+    database = mounted_at(superlink, options["--database"])
+    assert database == (f"{DEPLOY_DIR}/coordinator/state", False)  # persisted, writable
+
+    serverapp = compose["services"]["serverapp"]
+    options = option_values(serverapp["command"])
+    assert "--insecure" not in options
+    assert (
+        options["--runtime-api-address"]
+        == f"superlink:{option_values(superlink['command'])['--port']}"
+    )
+    assert mounted_at(serverapp, options["--root-certificates"])[1]
+    public = mounted_at(serverapp, run_config["he-public-context"])
+    assert public is not None and public[1] and public[0].endswith("server_public.ctx")
+    out_dir = mounted_at(serverapp, run_config["out-dir"])
+    assert out_dir is not None and not out_dir[1]
+    # The coordinator never holds the sites' secret key or their data.
+    for service in (superlink, serverapp):
+        assert not any(
+            "secret.ctx" in host or "/data" in host for host, _ in mounts(service).values()
+        )
+    assert serverapp["networks"] == ["coordinator"]
+
+
+@pytest.mark.parametrize("hospital", HOSPITALS)
+def test_each_hospital_mounts_its_own_folders_where_its_node_config_points(
+    compose, run_config, hospital
+):
+    supernode = compose["services"][f"{hospital}-supernode"]
+    clientapp = compose["services"][f"{hospital}-clientapp"]
+    own = f"{DEPLOY_DIR}/{hospital}/"
+    node = option_values(supernode["command"])
+    assert "--insecure" not in node and node["--isolation"] == "process"
+    assert node["--superlink"] == "superlink:8000"
+    key = mounted_at(supernode, node["--auth-supernode-private-key"])
+    assert key is not None and key[1] and key[0].startswith(own)
+    ca = mounted_at(supernode, node["--root-certificates"])
+    assert ca is not None and ca[1] and ca[0] == f"{own}certificates/ca.pem"
+
+    from flwr.common.config import parse_config_args  # Flower's own --node-config parser
+
+    node_config = parse_config_args([node["--node-config"]])
+    assert node_config["site-name"] == hospital
+    data = mounted_at(clientapp, node_config["data-dir"])
+    state = mounted_at(clientapp, node_config["state-dir"])
+    secret = mounted_at(clientapp, run_config["he-secret-context"])
+    assert data == (f"{own}data", True), "data: this hospital's folder, read-only"
+    assert state == (f"{own}state", False), "state (privacy ledger): own folder, writable"
+    assert secret == (f"{own}he/site_secret.ctx", True), "HE secret context: own copy, read-only"
+    assert all(host.startswith(own) for host, _ in mounts(clientapp).values())
+    assert all(host.startswith(own) for host, _ in mounts(supernode).values())
+
+    # The ClientApp talks only to its own SuperNode, over the hospital's private network.
+    app = option_values(clientapp["command"])
+    assert app["--runtime-api-address"] == f"{hospital}-supernode:{node['--port']}"
+    assert node["--superexec-auth-secret-file"] == app["--superexec-auth-secret-file"]
+    assert clientapp["networks"] == [hospital]
+    assert set(supernode["networks"]) == {"fleet", hospital}
+    others = {name for name, s in compose["services"].items() if hospital in s["networks"]}
+    assert others == {f"{hospital}-supernode", f"{hospital}-clientapp"}
+
+
+def test_every_container_path_in_a_command_is_mounted(compose):
+    for name, service in compose["services"].items():
+        for value in option_values(service["command"]).values():
+            if value.startswith("/app/"):
+                assert mounted_at(service, value) is not None, f"{name}: {value} not mounted"
+
+
+def test_deployment_run_config_is_valid(run_config, pyproject):
+    assert set(run_config) <= set(pyproject["tool"]["flwr"]["app"]["config"])
+    cfg = RunConfig.from_flat(run_config)
+    assert cfg.he and cfg.dp and cfg.min_available_nodes == len(HOSPITALS)
+
+
+# --- certificates and node keys -------------------------------------------------------------
+
+
+def test_server_certificate_and_node_keys_are_what_flower_reads(tmp_path):
+    make_ca(tmp_path / "ca")
+    files = make_server_cert(tmp_path / "ca", tmp_path / "certs", ["superlink", "10.0.0.5"])
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "superlink"} <= set(names.get_values_for_type(x509.DNSName))
+    ips = {str(ip) for ip in names.get_values_for_type(x509.IPAddress)}
+    assert ips == {"127.0.0.1", "10.0.0.5"}
+    for private in (files.key, tmp_path / "ca" / "ca.key"):
+        assert private.stat().st_mode & 0o777 == 0o600
+
+    from flwr.cli.supernode.register import try_load_public_key  # imports typer: warns
+
+    public = make_node_key(tmp_path / "keys" / "node.key")
+    assert try_load_public_key(public)  # exactly what `flwr supernode register` runs
+    key = load_ssh_private_key((tmp_path / "keys" / "node.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert (tmp_path / "keys" / "node.key").stat().st_mode & 0o777 == 0o600
+
+
+# --- the deployment, for real, on loopback ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """Three phantom hospitals, two rounds, DP on, plus one SuperNode nobody registered."""
+    out = tmp_path_factory.mktemp("deploy")
+    try:
+        return local.run_deployment(out, sites=3, rounds=2, intruder=True, quiet=True, timeout=600)
+    except (local.DeploymentError, local.RunFailed) as err:
+        logs = "\n".join(
+            f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:])
+            for p in sorted((out / "logs").glob("*.log"))
+        )
+        pytest.fail(f"local deployment failed: {err}\n{logs}")
+
+
+def test_local_tls_deployment_with_registered_nodes_completes(deployment):
+    logs = deployment.out / "logs"
+    assert deployment.run_id > 0  # flwr list said finished:completed
+    assert "Uvicorn running on https://127.0.0.1:" in (logs / "superlink.log").read_text()
+    superlink_log = (logs / "superlink.log").read_text()
+    for name, node_id in deployment.node_ids.items():
+        assert f"Activated node_id={node_id}" in superlink_log, f"{name} never authenticated"
+
+    metrics = json.loads((deployment.run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for entry in metrics["rounds"]:
+        assert entry["status"] == {name: "trained" for name in deployment.node_ids}
+    privacy = json.loads((deployment.run_dir / "privacy.json").read_text())
+    assert set(privacy["sites"]) == set(deployment.node_ids)
+    for name in deployment.node_ids:  # the ledger went to the node config's state-dir
+        ledger = deployment.out / "state" / name / "privacy-ledger.json"
+        assert ledger.is_file()
+        spent = [r["epsilon"] for r in privacy["sites"][name]["rounds"]]
+        assert len(spent) == 2 and 0 < spent[0] < spent[1] <= 8.0 + 1e-9
+
+
+def test_a_supernode_with_an_unregistered_key_is_refused(deployment):
+    intruder = deployment.intruder
+    assert intruder is not None
+    assert intruder.exit_code not in (None, 0), intruder.log[-2000:]
+    assert "Failed to activate SuperNode" in intruder.log
+    assert intruder.superlink_refusals, "the SuperLink logged no refusal"
+    assert not intruder.listed and intruder.refused
+    metrics = json.loads((deployment.run_dir / "metrics.json").read_text())
+    for entry in metrics["rounds"]:
+        assert set(entry["status"]) == set(deployment.node_ids)  # the run went on without it
+
+
+def test_every_process_the_deployment_started_is_gone(deployment):
+    started = 1 + 1 + 3 * 2 + 1  # superlink, serverapp, 3 x (supernode, clientapp), intruder
+    assert len(deployment.processes) >= started
+    alive = [pid for pid, at in deployment.processes.items() if local.is_running(pid, at)]
+    assert not alive, f"still running: {alive}"
+
+
+@pytest.mark.slow
+def test_local_deployment_with_encrypted_aggregation(tmp_path):
+    result = local.run_deployment(tmp_path, sites=3, rounds=2, he=True, quiet=True, timeout=900)
+    config = json.loads((result.run_dir / "config.json").read_text())
+    assert config["he"] is True
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert all(set(e["status"].values()) == {"trained"} for e in metrics["rounds"])
+    assert not (result.run_dir / "adapters").exists()  # only the sites can decrypt

@@ -1,0 +1,192 @@
+"""The federated job through Flower's real Simulation Engine (flwr run, SuperLink, Ray).
+
+Two tiny phantom hospitals, two rounds, DP on. The run must really complete (checked with
+``flwr list``, not the exit code), only adapter keys may travel, epsilon must rise each round,
+and the run folder must hold a sane report. A second run plans the noise for one round and
+runs two: every site refuses round 2 to stay within budget, and the server carries on.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core.config import RunConfig
+from core.federation.rounds import initial_adapters
+from core.model.checkpoint import load_backbone
+from simulations.run import load_scenario, run_scenario
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+SMALL = {
+    "num-server-rounds": 2,
+    "model-size": "micro",
+    "in-plane-size": 32,
+    "batch-size": 8,
+    "learning-rate": 0.003,
+    "target-epsilon": 8.0,
+    "min-train-nodes": 2,
+}
+# The default scenario's shape on 2 tiny sites, from a briefly pretrained demo backbone.
+PHANTOMS = {"phantoms": {"preset": "many", "n-sites": 2, "seed": 3}, "pretrain": {"steps": 3}}
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("phantoms")
+
+
+def run(tmp_path, data_cache, **overrides):
+    scenario = load_scenario("default") | PHANTOMS
+    out = tmp_path / "run"
+    run_scenario(
+        scenario, overrides=SMALL | overrides, out_dir=out, data_cache=data_cache, quiet=True
+    )
+    return out
+
+
+def test_two_sites_two_rounds_with_dp(tmp_path, data_cache):
+    out = run(tmp_path, data_cache)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for entry in metrics["rounds"]:
+        assert set(entry["status"].values()) == {"trained"} and len(entry["status"]) == 2
+        assert 0.0 <= entry["evaluate"]["accuracy"] <= 1.0
+
+    # The run federated from the pretrained demo backbone, and announced its fingerprint.
+    cfg_values = json.loads((out / "config.json").read_text())
+    backbone = data_cache / "backbone-micro-steps3-seed0" / "backbone.safetensors"
+    assert cfg_values["backbone"] == str(backbone.resolve())
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    assert latest["backbone_fingerprint"] == load_backbone(backbone)[1]
+
+    # Only the adapter wire format travelled: the checkpoint holds exactly its keys.
+    cfg = RunConfig.from_flat(json.loads((out / "config.json").read_text()))
+    reference, _ = initial_adapters(cfg)
+    saved = load_file(str(out / "checkpoints" / "round-002.safetensors"))
+    assert set(saved) == set(reference)
+    assert all(".lora_B." in k or k.startswith("head.") for k in saved)  # FFA: no A, no backbone
+    assert not torch.equal(saved["head.weight"], reference["head.weight"])  # it trained
+
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert len(privacy["sites"]) == 2
+    for site in privacy["sites"].values():
+        eps = [r["epsilon"] for r in site["rounds"]]
+        assert len(eps) == 2 and 0 < eps[0] < eps[1] <= 8.0 + 1e-9
+        assert site["plan"]["planned_rounds"] == 2
+    report = (out / "report.md").read_text()
+    assert "Epsilon spent" in report and "data-protection officer" in report
+    assert (out / "privacy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "adapters" / "adapter_model.safetensors").is_file()
+
+
+def test_sites_refuse_a_round_past_their_budget_and_the_server_carries_on(tmp_path, data_cache):
+    out = run(tmp_path, data_cache, **{"dp-planned-rounds": 1})
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["rounds"][0]["status"].values()) == {"trained"}
+    assert set(metrics["rounds"][1]["status"].values()) == {"refused"}
+    events = metrics["rounds"][1]["events"]
+    assert events and all("above the site's target" in e["reason"] for e in events)
+    first = load_file(str(out / "checkpoints" / "round-001.safetensors"))
+    second = load_file(str(out / "checkpoints" / "round-002.safetensors"))
+    assert all(torch.equal(first[k], second[k]) for k in first)  # nothing new was averaged
+    privacy = json.loads((out / "privacy.json").read_text())
+    for site in privacy["sites"].values():
+        assert [r["refused"] for r in site["rounds"]] == [False, True]
+        assert site["rounds"][1]["epsilon"] == site["rounds"][0]["epsilon"] <= 8.0
+    assert "refused" in (out / "report.md").read_text()
+
+
+def test_encrypted_run_matches_the_plaintext_run_without_dp_noise(tmp_path, data_cache):
+    """Same seed, no DP noise: the HE run ends with the plaintext run's adapters (CKKS error
+    ~1e-11 relative), and a site can decrypt the server's encrypted result."""
+    from peft import PeftModel
+
+    from client.decrypt import decrypt_run
+    from core.adapters.lora import adapter_state
+    from core.federation.rounds import build_backbone
+
+    sgd = {"dp": False, "optimizer": "sgd", "learning-rate": 0.05}  # linear in the gradients
+    plain = run(tmp_path / "plain", data_cache, **sgd)
+    encrypted = run(tmp_path / "he", data_cache, he=True, **sgd)
+    stored = load_file(str(encrypted / "checkpoints" / "round-002.safetensors"))
+    assert all(v.dtype == torch.uint8 for v in stored.values())  # only ciphertext on the server
+    assert not (encrypted / "adapters").exists()
+
+    decrypted_dir = decrypt_run(
+        encrypted, encrypted / "he-keys" / "site_secret.ctx", tmp_path / "d"
+    )
+    cfg = RunConfig.from_flat(json.loads((plain / "config.json").read_text()))
+    backbone, _ = build_backbone(cfg)
+    he_model = PeftModel.from_pretrained(backbone, str(decrypted_dir))
+    he_state = adapter_state(he_model)
+    plain_state = load_file(str(plain / "checkpoints" / "round-002.safetensors"))
+    assert set(plain_state) <= set(he_state)  # peft's files also hold the frozen A
+    for key, value in plain_state.items():
+        torch.testing.assert_close(he_state[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_server_killed_after_round_2_resumes_bitwise_identically(tmp_path, data_cache, monkeypatch):
+    """Kill the ServerApp process after round 2 of a real run, resume from the run folder: the
+    final global adapters are bitwise identical to an uninterrupted run, and each site's
+    accountant continues from its ledger on disk (no epsilon lost, none counted twice)."""
+    from simulations.flower_cli import RunFailed
+
+    three = {"num-server-rounds": 3}
+    straight = run(
+        tmp_path / "straight", data_cache, **three, **{"state-root": str(tmp_path / "s1")}
+    )
+
+    # The same hospitals run the study again: same site secrets (DP seeds), fresh ledgers.
+    for secret in (tmp_path / "s1").glob("*/site-secret"):
+        copy = tmp_path / "s2" / secret.parent.name / "site-secret"
+        copy.parent.mkdir(parents=True)
+        shutil.copy2(secret, copy)
+    crashed_state = {"state-root": str(tmp_path / "s2")}
+    monkeypatch.setenv("FEDMEDVIT_FAULT_EXIT_AFTER_ROUND", "2")
+    with pytest.raises(RunFailed):
+        run(tmp_path / "crash", data_cache, **three, **crashed_state)
+    monkeypatch.delenv("FEDMEDVIT_FAULT_EXIT_AFTER_ROUND")
+    out = tmp_path / "crash" / "run"
+    assert not (out / "checkpoints" / "round-003.safetensors").exists()
+    resumed = run(tmp_path / "crash", data_cache, **three, **crashed_state, resume=True)
+
+    final_a = load_file(str(straight / "checkpoints" / "round-003.safetensors"))
+    final_b = load_file(str(resumed / "checkpoints" / "round-003.safetensors"))
+    assert final_a.keys() == final_b.keys()
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+    eps_a = json.loads((straight / "privacy.json").read_text())["sites"]
+    eps_b = json.loads((resumed / "privacy.json").read_text())["sites"]
+    for name in eps_a:
+        assert [r["round"] for r in eps_b[name]["rounds"]] == [1, 2, 3]
+        assert [r["epsilon"] for r in eps_b[name]["rounds"]] == [
+            r["epsilon"] for r in eps_a[name]["rounds"]
+        ]
+    rounds = json.loads((resumed / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("he", [False, True], ids=["plaintext", "he"])
+def test_a_site_dies_and_another_sends_garbage_the_round_goes_on(tmp_path, he, monkeypatch):
+    """Three real ClientApps: one crashes mid-round, one sends a corrupt update (NaN, or a
+    tampered ciphertext under HE); the server leaves both out with a logged reason and the
+    round completes with the remaining site."""
+    bad = "tamper" if he else "nan"
+    monkeypatch.setenv("FEDMEDVIT_FAULT", f"crash:site-000-ct,{bad}:site-001-mr")
+    scenario = load_scenario("default") | {"phantoms": {"preset": "many", "n-sites": 3, "seed": 5}}
+    del scenario["pretrain"]  # a random backbone: faults, not learning, are under test
+    out = tmp_path / "run"
+    overrides = SMALL | {"num-server-rounds": 1, "min-train-nodes": 3, "he": he}
+    run_scenario(scenario, overrides=overrides, out_dir=out, data_cache=tmp_path, quiet=True)
+    entry = json.loads((out / "metrics.json").read_text())["rounds"][0]
+    # The crashed site replied with an error only, so the server knows it by node id.
+    assert sorted(entry["status"].values()) == ["error", "rejected", "trained"]
+    assert entry["status"]["site-002-xr"] == "trained"
+    assert entry["status"]["site-001-mr"] == "rejected"
+    reasons = " ".join(e["reason"] for e in entry["events"])
+    assert "dies mid-round" in reasons
+    assert ("digest" in reasons or "ciphertext" in reasons) if he else "NaN" in reasons
+    assert (out / "checkpoints" / "round-001.safetensors").is_file()

@@ -1,0 +1,229 @@
+"""Privacy-budget report: files, exact numbers in the tables, the CLI and its errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.privacy.ledger import DPPlan, DPSettings, PrivacyLedger, epsilon_of_history
+from core.privacy.report import (
+    METRICS_FILE,
+    PLOT_FILE,
+    PRIVACY_FILE,
+    REPORT_FILE,
+    ReportInputError,
+    choose_metric,
+    format_epsilon,
+    load_privacy,
+    parse_metrics,
+    render_report,
+    write_metrics_json,
+    write_privacy_json,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NOISE, RATE, STEPS = 1.2, 0.1, 10
+
+
+@pytest.fixture(scope="module")
+def ledgers() -> dict[str, PrivacyLedger]:
+    """Site A runs out of budget in round 3; site B, with a looser budget, trains throughout."""
+    eps_two_rounds = epsilon_of_history([(NOISE, RATE, 2 * STEPS)], "rdp", 1e-5)
+    tight = DPSettings(target_epsilon=eps_two_rounds + 0.05, target_delta=1e-5, max_grad_norm=1.0)
+    site_a = PrivacyLedger(
+        tight, dataset_size=500, plan=DPPlan(NOISE, RATE, STEPS, planned_rounds=2)
+    )
+    site_b = PrivacyLedger(
+        DPSettings(target_epsilon=8.0, target_delta=1e-6, max_grad_norm=0.5), dataset_size=2000
+    )
+    for server_round in (1, 2, 3):
+        decision = site_a.check_budget(NOISE, RATE, STEPS)
+        if decision.allowed:
+            site_a.record_round(server_round, NOISE, RATE, STEPS)
+        else:
+            site_a.record_refusal(server_round, decision.reason)
+        site_b.record_round(server_round, 0.9, 0.05, 20)
+    return {"site-a": site_a, "site|b": site_b}
+
+
+def _metrics() -> dict:
+    return {
+        "rounds": [
+            {
+                "round": server_round,
+                "train": {"loss": 1.0 / server_round},
+                "evaluate": {"accuracy": 0.5 + 0.1 * server_round, "auc": 0.6, "loss": None},
+                "sites": {
+                    "site-a": {"accuracy": 0.5 + 0.05 * server_round, "auc": 0.55},
+                    "site|b": {"accuracy": 0.6, "auc": 0.65, "epsilon": 1.0},
+                },
+            }
+            for server_round in (1, 2, 3)
+        ]
+    }
+
+
+@pytest.fixture
+def run_dir(tmp_path, ledgers) -> Path:
+    write_privacy_json(tmp_path, ledgers)
+    write_metrics_json(tmp_path, _metrics())
+    return tmp_path
+
+
+def test_report_tables_carry_the_exact_epsilons(run_dir, ledgers):
+    report = render_report(run_dir)
+    assert report == run_dir / REPORT_FILE
+    text = report.read_text(encoding="utf-8")
+    site_a = ledgers["site-a"]
+    first, second, refused = site_a.records
+    target = format_epsilon(site_a.settings.target_epsilon)
+    trained = "1.2000 | 0.1 | 10 | trained"
+    assert f"| 1 | {format_epsilon(first.epsilon)} | {target} | 1.0e-05 | {trained} |" in text
+    assert f"| 2 | {format_epsilon(second.epsilon)} | {target} | 1.0e-05 | {trained} |" in text
+    assert (
+        f"| 3 | {format_epsilon(second.epsilon)} | {target} | 1.0e-05 | — | — | 0 | refused |"
+        in text
+    )
+    assert refused.refused and f"- Round 3: {refused.reason}" in text
+    for record in ledgers["site|b"].records:
+        assert (
+            f"| {record.server_round} | {format_epsilon(record.epsilon)} | 8.000 | 1.0e-06 |"
+            in text
+        )
+    assert "## Site site\\|b" in text  # a pipe in a site name cannot break the table
+    assert "Epsilon is cumulative" in text and "honest-but-curious" in text.lower()
+    assert "| Round | AUC | Accuracy | Loss |" in text
+    assert "| 3 | 0.6000 | 0.8000 | — |" in text  # global AUC, accuracy, loss per round
+
+
+def test_plot_is_a_png_image(run_dir):
+    from PIL import Image
+
+    render_report(run_dir, metric="auc")
+    plot = run_dir / PLOT_FILE
+    assert plot.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(plot) as image:
+        assert image.format == "PNG"
+        assert image.width > 0 and image.height > 0
+
+
+def test_privacy_json_holds_per_site_settings_and_reloads(run_dir, ledgers):
+    data = json.loads((run_dir / PRIVACY_FILE).read_text())
+    site_a = data["sites"]["site-a"]
+    assert site_a["settings"]["accountant"] == "rdp"
+    assert site_a["dataset_size"] == 500
+    assert site_a["epsilon_spent"] == ledgers["site-a"].records[-1].epsilon
+    assert site_a["total_steps"] == 20
+    assert [r["refused"] for r in site_a["rounds"]] == [False, False, True]
+    budgets = {site.name: site for site in load_privacy(run_dir / PRIVACY_FILE)}
+    assert budgets["site-a"].rounds == ledgers["site-a"].records
+    assert budgets["site|b"].settings == ledgers["site|b"].settings
+
+
+def test_cli_renders_and_prints_the_report_path(run_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "core.privacy.report", str(run_dir)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(run_dir / REPORT_FILE)
+    assert (run_dir / PLOT_FILE).stat().st_size > 0
+
+
+def test_cli_names_the_malformed_file(run_dir):
+    (run_dir / METRICS_FILE).write_text('{"rounds": [')
+    result = subprocess.run(
+        [sys.executable, "-m", "core.privacy.report", str(run_dir)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert f"{run_dir / METRICS_FILE}: not valid JSON" in result.stderr
+
+
+def test_missing_file_and_missing_field_are_named(run_dir):
+    (run_dir / METRICS_FILE).unlink()
+    with pytest.raises(ReportInputError, match=r"metrics\.json: file not found"):
+        render_report(run_dir)
+
+    data = json.loads((run_dir / PRIVACY_FILE).read_text())
+    del data["sites"]["site-a"]["settings"]["target_delta"]
+    (run_dir / PRIVACY_FILE).write_text(json.dumps(data))
+    with pytest.raises(ReportInputError) as excinfo:
+        load_privacy(run_dir / PRIVACY_FILE)
+    message = str(excinfo.value)
+    assert str(run_dir / PRIVACY_FILE) in message
+    assert "sites.site-a.settings.target_delta: missing field" in message
+
+
+@pytest.mark.parametrize(
+    ("document", "fragment"),
+    [
+        ({}, "metrics.json: rounds: missing field"),
+        ({"rounds": {}}, "metrics.json: rounds: expected a list"),
+        ({"rounds": [{"round": 0}]}, "rounds[0].round: expected an integer >= 1, got 0"),
+        (
+            {"rounds": [{"round": 1, "evaluate": {"accuracy": [0.8]}}]},
+            "rounds[0].evaluate.accuracy: expected a number, null or a string label, got [0.8]",
+        ),
+        (
+            {"rounds": [{"round": 1, "sites": {"a": {"auc": True}}}]},
+            "rounds[0].sites.a.auc: expected a number, null or a string label, got True",
+        ),
+        ({"rounds": [{"round": 1, "sites": []}]}, "rounds[0].sites: expected an object, got []"),
+    ],
+)
+def test_metrics_schema_errors_name_the_field(document, fragment):
+    with pytest.raises(ReportInputError) as excinfo:
+        parse_metrics(document)
+    assert fragment in str(excinfo.value)
+
+
+def test_write_metrics_json_refuses_a_bad_document(tmp_path):
+    with pytest.raises(ReportInputError, match="rounds"):
+        write_metrics_json(tmp_path, {"round": []})
+    assert not (tmp_path / METRICS_FILE).exists()
+
+
+def test_metrics_labels_events_and_nan_are_accepted(tmp_path):
+    """What a server naturally logs: site status strings, events, NaN for "no sites"."""
+    document = {
+        "rounds": [
+            {
+                "round": 1,
+                "evaluate": {"accuracy": math.nan, "auc": 0.7},
+                "sites": {"a": {"status": "refused", "epsilon": 1.5}},
+                "events": [{"site": "a", "kind": "refused", "reason": "budget"}],
+            }
+        ]
+    }
+    path = write_metrics_json(tmp_path, document)
+    assert json.loads(path.read_text())["rounds"][0]["evaluate"]["accuracy"] is None
+    (row,) = parse_metrics(json.loads(path.read_text()))
+    assert row.evaluate == {"accuracy": None, "auc": 0.7}
+    assert row.sites == {"a": {"epsilon": 1.5}}
+
+
+def test_metric_panel_prefers_auc_then_balanced_then_plain_accuracy():
+    only_auc = parse_metrics({"rounds": [{"round": 1, "sites": {"a": {"auc": 0.7}}}]})
+    assert choose_metric(only_auc) == "auc"
+    no_auc = {"accuracy": 0.7, "balanced-accuracy": 0.6}
+    assert choose_metric(parse_metrics({"rounds": [{"round": 1, "evaluate": no_auc}]})) == (
+        "balanced-accuracy"
+    )
+    only_accuracy = parse_metrics({"rounds": [{"round": 1, "evaluate": {"accuracy": 0.7}}]})
+    assert choose_metric(only_accuracy) == "accuracy"
+    assert choose_metric(parse_metrics(_metrics())) == "auc"
