@@ -1,1 +1,2 @@
-"""TODO"""
+"""The universal ViT: SAC operators, the model and its size registry, backbone checkpoints, and
+converters that import third-party weights (timm, PUMIT). Depends on torch only."""
