@@ -39,7 +39,8 @@ def _global_adapters(msg: Message, cfg: RunConfig) -> dict[str, Tensor]:
     config = msg.content["config"]
     if not (cfg.he and HE_TOTAL_KEY in config):
         return msg.content["arrays"].to_torch_state_dict()
-    from core.he.ckks import CkksLayout, arrays_to_ciphertexts, decrypt_average, load_secret_context
+    from core.federation.protocol import arrays_to_ciphertexts
+    from core.he.ckks import CkksLayout, decrypt_average, load_secret_context
 
     secret = load_secret_context(cfg.he_secret_context)
     ciphertexts = arrays_to_ciphertexts({k: v.numpy() for k, v in msg.content["arrays"].items()})
@@ -50,7 +51,8 @@ def _global_adapters(msg: Message, cfg: RunConfig) -> dict[str, Tensor]:
 def _encrypted(
     adapters: dict[str, Tensor], num_examples: int, cfg: RunConfig
 ) -> tuple[ArrayRecord, str]:
-    from core.he.ckks import ciphertexts_to_arrays, encrypt_update, load_secret_context
+    from core.federation.protocol import ciphertexts_to_arrays
+    from core.he.ckks import encrypt_update, load_secret_context
 
     update = encrypt_update(adapters, num_examples, load_secret_context(cfg.he_secret_context))
     record = ArrayRecord(
