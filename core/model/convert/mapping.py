@@ -1,214 +1,54 @@
-"""Import pre-trained ViT weights from other code bases into the universal ViT.
-
-Why: pretraining a ViT-B from scratch is out of reach for a hospital consortium, but public
-2D ViTs (timm, EVA) and PUMIT's universal medical ViT exist. PUMIT showed how to carry 2D
-weights into a SAC model without breaking what they compute ("inflation"); this module applies
-those rules, maps parameter names onto ours, and refuses anything it cannot map exactly.
-
-Two source formats:
-
-``"timm"``: a 2D ViT of timm's ``VisionTransformer`` or EVA family (``.pth``/``.bin``/
-``.safetensors``). Names read::
-
-    patch_embed.proj.weight (E, C_src, P, P), patch_embed.proj.bias (E,)
-    cls_token (1, 1, E);  pos_embed (1, 1 + h*w, E) with the CLS position first, or (1, h*w, E)
-    blocks.N.norm1 / norm2 .weight .bias
-    blocks.N.attn.qkv.weight (3E, E) fused, rows q | k | v  -> attn.q_proj / k_proj / v_proj
-    blocks.N.attn.qkv.bias (3E,)  or EVA's  attn.q_bias, attn.v_bias [, attn.k_bias]
-    blocks.N.attn.q_proj / k_proj / v_proj .weight [.bias]   (EVA with qkv_fused=False)
-    blocks.N.attn.proj .weight .bias                           -> attn.out_proj
-    blocks.N.ls1.gamma, ls2.gamma (timm) / gamma_1, gamma_2 (EVA, BEiT): LayerScale, folded
-        exactly into attn.out_proj / mlp.fc2 (gamma * (W x + b) == (gamma W) x + gamma b)
-    blocks.N.mlp.fc1 / fc2 .weight .bias  (GELU) or mlp.fc1_g / fc1_x / fc2 (EVA SwiGLU)
-    blocks.N.mlp.norm .weight .bias (optional sub-LN);  norm .weight .bias
-
-``"pumit"``: the PUMIT release (``function2-llx/PUMIT``, ``pumit/model/vit.py``; the
-``state_dict`` of its Lightning ``.ckpt``, read weights-only with paths allowed, as Lightning
-stores its checkpoint folder as one). It is 3D and EVA-02-like; names read::
-
-    patch_embed.proj.weight (E, C_src, 16, 16, 16), .bias;  cls_token (1, 1, E)
-    pos_embed (1, E, d, h, w)                    a 3D grid like ours (added before the CLS)
-    blocks.N.norm1 / norm2 .weight .bias         LayerNorm eps 1e-5
-    blocks.N.attn.q_proj / k_proj / v_proj .weight (no bias) with attn.q_bias, attn.v_bias
-        (k has none);  blocks.N.attn.proj -> attn.out_proj
-    blocks.N.mlp.w1 (gate) / w2 (value) / ffn_ln (sub-LN) / w3 .weight .bias: SwiGLU,
-        w3(ffn_ln(SiLU(w1 x) * w2 x))        -> mlp.fc1_g / fc1_x / norm / fc2
-    norm .weight .bias;  mask_token, mim_head.* (MIM only) are ignored
-
-Its 3D rotary embedding (bases 2333 / 10000 / 10000 for d / h / w, EVA-02's merged h-w layout,
-interleaved pairs) is ``rope_style="pumit"`` of core.model.vit. Our RoPE rotates split pairs (j,
-j + hd/2), so the importer permutes the rows of q and k inside every head to match; q.k, and so
-the attention, is unchanged by a common permutation. With that, eps 1e-5 and the SwiGLU sub-LN
-MLP, the imported model computes PUMIT's ``ViT.forward`` (tested against a reference written
-from PUMIT's code).
-
-Inflation and adaptation rules (PUMIT's):
-
-* A 2D patch kernel becomes 3D by dividing by the depth P and repeating it over the P depth
-  taps: on a slice-repeated volume at DA 0 it gives the 2D kernel's response on the slice, and
-  on a 2D image (DA 5, taps summed by SAC) it *is* the 2D kernel.
-* Input channels: the source's ``C_src`` (3 for RGB) weights are summed and, for
-  ``in_channels > 1``, shared equally: a grey image repeated to ``in_channels`` gets the source
-  kernel's response on the grey image repeated to ``C_src`` channels.
-* Optional ``input_norm=(mean, std)`` per source channel (timm and PUMIT expect ImageNet-
-  normalised input, ours is about [0, 1]) is folded exactly into the kernel and bias.
-* The 2D position grid is repeated over depth to a 3D grid (its in-plane size is kept unless
-  ``pos_grid`` asks for another, then resampled as the model does at run time); the CLS position
-  is added into ``cls_token`` (it was always added to CLS).
-
-Loading is complete or it fails: every target parameter must come from the checkpoint, and every
-checkpoint key must be mapped or known to be irrelevant (classifier heads, MIM decoders, mask
-tokens, rotary tables), which are listed in the report; anything else raises
-:class:`PretrainedImportError` naming the keys.
-
-CLI::
-
-    python -m core.model.convert --format timm --in vit.pth --out backbone.safetensors
-        [--size base] [--in-channels 1] [--input-norm auto|none|imagenet] [--rope | --no-rope]
-"""
+"""The mapping every format shares: patch kernel inflation, position grids, blocks, LayerScale
+folding, and the completeness check; format differences come from a :class:`SourceFormat`."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import pathlib
 import re
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from core.model.checkpoint import save_backbone
+from core.model.convert.common import (
+    IGNORABLE,
+    ROTARY_TABLES,
+    UNSUPPORTED,
+    ImportReport,
+    PretrainedImportError,
+    SourceFormat,
+    SourceTensors,
+    read_state_dict,
+    table_reason,
+)
+from core.model.convert.pumit import PUMIT
+from core.model.convert.timm import TIMM
 from core.model.vit import MODEL_SIZES, UniversalViT, ViTConfig, resample_position_grid
 
-SourceFormat = Literal["timm", "pumit"]
-FORMATS: tuple[SourceFormat, ...] = ("timm", "pumit")
-IMAGENET_NORM: tuple[tuple[float, ...], tuple[float, ...]] = (
-    (0.485, 0.456, 0.406),
-    (0.229, 0.224, 0.225),
-)
-_SAFE_CLASSES: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
-    pathlib.PosixPath,
-    pathlib.WindowsPath,
-    pathlib.PurePosixPath,
-    pathlib.PureWindowsPath,
-]
-_WRAPPERS = ("state_dict", "model", "module", "model_state", "state")
-_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.")
-
-_ROTARY_TABLES = r"((^|\.)rope\.|freqs_(cos|sin)$)"
-# Keys that carry nothing the backbone computes: listed in the report, then dropped.
-_IGNORABLE: tuple[tuple[str, str], ...] = (
-    (r"^head(\.|$)", "classifier head"),
-    (r"^fc_norm\.", "norm of the pooled classifier feature"),
-    (r"^(pre_logits|attn_pool|head_drop)\.", "classifier pooling"),
-    (r"^mask_token$", "MIM mask token (pretraining only)"),
-    (r"^(lm_head|mim_head|decoder|decoder_\w+)(\.|$)", "MIM / MAE decoder (pretraining only)"),
-    (_ROTARY_TABLES, "rotary tables (PUMIT's RoPE is recomputed by the model)"),
-    (r"\.relative_position_index$", "index buffer"),
-)
-# Keys of architecture features our ViT does not have: refusing beats silently dropping them.
-_UNSUPPORTED: tuple[tuple[str, str], ...] = (
-    (r"^(dist_token|reg_token)$", "extra prefix tokens (distillation / registers)"),
-    (r"\.attn\.(q_norm|k_norm)\.", "QK-normalisation"),
-    (
-        r"\.attn\.(norm|inner_attn_ln)\.",
-        "a LayerNorm before the attention output projection (EVA-02 inner_attn_ln / timm "
-        "scale_attn_inner); core.model.vit.Attention has none",
-    ),
-    (r"relative_position_bias_table$", "relative position biases (BEiT)"),
-)
+# The dispatch table: format name -> its rules.
+FORMATS: dict[str, SourceFormat] = {f.name: f for f in (TIMM, PUMIT)}
 
 
-class PretrainedImportError(ValueError):
-    """A checkpoint cannot be mapped exactly onto the universal ViT."""
+def source_format(name: str) -> SourceFormat:
+    """The rules of format ``name``. Raises PretrainedImportError naming the known formats."""
+    if name not in FORMATS:
+        raise PretrainedImportError(f"unknown format {name!r}; choose one of {tuple(FORMATS)}")
+    return FORMATS[name]
 
 
-@dataclass(frozen=True)
-class ImportReport:
-    """What an import did: the resulting config, and the source keys it left out and why."""
-
-    config: ViTConfig
-    ignored: tuple[tuple[str, str], ...]  # (key, reason)
-    notes: tuple[str, ...]
-
-
-# ------------------------------------------------------------------------------------ reading
-
-
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a checkpoint file, unwrapped from ``{"state_dict": ...}``-style containers
-    and from a prefix every key shares (``module.``, ``model.``...)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PretrainedImportError(f"checkpoint {path} does not exist; check --in")
-    raw: Any
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            raw = load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise PretrainedImportError(
-                f"{path} is not a readable safetensors file: {err}"
-            ) from err
-    else:
-        try:
-            # weights_only: a checkpoint must never run code when it is read. Paths are allowed:
-            # Lightning keeps its checkpoint folder as one (PUMIT's .ckpt), and building a
-            # path runs nothing.
-            with torch.serialization.safe_globals(_SAFE_CLASSES):
-                raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle and zip errors come in many types
-            raise PretrainedImportError(
-                f"{path} cannot be read as a tensors-only torch checkpoint ({err}); if it holds "
-                "other pickled objects, re-save only its state dict where you trust the file: "
-                "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth')"
-            ) from err
-    return unwrap_state_dict(raw, source=str(path))
-
-
-def unwrap_state_dict(raw: Any, *, source: str = "checkpoint") -> dict[str, Tensor]:
-    """The flat ``{name: tensor}`` inside a checkpoint object."""
-    for _ in range(3):  # nested wrappers such as {"model": {"state_dict": ...}}
-        if not isinstance(raw, Mapping):
-            break
-        if all(isinstance(v, Tensor) for v in raw.values()):
-            break
-        inner = next((raw[k] for k in _WRAPPERS if isinstance(raw.get(k), Mapping)), None)
-        if inner is None:
-            break
-        raw = inner
-    if not isinstance(raw, Mapping) or not raw:
-        raise PretrainedImportError(f"{source} holds no state dict (found {type(raw).__name__})")
-    bad = sorted(k for k, v in raw.items() if not isinstance(v, Tensor))
-    if bad:
-        raise PretrainedImportError(
-            f"{source}: entries {bad[:5]} are not tensors; pass the model's state dict "
-            f"(top-level keys: {sorted(raw)[:8]})"
-        )
-    state = {str(k): v for k, v in raw.items()}
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix) :]: v for k, v in state.items()}
-                stripped = True
-    return state
-
-
-# --------------------------------------------------------------------------------- conversion
-
-
-def _reason(key: str, table: tuple[tuple[str, str], ...]) -> str | None:
-    return next((why for pattern, why in table if re.search(pattern, key)), None)
+def _other_format(fmt: SourceFormat, **rule: object) -> str:
+    """The name of another format whose rules match ``rule`` (for "use format X" hints)."""
+    return next(
+        (
+            f.name
+            for f in FORMATS.values()
+            if f is not fmt and all(getattr(f, k) == v for k, v in rule.items())
+        ),
+        "another format",
+    )
 
 
 def _resolve_config(
@@ -245,37 +85,8 @@ def _resolve_config(
     return config
 
 
-class _Source:
-    """The checkpoint's tensors, tracking which keys were consumed and which are missing."""
-
-    def __init__(self, state: Mapping[str, Tensor]) -> None:
-        self.state = dict(state)
-        self.used: set[str] = set()
-        self.missing: list[str] = []
-
-    def has(self, key: str) -> bool:
-        return key in self.state
-
-    def take(self, key: str, shape: tuple[int, ...] | None = None) -> Tensor:
-        if key not in self.state:
-            self.missing.append(key)
-            return torch.zeros(shape or (0,), dtype=torch.float64)
-        value = self.state[key]
-        self.used.add(key)
-        if shape is not None and tuple(value.shape) != shape:
-            raise PretrainedImportError(
-                f"checkpoint key {key!r} has shape {tuple(value.shape)}, expected {shape}; the "
-                "checkpoint does not fit this architecture (check --format and --size; the MLP "
-                "width is read from blocks.0)"
-            )
-        return value.detach().to(torch.float64).clone()  # float64: exact folds; never aliases
-
-    def optional(self, key: str, shape: tuple[int, ...]) -> Tensor | None:
-        return self.take(key, shape) if key in self.state else None
-
-
 def _patch_kernel(
-    src: _Source,
+    src: SourceTensors,
     fmt: SourceFormat,
     embed_dim: int,
     patch: int,
@@ -287,13 +98,11 @@ def _patch_kernel(
     bias = src.take("patch_embed.proj.bias", (embed_dim,))
     if "patch_embed.proj.weight" not in src.used:
         return torch.zeros(embed_dim, in_channels, patch, patch, patch), bias
-    expected_dims = 4 if fmt == "timm" else 5
-    if weight.dim() != expected_dims:
-        other = "pumit" if fmt == "timm" else "timm"
+    if weight.dim() != fmt.kernel_dims:
         raise PretrainedImportError(
             f"patch_embed.proj.weight has shape {tuple(weight.shape)}: a "
-            f"{'3D' if weight.dim() == 5 else '2D'} kernel, not what format {fmt!r} holds; "
-            f"use format {other!r}"
+            f"{'3D' if weight.dim() == 5 else '2D'} kernel, not what format {fmt.name!r} holds; "
+            f"use format {_other_format(fmt, kernel_dims=weight.dim())!r}"
         )
     if weight.shape[0] != embed_dim or any(k != patch for k in weight.shape[2:]):
         raise PretrainedImportError(
@@ -321,7 +130,7 @@ def _patch_kernel(
 
 
 def _position(
-    src: _Source,
+    src: SourceTensors,
     fmt: SourceFormat,
     embed_dim: int,
     pos_grid: Sequence[int] | None,
@@ -333,10 +142,11 @@ def _position(
         return torch.zeros(1, embed_dim, 1, 1, 1), None
     cls_pos = None
     if pos.dim() == 3 and pos.shape[0] == 1 and pos.shape[2] == embed_dim:  # 2D sequence
-        if fmt == "pumit":
+        if fmt.position != "sequence":
             raise PretrainedImportError(
-                f"pos_embed has shape {tuple(pos.shape)} (a 2D sequence) in a PUMIT checkpoint, "
-                "whose grid is (1, E, d, h, w); use format 'timm'"
+                f"pos_embed has shape {tuple(pos.shape)} (a 2D sequence) in a {fmt.name} "
+                f"checkpoint, whose grid is (1, E, d, h, w); use format "
+                f"{_other_format(fmt, position='sequence')!r}"
             )
         length = pos.shape[1]
         if math.isqrt(length) ** 2 != length:  # the CLS position comes first
@@ -351,10 +161,10 @@ def _position(
         depth = int(pos_grid[0]) if pos_grid is not None else default_depth
         grid = grid.expand(-1, -1, depth, -1, -1)  # depth: repeat
     elif pos.dim() == 5 and pos.shape[:2] == (1, embed_dim):
-        if fmt == "timm":
+        if fmt.position != "grid":
             raise PretrainedImportError(
-                f"pos_embed has shape {tuple(pos.shape)}: a 3D grid, not a timm 2D sequence; "
-                "use format 'pumit'"
+                f"pos_embed has shape {tuple(pos.shape)}: a 3D grid, not a {fmt.name} 2D "
+                f"sequence; use format {_other_format(fmt, position='grid')!r}"
             )
         grid = pos
     else:
@@ -368,13 +178,6 @@ def _position(
     return grid.contiguous(), cls_pos
 
 
-# The source's names of our MLP layers, per format (timm Eva's SwiGLU / PUMIT's).
-_MLP_NAMES: dict[SourceFormat, dict[str, str]] = {
-    "timm": {"fc1": "fc1", "fc1_g": "fc1_g", "fc1_x": "fc1_x", "norm": "norm", "fc2": "fc2"},
-    "pumit": {"fc1_g": "w1", "fc1_x": "w2", "norm": "ffn_ln", "fc2": "w3"},
-}
-
-
 @dataclass(frozen=True)
 class _MlpLayout:
     """Which of our MLP layers the checkpoint has (read from block 0) and their source names."""
@@ -385,19 +188,19 @@ class _MlpLayout:
 
     @classmethod
     def read(cls, state: Mapping[str, Tensor], fmt: SourceFormat) -> _MlpLayout:
-        names = _MLP_NAMES[fmt]
+        names = fmt.mlp_names
 
         def present(ours: str) -> bool:
             return ours in names and f"blocks.0.mlp.{names[ours]}.weight" in state
 
-        swiglu = fmt == "pumit" or present("fc1_g")  # PUMIT's MLP is always SwiGLU
+        swiglu = fmt.always_swiglu or present("fc1_g")
         layers: tuple[str, ...] = ("fc1_g", "fc1_x") if swiglu else ("fc1",)
         layers += ("norm", "fc2") if present("norm") else ("fc2",)
         first = state.get(f"blocks.0.mlp.{names[layers[0]]}.weight")
         return cls(layers, names, int(first.shape[0]) if first is not None else None)
 
 
-def _mlp(src: _Source, p: str, e: int, hidden: int, layout: _MlpLayout) -> dict[str, Tensor]:
+def _mlp(src: SourceTensors, p: str, e: int, hidden: int, layout: _MlpLayout) -> dict[str, Tensor]:
     """One block's MLP tensors under our names (``Mlp`` or ``SwiGLU`` of core.model.vit)."""
     shapes: dict[str, tuple[int, ...]] = {"norm": (hidden,), "fc2": (e, hidden)}
     out: dict[str, Tensor] = {}
@@ -418,7 +221,7 @@ def _pair_order(embed_dim: int, num_heads: int) -> Tensor:
 
 
 def _block(
-    src: _Source,
+    src: SourceTensors,
     i: int,
     embed_dim: int,
     mlp: _MlpLayout,
@@ -486,7 +289,7 @@ def _block(
 def convert_state_dict(
     state: Mapping[str, Tensor],
     *,
-    format: SourceFormat = "timm",
+    format: str = "timm",
     size: str | ViTConfig | None = None,
     in_channels: int = 1,
     input_norm: tuple[Sequence[float], Sequence[float]] | None = None,
@@ -502,12 +305,13 @@ def convert_state_dict(
     on for PUMIT. Returns (state dict, report); raises PretrainedImportError on any key that is
     missing, unmapped or of the wrong shape.
     """
-    if format not in FORMATS:
-        raise PretrainedImportError(f"unknown format {format!r}; choose one of {FORMATS}")
+    fmt = source_format(format)
     if in_channels < 1:
         raise PretrainedImportError(f"in_channels must be >= 1, got {in_channels}")
     keys = list(state)
-    unsupported = sorted((k, why) for k in keys if (why := _reason(k, _UNSUPPORTED)) is not None)
+    unsupported = sorted(
+        (k, why) for k in keys if (why := table_reason(k, UNSUPPORTED)) is not None
+    )
     if unsupported:
         listed = "; ".join(f"{k} ({why})" for k, why in unsupported[:6])
         more = f" and {len(unsupported) - 6} more" if len(unsupported) > 6 else ""
@@ -516,15 +320,14 @@ def convert_state_dict(
             "Importing would silently change what the network computes; choose a plain ViT "
             "checkpoint or extend core.model.vit with the feature"
         )
-    rotary = sorted(k for k in keys if re.search(_ROTARY_TABLES, k))
-    if format == "timm" and rotary:
+    rotary = sorted(k for k in keys if re.search(ROTARY_TABLES, k))
+    if not fmt.rotary and rotary:
         raise PretrainedImportError(
             f"keys {rotary[:3]}: the source used a rotary position embedding (EVA-02 and RoPE "
             "ViTs) whose layout core.model.vit does not implement; importing without it would "
-            "change "
-            "what the network computes"
+            "change what the network computes"
         )
-    src = _Source(state)
+    src = SourceTensors(state)
     if "cls_token" not in state:
         raise PretrainedImportError(
             f"checkpoint has no cls_token (keys start {sorted(keys)[:6]}); is it a ViT "
@@ -538,15 +341,15 @@ def convert_state_dict(
         )
     depth = len(block_ids)
     base = _resolve_config(size, embed_dim, depth, "checkpoint")
-    mlp = _MlpLayout.read(state, format)
+    mlp = _MlpLayout.read(state, fmt)
     hidden = mlp.hidden if mlp.hidden is not None else int(embed_dim * base.mlp_ratio)
     patch_weight = state.get("patch_embed.proj.weight")
     patch = int(patch_weight.shape[-1]) if patch_weight is not None else base.patch_size
     if patch & (patch - 1):
         raise PretrainedImportError(f"patch size {patch} is not a power of two; SAC needs one")
 
-    weight, bias = _patch_kernel(src, format, embed_dim, patch, in_channels, input_norm)
-    grid, cls_pos = _position(src, format, embed_dim, pos_grid, base.pos_grid[0])
+    weight, bias = _patch_kernel(src, fmt, embed_dim, patch, in_channels, input_norm)
+    grid, cls_pos = _position(src, fmt, embed_dim, pos_grid, base.pos_grid[0])
     cls = src.take("cls_token", (1, 1, embed_dim))
     if cls_pos is not None:
         cls = cls + cls_pos
@@ -558,14 +361,14 @@ def convert_state_dict(
         "norm.weight": src.take("norm.weight", (embed_dim,)),
         "norm.bias": src.take("norm.bias", (embed_dim,)),
     }
-    pair_order = _pair_order(embed_dim, base.num_heads) if format == "pumit" else None
+    pair_order = _pair_order(embed_dim, base.num_heads) if fmt.rotary else None
     for i in range(depth):
         out.update(_block(src, i, embed_dim, mlp, hidden, pair_order))
 
     ignored = tuple(
         (k, why)
         for k in sorted(keys)
-        if k not in src.used and (why := _reason(k, _IGNORABLE)) is not None
+        if k not in src.used and (why := table_reason(k, IGNORABLE)) is not None
     )
     unexpected = sorted(set(keys) - src.used - {k for k, _ in ignored})
     if src.missing or unexpected:
@@ -584,26 +387,20 @@ def convert_state_dict(
         patch_size=patch,
         mlp_ratio=ratio,
         pos_grid=(int(grid.shape[2]), int(grid.shape[3]), int(grid.shape[4])),
-        rope=(format == "pumit") if rope is None else rope,
-        rope_style="pumit" if format == "pumit" else "universal",
+        rope=fmt.rotary if rope is None else rope,
+        rope_style="pumit" if fmt.rotary else "universal",
         qkv_bias=True,  # absent source biases are exact zeros
         mlp="swiglu" if "fc1_g" in mlp.layers else "gelu",
         mlp_norm="norm" in mlp.layers,
-        norm_eps=1e-5 if format == "pumit" else 1e-6,  # torch's default / timm's
+        norm_eps=fmt.norm_eps,
     )
     if int(embed_dim * config.mlp_ratio) != hidden:
         raise PretrainedImportError(f"MLP width {hidden} is not representable for E {embed_dim}")
-    notes = []
+    notes = list(fmt.notes)
     if input_norm is not None:
         notes.append(f"input normalisation mean {input_norm[0]} std {input_norm[1]} folded in")
-    if format == "pumit":
-        notes.append("q/k channels reordered into our rotary pair layout (attention unchanged)")
-        if input_norm is None:
-            notes.append(
-                "PUMIT was pretrained on ImageNet-normalised input (pumit/model/mim.py); pass "
-                "input_norm=IMAGENET_NORM (CLI: --input-norm imagenet, the default for pumit) "
-                "unless your pipeline normalises that way itself"
-            )
+    elif fmt.unnormalised_note:
+        notes.append(fmt.unnormalised_note)
     converted = {k: v.to(dtype).contiguous() for k, v in out.items()}
     return converted, ImportReport(config, ignored, tuple(notes))
 
@@ -611,7 +408,7 @@ def convert_state_dict(
 def import_checkpoint(
     path: str | Path,
     *,
-    format: SourceFormat = "timm",
+    format: str = "timm",
     size: str | ViTConfig | None = None,
     in_channels: int = 1,
     input_norm: tuple[Sequence[float], Sequence[float]] | None = None,
@@ -648,69 +445,3 @@ def build_model(state: Mapping[str, Tensor], config: ViTConfig) -> UniversalViT:
             f"unexpected {result.unexpected_keys}"
         )
     return model
-
-
-# --------------------------------------------------------------------------------------- CLI
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m core.model.convert",
-        description="Import a timm/EVA 2D ViT or a PUMIT checkpoint as a universal ViT backbone.",
-    )
-    parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--in", dest="source", required=True, type=Path, help="checkpoint file")
-    parser.add_argument("--out", required=True, type=Path, help="backbone .safetensors to write")
-    parser.add_argument(
-        "--size", default=None, choices=sorted(MODEL_SIZES), help="default: from the weights"
-    )
-    parser.add_argument("--in-channels", type=int, default=1)
-    parser.add_argument(
-        "--input-norm",
-        default="auto",
-        choices=("auto", "none", "imagenet"),
-        help="fold the source's input normalisation into the patch embedding (auto: imagenet "
-        "for pumit, as PUMIT pretrained on ImageNet-normalised input; none for timm)",
-    )
-    parser.add_argument(
-        "--pos-grid", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="resample"
-    )
-    parser.add_argument(
-        "--rope",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="rotary embedding (default: off for timm, on for pumit)",
-    )
-    args = parser.parse_args(argv)
-    input_norm = args.input_norm
-    if input_norm == "auto":
-        input_norm = "imagenet" if args.format == "pumit" else "none"
-    try:
-        model, report = import_checkpoint(
-            args.source,
-            format=args.format,
-            size=args.size,
-            in_channels=args.in_channels,
-            input_norm=IMAGENET_NORM if input_norm == "imagenet" else None,
-            pos_grid=args.pos_grid,
-            rope=args.rope,
-        )
-    except PretrainedImportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for key, why in report.ignored:
-        print(f"ignored {key}: {why}")
-    for note in report.notes:
-        print(f"note: {note}")
-    digest = save_backbone(model.float(), args.out)
-    c = report.config
-    print(
-        f"wrote {args.out}: embed {c.embed_dim}, depth {c.depth}, heads {c.num_heads}, "
-        f"in_channels {c.in_channels}, pos_grid {c.pos_grid}, rope {c.rope}"
-    )
-    print(f"fingerprint: {digest}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""``python -m core.model.convert``."""
+
+from core.model.convert.cli import main
+
+raise SystemExit(main())
