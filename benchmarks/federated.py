@@ -2,7 +2,7 @@
 
     python -m benchmarks.federated [--rounds 10] [--seeds 3] [--size micro] [--quick]
 
-Every arm starts from the demo backbone (``core.pretrain.mim.demo_backbone``: masked image
+Every arm starts from the demo backbone (``core.pretrain.demo_backbone``: masked image
 modelling on the unlabeled phantom archive, built once) with the run-config defaults, the
 default scenario's recipe. Arms: centralized non-private (pooled training data, one pass per
 "round"), FL non-private, FL with DP at epsilon 8 and 3 (FFA LoRA), and vanilla LoRA under DP
@@ -38,7 +38,7 @@ from core.federation.rounds import (
 )
 from core.federation.sites import list_sites
 from core.model.vit import count_parameters
-from core.pretrain.mim import demo_backbone
+from core.pretrain import demo_backbone
 from core.training.loops import (
     DPStepPlan,
     TrainSettings,

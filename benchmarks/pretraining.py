@@ -9,7 +9,7 @@ Setup (everything generated locally, CPU, micro model):
 * Pretraining data: an unlabeled phantom archive, the ``default`` preset at seed
   ``PHANTOM_PRETRAIN_SEED`` (1), all splits, labels ignored: different cases from the
   fine-tuning hospitals (seed 0), same kinds of scanner (thin CT, thick MR, two X-ray).
-* Pretraining: ``core.pretrain.mim.pretrain`` (masked image modelling), ``--pretrain-steps``.
+* Pretraining: ``core.pretrain.pretrain`` (masked image modelling), ``--pretrain-steps``.
 * Fine-tuning data: the four ``default`` sites at seed 0, pooled centrally, with every site at
   50 % prevalence: with the preset's Dirichlet label mix, the pooled AUC would partly reward
   recognising the *site*.
@@ -57,7 +57,7 @@ from core.data import DABatchSampler, GridConfig, collate
 from core.data.phantoms import HospitalSpec, generate_hospitals, preset
 from core.model.checkpoint import backbone_state, fingerprint, load_backbone
 from core.model.vit import MODEL_SIZES, UniversalViT, create_vit
-from core.pretrain.mim import PHANTOM_PRETRAIN_SEED, ImagePool, MIMSettings, open_pool, pretrain
+from core.pretrain import PHANTOM_PRETRAIN_SEED, ImagePool, MIMSettings, open_pool, pretrain
 from core.training.loops import TrainSettings, evaluate, train_plain
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pretraining.json"

@@ -2,7 +2,7 @@
 
     fedmedvit simulate default --set num-server-rounds=5     (simulations.run)
     fedmedvit phantoms --out DIR                              (core.data.phantoms)
-    fedmedvit pretrain --out backbone.safetensors             (core.pretrain.mim)
+    fedmedvit pretrain --out backbone.safetensors             (core.pretrain)
     fedmedvit import --format pumit --in X.ckpt --out Y       (core.model.convert)
     fedmedvit he provision --out DIR                          (core.he.ckks)
     fedmedvit report RUN_DIR                                  (core.privacy.report)
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulations.run", "run a simulation scenario (many hospitals on this machine)"),
     "phantoms": ("core.data.phantoms", "write phantom hospitals to disk"),
-    "pretrain": ("core.pretrain.mim", "masked-image-modelling pretraining of a backbone"),
+    "pretrain": ("core.pretrain", "masked-image-modelling pretraining of a backbone"),
     "import": ("core.model.convert", "import a timm or PUMIT checkpoint as a backbone"),
     "he": ("core.he.ckks", "provision or inspect CKKS contexts (provision | show)"),
     "report": ("core.privacy.report", "re-render a run folder's privacy report"),

@@ -25,7 +25,7 @@ from typing import Any
 
 from core.config import RunConfig
 from core.data.phantoms import generate_hospitals
-from core.pretrain.mim import demo_backbone
+from core.pretrain import demo_backbone
 from simulations.flower_cli import RunFailed, flwr_run, local_superlink
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,8 +26,8 @@ def test_unknown_command_is_refused_with_the_list(capsys):
 
 
 def test_installed_console_script():
-    script = shutil.which("fedmedvit")
-    if script is None:
-        pytest.skip("the package is not installed (pip install -e .)")
+    """``pip install`` puts the console script beside the interpreter."""
+    script = Path(sys.executable).parent / "fedmedvit"
+    assert script.is_file(), "reinstall the package (pip install -e .) to create the script"
     out = subprocess.run([script, "--help"], capture_output=True, text=True, check=True)
     assert "simulate" in out.stdout and "decrypt" in out.stdout

@@ -10,7 +10,7 @@ from core.data import DABatchSampler, GridConfig, HospitalSpec, PhantomSite, gen
 from core.model.checkpoint import BackboneError, load_backbone
 from core.model.sac import sum_depth_taps
 from core.model.vit import MODEL_SIZES, create_vit
-from core.pretrain.mim import (
+from core.pretrain import (
     MaskedImageModel,
     MIMSettings,
     PretrainError,
