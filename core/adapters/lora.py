@@ -110,9 +110,18 @@ def _travels(key: str, mode: str) -> bool:
 
 
 def adapter_state(model: nn.Module) -> dict[str, Tensor]:
-    """The wire format: LoRA tensors that travel in this mode plus the head, float32 on CPU."""
+    """The wire format: LoRA tensors that travel in this mode plus the head, float32 on CPU.
+
+    Raises AdapterStateError for a model not built by :func:`add_lora`: without its mode it
+    cannot know whether A travels, and guessing "vanilla" would ship A in FFA mode.
+    """
     peft_model = unwrap(model)
-    mode = getattr(peft_model, "lora_mode", "vanilla")
+    mode = getattr(peft_model, "lora_mode", None)
+    if mode not in ("ffa", "vanilla"):
+        raise AdapterStateError(
+            f"the model carries no LoRA mode (found {mode!r}); build it with "
+            "core.adapters.lora.add_lora, which records whether A is frozen (ffa) or trained"
+        )
     state = get_peft_model_state_dict(peft_model)
     return {
         key.removeprefix(PEFT_PREFIX): value.detach().to("cpu", torch.float32).contiguous().clone()

@@ -136,3 +136,14 @@ def test_base_lora_qv_r8_is_under_half_a_percent():
     lora = count_parameters(model, lambda n: "lora_" in n)
     assert lora == 12 * 2 * 2 * 768 * 8  # 294,912: A and B for q and v in 12 blocks
     assert lora / total < 0.005
+
+
+def test_a_model_without_its_lora_mode_is_refused_not_guessed():
+    """A PeftModel not built by add_lora has no recorded mode: shipping A (vanilla) by default
+    would leak the frozen FFA factor and break the pinned wire format."""
+    from peft import LoraConfig, get_peft_model
+
+    backbone = create_vit("micro", num_classes=2)
+    bare = get_peft_model(backbone, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(AdapterStateError, match="no LoRA mode"):
+        adapter_state(bare)
