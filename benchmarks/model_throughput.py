@@ -69,10 +69,8 @@ DP_NOISE = 1.0
 DP_CLIP = 1.0
 DP_DATASET_BATCHES = 8  # DP loader dataset = 8 expected batches, so q = 1/8
 
-SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"embed_dim": 192, "depth": 12, "num_heads": 3, "2d": 8, "3d": 4},
-    "base": {"embed_dim": 768, "depth": 12, "num_heads": 12, "2d": 2, "3d": 1},
-}
+# Batch size per measured size and input; the dimensions come from core.model.vit.MODEL_SIZES.
+SIZES: dict[str, dict[str, int]] = {"tiny": {"2d": 8, "3d": 4}, "base": {"2d": 2, "3d": 1}}
 INPUTS: dict[str, tuple[tuple[int, ...], tuple[float, float, float]]] = {
     "2d": ((1, 224, 224), (1e4, 1.0, 1.0)),  # (C, H, W); ours sees (C, 1, H, W)
     "3d": ((1, 64, 128, 128), (1.0, 1.0, 1.0)),  # (C, D, H, W), isotropic
@@ -115,17 +113,19 @@ def build_ours(size: str, lora: bool, mode: str = "vanilla") -> nn.Module:
 def build_monai(size: str, dims: str, lora: bool) -> nn.Module:
     from monai.networks.nets import ViT
 
-    spec = SIZES[size]
+    from core.model.vit import MODEL_SIZES
+
+    spec = MODEL_SIZES[size]
     shape = INPUTS[dims][0]
     torch.manual_seed(0)
     vit = ViT(
         in_channels=shape[0],
         img_size=shape[1:],
         patch_size=16,
-        hidden_size=spec["embed_dim"],
-        mlp_dim=4 * spec["embed_dim"],
-        num_layers=spec["depth"],
-        num_heads=spec["num_heads"],
+        hidden_size=spec.embed_dim,
+        mlp_dim=int(spec.mlp_ratio * spec.embed_dim),
+        num_layers=spec.depth,
+        num_heads=spec.num_heads,
         proj_type="conv",
         pos_embed_type="learnable",
         classification=True,
