@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from core.adapters.lora import load_adapter_state, save_adapters
 from core.config import RunConfig
 from core.federation.rounds import build_lora_model
-from core.io import write_json_atomic
+from core.io import atomic_path, write_json_atomic
 from core.privacy.ledger import PrivacyLedger
 from core.privacy.report import render_report, write_metrics_json, write_privacy_json
 from server.strategy import AdapterFedAvg, RoundLog
@@ -44,9 +44,8 @@ class RunFolder:
     ) -> None:
         """Everything needed to resume after ``server_round``, written atomically."""
         path = self.checkpoints / f"round-{server_round:03d}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp))
         state = {
             "round": server_round,
             "adapters": path.name,
