@@ -7,6 +7,7 @@
     fedmedvit he provision --out DIR                          (core.he.ckks)
     fedmedvit report RUN_DIR                                  (core.privacy.report)
     fedmedvit decrypt RUN_DIR --secret-context FILE           (client.decrypt)
+    fedmedvit explain RUN_DIR --site-dir DIR --out DIR        (client.explain)
     fedmedvit pki ca --out DIR / fedmedvit deploy-local ...   (deploy.pki / deploy.local, from
                                                                a source checkout)
 
@@ -28,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "he": ("core.he.ckks", "provision or inspect CKKS contexts (provision | show)"),
     "report": ("core.privacy.report", "re-render a run folder's privacy report"),
     "decrypt": ("client.decrypt", "a site decrypts the final adapters of an encrypted run"),
+    "explain": ("client.explain", "overlays of where the model looks, per case, at a site"),
     "pki": ("deploy.pki", "certificates and SuperNode keys for a deployment"),
     "deploy-local": ("deploy.local", "the deployment as local processes (TLS, node auth)"),
 }

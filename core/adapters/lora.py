@@ -194,3 +194,28 @@ def load_adapters(backbone: UniversalViT, directory: str | Path) -> PeftModel:
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def load_adapter_folder(model: nn.Module, directory: str | Path) -> None:
+    """Load adapters saved by :func:`save_adapters` (peft's folder) onto a model built with the
+    same settings: the wire-format tensors are taken from the folder and loaded strictly.
+
+    Raises AdapterStateError when the folder lacks the file or any tensor of the wire format.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(directory) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise AdapterStateError(
+            f"{path} does not exist: pass the adapters folder of a run (RUN_DIR/adapters; in an "
+            "encrypted run, decrypt it first with `fedmedvit decrypt`)"
+        )
+    saved = {key.removeprefix(PEFT_PREFIX): value for key, value in load_file(str(path)).items()}
+    wire = adapter_state(model)
+    missing = sorted(set(wire) - set(saved))
+    if missing:
+        raise AdapterStateError(
+            f"{path} lacks adapter tensors {missing[:3]}: it was saved with other LoRA "
+            "settings (rank, targets, mode) than this run's config"
+        )
+    load_adapter_state(model, {key: saved[key] for key in wire})

@@ -192,6 +192,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.out_proj = nn.Linear(dim, dim)
+        # When a list (core.explain.recording_attention), forward computes the softmax
+        # explicitly and appends the probabilities (N, heads, T, T), kept in the graph so their
+        # gradients can be read; None (always in training) uses the fused SDPA kernel.
+        self.recorded: list[Tensor] | None = None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
         n, t, e = x.shape  # (N, T, E)
@@ -202,7 +206,15 @@ class Attention(nn.Module):
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, hd)
+        if self.recorded is None:
+            out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, hd)
+        else:
+            scale = q.shape[-1] ** -0.5
+            probs = (q @ k.transpose(-2, -1) * scale).softmax(dim=-1)  # (N, heads, T, T)
+            if probs.requires_grad:
+                probs.retain_grad()
+            self.recorded.append(probs)
+            out = probs @ v
         return self.out_proj(out.transpose(1, 2).reshape(n, t, e))
 
 

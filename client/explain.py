@@ -1,0 +1,109 @@
+"""Where the federated model looks, case by case, at this site (nothing leaves the site).
+
+    fedmedvit explain RUN_DIR --site-dir DIR --out DIR [--split test] [--method grad-attention]
+        [--adapters DIR] [--limit N]
+
+Loads the run's final global adapters (``RUN_DIR/adapters``; in an encrypted run, decrypt them
+first with ``fedmedvit decrypt``) onto the federation's backbone, explains every case of the
+site's split (``core.explain``), and writes one PNG overlay per case and ``index.html``: score,
+label and overlay per case, sorted by score (highest first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from core.adapters.lora import load_adapter_folder
+from core.config import RunConfig
+from core.explain.overlay import render_overlay
+from core.explain.relevance import METHODS, explain
+from core.federation.rounds import build_lora_model, open_split
+from core.io import write_text_atomic
+
+INDEX = "index.html"
+
+
+def explain_site(
+    run_dir: Path,
+    site_dir: Path,
+    out: Path,
+    *,
+    split: str = "test",
+    method: str = "grad-attention",
+    adapters: Path | None = None,
+    limit: int | None = None,
+) -> Path:
+    """Write overlays and ``index.html`` for a site's split into ``out``; returns the index.
+
+    Raises ConfigError for a run folder without a valid ``config.json``, AdapterStateError
+    for missing or mismatched adapters, DatasetError for unreadable site data."""
+    cfg = RunConfig.from_flat(json.loads((run_dir / "config.json").read_text()))
+    model, _ = build_lora_model(cfg)
+    load_adapter_folder(model, adapters or run_dir / "adapters")
+    dataset = open_split(cfg, site_dir, split)
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    rows = []
+    for index in tqdm(range(count), desc=f"explaining {split}", unit="case", file=sys.stderr):
+        item = dataset[index]
+        result = explain(model, item["image"], item["spacing"], method=method)
+        label = item.get("label")
+        label_text = (
+            "" if label is None else str(label.tolist() if hasattr(label, "tolist") else label)
+        )
+        name = f"case-{index:05d}.png"
+        render_overlay(
+            item["image"],
+            result.image_map,
+            out / name,
+            spacing=item["spacing"].tolist(),
+            title=f"case {index}: score {result.score:.3f}, label {label_text}",
+        )
+        rows.append((result.score, index, label_text, name))
+    rows.sort(key=lambda row: (-row[0], row[1]))
+    lines = [
+        "<!doctype html><meta charset='utf-8'>",
+        f"<title>Explanations: {html.escape(split)} split, {html.escape(method)}</title>",
+        f"<h1>{html.escape(split)} split: {count} cases, method {html.escape(method)}</h1>",
+        "<p>Score: the model's probability of the explained class. Sorted by score.</p>",
+        "<table><tr><th>rank</th><th>case</th><th>score</th><th>label</th><th>overlay</th></tr>",
+    ]
+    for rank, (score, index, label_text, name) in enumerate(rows, start=1):
+        lines.append(
+            f"<tr><td>{rank}</td><td>{index}</td><td>{score:.3f}</td>"
+            f"<td>{html.escape(label_text)}</td><td><img src='{name}' loading='lazy'></td></tr>"
+        )
+    lines.append("</table>")
+    return write_text_atomic(out / INDEX, "\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedmedvit explain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--site-dir", type=Path, required=True, help="folder with dataset.json")
+    parser.add_argument("--out", type=Path, required=True, help="folder for overlays + index")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--method", default="grad-attention", choices=METHODS)
+    parser.add_argument("--adapters", type=Path, help="default RUN_DIR/adapters")
+    parser.add_argument("--limit", type=int, help="explain only the first N cases")
+    args = parser.parse_args(argv)
+    index = explain_site(
+        args.run_dir,
+        args.site_dir,
+        args.out,
+        split=args.split,
+        method=args.method,
+        adapters=args.adapters,
+        limit=args.limit,
+    )
+    print(index)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""Relevance maps: shapes and normalisation on real models, and the right token on models
+built so that the decision provably depends on one known token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.adapters.lora import LoraSettings, add_lora
+from core.explain.relevance import METHODS, ExplainError, explain, token_grid
+from core.model.sac import degree_of_anisotropy
+from core.model.vit import UniversalViT, ViTConfig, create_vit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# (image shape (C, D, H, W), spacing (d, h, w) mm): 2D, isotropic 3D, thick-slice 3D (DA 2).
+INPUTS = {
+    "2d": ((1, 1, 64, 64), (1e4, 0.5, 0.5)),
+    "3d-iso": ((1, 32, 64, 64), (1.0, 1.0, 1.0)),
+    "3d-thick": ((1, 8, 64, 64), (4.0, 1.0, 1.0)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(INPUTS))
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_maps_have_the_input_grid_and_are_scaled_to_one(kind, method, pool):
+    shape, spacing = INPUTS[kind]
+    torch.manual_seed(0)
+    model = add_lora(create_vit("micro", num_classes=2, pool=pool), LoraSettings(rank=4))
+    image = torch.rand(shape)
+    result = explain(model, image, spacing, method=method)
+    da = degree_of_anisotropy(spacing)
+    assert tuple(result.token_map.shape) == token_grid(model.get_base_model(), shape[1:], da)
+    assert tuple(result.image_map.shape) == shape[1:]
+    assert result.image_map.dtype == torch.float32
+    assert float(result.token_map.min()) >= 0.0
+    assert float(result.token_map.max()) == pytest.approx(1.0)
+    assert 0.0 <= result.score <= 1.0 and result.target == 1
+    assert all(p.grad is None for p in model.parameters())  # nothing left behind
+
+
+def test_merged_and_unmerged_lora_explain_alike():
+    torch.manual_seed(1)
+    model = add_lora(create_vit("micro", num_classes=2), LoraSettings(rank=4, mode="vanilla"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)  # B != 0: the adapters change the model
+    image, spacing = torch.rand(1, 8, 64, 64), (4.0, 1.0, 1.0)
+    unmerged = explain(model, image, spacing, method="grad-attention")
+    merged_model = model.merge_and_unload()
+    assert isinstance(merged_model, UniversalViT)
+    merged = explain(merged_model, image, spacing, method="grad-attention")
+    assert merged.score == pytest.approx(unmerged.score, abs=1e-5)
+    torch.testing.assert_close(merged.token_map, unmerged.token_map, atol=1e-4, rtol=1e-4)
+
+
+def _one_token_model(*, routed: bool) -> UniversalViT:
+    """A ViT whose score depends on one token only: the one whose patch holds signal.
+
+    The patch embedding sums a patch's intensities into channel 0 (other channels, the CLS
+    token and positions are zero, so an empty patch is the zero token and LayerNorm keeps it
+    zero). ``routed``: every query attends to the token with signal (q is a constant vector,
+    only that token has a key) and copies its value into channel 2, which the head reads; the
+    decision flows through attention. Otherwise attention adds nothing and the head reads
+    channel 0 of each token itself (a local decision, for Grad-CAM).
+    """
+    config = ViTConfig(embed_dim=8, depth=1, num_heads=1, rope=False, pos_grid=(2, 4, 4))
+    model = UniversalViT(config, num_classes=2).double()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+        model.patch_embed.proj.weight[0].fill_(1.0)  # channel 0 = sum of the patch
+        block = model.blocks[0]
+        if routed:
+            block.attn.q_proj.bias[1] = 10.0  # every query is 10 * e1
+            block.attn.k_proj.weight[1, 0] = 10.0  # only a token with signal has a key
+            block.attn.v_proj.weight[2, 0] = 1.0  # its value lands in channel 2
+            block.attn.out_proj.weight.copy_(torch.eye(8))
+            model.head.weight[1, 2] = 1.0
+        else:
+            model.head.weight[1, 0] = 1.0
+    return model
+
+
+@pytest.mark.parametrize("kind", sorted(INPUTS))
+@pytest.mark.parametrize(
+    ("method", "routed"), [("rollout", True), ("grad-attention", True), ("gradcam", False)]
+)
+def test_the_maximum_is_on_the_token_the_decision_depends_on(kind, method, routed):
+    shape, spacing = INPUTS[kind]
+    model = _one_token_model(routed=routed)
+    da = degree_of_anisotropy(spacing)
+    grid = token_grid(model, shape[1:], da)
+    depth_patch = max(16 >> da, 1)
+    token = (grid[0] - 1, 2, 1)  # the last depth token, row 2, column 1
+    image = torch.zeros(shape, dtype=torch.float64)
+    d0, h0, w0 = token[0] * depth_patch, token[1] * 16, token[2] * 16
+    image[:, d0 : d0 + depth_patch, h0 : h0 + 16, w0 : w0 + 16] = 1.0
+    result = explain(model, image, spacing, method=method)
+    assert result.score > 0.5  # the signal raises the positive class
+    flat = int(result.token_map.flatten().argmax())
+    assert flat == (token[0] * grid[1] + token[1]) * grid[2] + token[2]
+    assert float(result.token_map.flatten().sort().values[-2]) < 0.9  # a clear maximum
+    # On the image grid, exactly the voxels of that patch carry the maximum (slices line up).
+    hot = result.image_map == result.image_map.max()
+    expected = torch.zeros(shape[1:], dtype=torch.bool)
+    expected[d0 : d0 + depth_patch, h0 : h0 + 16, w0 : w0 + 16] = True
+    assert torch.equal(hot, expected)
+
+
+def test_bad_requests_are_refused():
+    model = create_vit("micro", num_classes=2)
+    image = torch.rand(1, 1, 32, 32)
+    with pytest.raises(ExplainError, match="unknown method"):
+        explain(model, image, (1e4, 1, 1), method="saliency")
+    with pytest.raises(ExplainError, match="out of range"):
+        explain(model, image, (1e4, 1, 1), target=5)
+    with pytest.raises(ExplainError, match="no classification head"):
+        explain(create_vit("micro"), image, (1e4, 1, 1))
+    with pytest.raises(ExplainError, match=r"\(C, D, H, W\)"):
+        explain(model, image[0], (1e4, 1, 1))
