@@ -67,6 +67,15 @@ FORBIDDEN = {
         "core.privacy",
         "core.federation",
     ),
+    "core.explain": (
+        "core.data",
+        "core.training",
+        "core.pretrain",
+        "core.privacy",
+        "core.he",
+        "core.federation",
+        "core.config",
+    ),
     "client": ("server", "simulations", "deploy", "benchmarks"),
     "server": ("client", "simulations", "deploy", "benchmarks"),
 }
