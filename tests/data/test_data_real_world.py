@@ -309,6 +309,18 @@ def test_palette_color_site_on_a_grey_grid_is_the_luma_of_the_colours(tmp_path: 
     torch.testing.assert_close(grey, (colour * luma).sum(dim=0, keepdim=True))
 
 
+def test_palette_without_its_lookup_table_is_a_dataset_error(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(get_testdata_file("examples_palette.dcm"))
+    del ds.RedPaletteColorLookupTableData  # pydicom's ValueError must leave as a DatasetError
+    ds.save_as(tmp_path / "nolut.dcm")
+    with pytest.raises(DatasetError, match=r"nolut.dcm: .*Palette Color Lookup Table"):
+        read_image(tmp_path / "nolut.dcm")
+    items = [{"image": "nolut.dcm", "label": 0}, {"image": "ok.dcm", "label": 1}]
+    dicom(tmp_path / "ok.dcm", np.zeros((4, 4), np.uint16))
+    site = open_site(datalist(tmp_path, items, modality="XR"), grid=GRID, on_error="skip")
+    assert [s.path.name for s in site.skipped] == ["nolut.dcm"]
+
+
 def test_monochrome1_series_is_inverted_once_with_one_range(tmp_path: Path) -> None:
     folder = tmp_path / "m1"
     folder.mkdir()
@@ -576,3 +588,43 @@ def test_relative_npz_uncached_survives_chdir(
     site = open_site("m.npz", grid=GRID, cache=False, modality="XR")
     monkeypatch.chdir(tmp_path.parent)
     assert site[2]["image"].shape == (1, 1, 16, 16)
+
+
+# ------------------------------------------------------------- MONAI's readers, same inputs
+
+
+@pytest.mark.slow  # importing monai.data takes 6-20 s
+def test_monai_readers_get_these_inputs_wrong(tmp_path: Path) -> None:
+    """Why the readers stay hand-written (core/data/README.md): MONAI's PydicomReader and
+    NibabelReader, default arguments, on four of the inputs above. If this starts failing,
+    MONAI has caught up and the table (and the choice) should be revisited."""
+    monai_data = pytest.importorskip("monai.data")
+
+    def monai(path: Path, reader: object) -> tuple[np.ndarray, dict]:
+        array, meta = reader.get_data(reader.read(str(path)))  # type: ignore[attr-defined]
+        return np.asarray(array), meta
+
+    dx = dicom(tmp_path / "dx.dcm", np.zeros((8, 10), np.uint16), Modality="DX", PixelSpacing=0.2)
+    assert monai(dx, monai_data.PydicomReader())[1]["spacing"].tolist() == [1.0, 1.0]
+    assert read_image(dx).spacing[1:] == (0.2, 0.2)
+
+    palette = Path(get_testdata_file("examples_palette.dcm"))
+    indices = pydicom.dcmread(palette).pixel_array
+    array, _ = monai(palette, monai_data.PydicomReader())
+    np.testing.assert_array_equal(array.T, indices)  # indices, not colours
+    assert read_image(palette).array.shape[0] == 3
+
+    nib.save(
+        nib.Nifti1Image(np.zeros((8, 8, 4), np.float32), np.diag([0.5, 0.5, 3, 1])),
+        tmp_path / "s.nii",
+    )
+    _patch_nifti_pixdim(tmp_path / "s.nii", (1.0, 1.0, 1.0))
+    _, meta = monai(tmp_path / "s.nii", monai_data.NibabelReader())
+    assert np.linalg.norm(np.asarray(meta["affine"])[:3, :3], axis=0).tolist() == [1.0, 1.0, 1.0]
+    assert read_image(tmp_path / "s.nii").spacing == (3.0, 0.5, 0.5)
+
+    frames = np.stack([np.full((6, 5), 1000 + k, np.uint16) for k in range(4)])
+    zs = [[0.0, 0.0, z] for z in (5.0, 0.0, 7.5, 2.5)]
+    enhanced = _enhanced_ct(tmp_path / "enhanced.dcm", frames, zs)
+    assert monai(enhanced, monai_data.PydicomReader())[1]["spacing"].tolist() == [1.0, 1.0, 1.0]
+    assert read_image(enhanced).spacing == pytest.approx((2.5, 0.7, 0.4))
