@@ -893,7 +893,7 @@ def _read_pillow(path: Path, spacing_hint: Sequence[float] | None) -> Volume:
         with Image.open(path) as image:
             image.load()
             orientation = image.getexif().get(_EXIF_ORIENTATION)
-            upright = ImageOps.exif_transpose(image)
+            upright = image if orientation in (None, 1) else ImageOps.exif_transpose(image)
             pixels = _pillow_pixels(upright)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DatasetError(
