@@ -436,7 +436,7 @@ class _Plane:
     """One DICOM image plane (a file, or one frame of a multi-frame file) before stacking."""
 
     source: Path
-    pixels: np.ndarray  # (H, W) grey in modality units (MONOCHROME1 not inverted) or (H, W, 3)
+    pixels: np.ndarray  # float32 (H, W) grey, modality units (MONOCHROME1 not inverted); or RGB
     photometric: str
     display_range: tuple[float, float]  # modality units of the stored bit range (MONOCHROME1)
     position: tuple[float, ...] | None  # ImagePositionPatient, mm (LPS)
@@ -698,7 +698,7 @@ def _planes(path: Path, ds: pydicom.Dataset) -> list[_Plane]:
         planes.append(
             _Plane(
                 source=path,
-                pixels=pixels,
+                pixels=pixels.astype(np.float32),  # what the volume holds; half of float64
                 photometric=photometric,
                 display_range=display,
                 position=position,
@@ -721,16 +721,59 @@ def _invert_monochrome1(pixels: np.ndarray, planes: Sequence[_Plane]) -> np.ndar
 
 
 def _single_plane(plane: _Plane, spacing_hint: Sequence[float] | None) -> Volume:
+    """One slice -> (C, 1, H, W). With ImageOrientationPatient its rows and columns are turned
+    to the closest RAS order, exactly as the same slice inside a series would be; without it
+    (most radiographs) they are kept as stored."""
     pixels = plane.pixels
     if plane.photometric == "MONOCHROME1":
         pixels = _invert_monochrome1(pixels, [plane])
-    return _planar(
-        pixels,
-        plane.source,
-        spacing_hint,
-        calibrated=plane.photometric == "MONOCHROME2",
-        header_spacing=plane.pixel_spacing,
-    )
+    calibrated = plane.photometric == "MONOCHROME2"
+    if plane.orientation is None:
+        return _planar(
+            pixels,
+            plane.source,
+            spacing_hint,
+            calibrated=calibrated,
+            header_spacing=plane.pixel_spacing,
+        )
+    row_dir, col_dir, normal = _directions(plane)
+    row_mm, col_mm = _spacing_or_hint(plane.pixel_spacing, _tail(spacing_hint, 2), 2, plane.source)
+    channels_first = pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)
+    data = _as_float(channels_first, plane.source)[:, None]  # (C, 1, rows, cols)
+    spacing = (TWO_D_DEPTH_SPACING_MM, row_mm, col_mm)
+    data, spacing = to_canonical(data, spacing, _voxel_to_ras(normal, col_dir, row_dir, spacing))
+    oriented, dhw = depth_first(data, spacing, tie_axis=2)
+    return Volume(oriented, dhw, calibrated)
+
+
+def _directions(plane: _Plane) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit row, column and slice-normal directions (LPS) from ImageOrientationPatient."""
+    assert plane.orientation is not None
+    row_dir = np.array(plane.orientation[:3], dtype=float)
+    col_dir = np.array(plane.orientation[3:], dtype=float)
+    norms = np.linalg.norm(row_dir), np.linalg.norm(col_dir)
+    if min(norms) == 0 or abs(np.dot(row_dir, col_dir)) / (norms[0] * norms[1]) > _SHEAR_TOLERANCE:
+        raise DatasetError(
+            plane.source,
+            f"ImageOrientationPatient {plane.orientation} does not hold two perpendicular"
+            " directions",
+            _DICOM_FIX,
+        )
+    row_dir, col_dir = row_dir / norms[0], col_dir / norms[1]
+    return row_dir, col_dir, np.cross(row_dir, col_dir)
+
+
+def _voxel_to_ras(
+    normal: np.ndarray, col_dir: np.ndarray, row_dir: np.ndarray, spacing: Sequence[float]
+) -> np.ndarray:
+    """Affine of voxel (slice, row, col) -> RAS mm. Moving down a row goes along the column
+    direction, moving along a row along the row direction; LPS -> RAS negates x and y."""
+    affine = np.eye(4)
+    affine[:3, 0] = normal * spacing[0]
+    affine[:3, 1] = col_dir * spacing[1]
+    affine[:3, 2] = row_dir * spacing[2]
+    affine[:2] *= -1
+    return affine
 
 
 def _stack(where: Path, planes: list[_Plane], spacing_hint: Sequence[float] | None) -> Volume:
@@ -800,18 +843,7 @@ def _slice_geometry(
                 "keep one orientation per series (move localisers and reformats to their own"
                 " folders)",
             )
-    row_dir = np.array(first.orientation[:3], dtype=float)
-    col_dir = np.array(first.orientation[3:], dtype=float)
-    norms = np.linalg.norm(row_dir), np.linalg.norm(col_dir)
-    if min(norms) == 0 or abs(np.dot(row_dir, col_dir)) / (norms[0] * norms[1]) > _SHEAR_TOLERANCE:
-        raise DatasetError(
-            first.source,
-            f"ImageOrientationPatient {first.orientation} does not hold two perpendicular"
-            " directions",
-            _DICOM_FIX,
-        )
-    row_dir, col_dir = row_dir / norms[0], col_dir / norms[1]
-    normal = np.cross(row_dir, col_dir)
+    row_dir, col_dir, normal = _directions(first)
     positions = np.array([p.position for p in planes], dtype=float)  # (S, 3) mm
     along = positions @ normal
     order = np.argsort(along, kind="stable")
@@ -851,13 +883,8 @@ def _slice_geometry(
             stated,
         )
     row_mm, col_mm = _spacing_or_hint(first.pixel_spacing, _tail(spacing_hint, 2), 2, where)
-    # voxel (slice, row, col) -> LPS mm, then LPS -> RAS by negating x and y.
-    affine = np.eye(4)
-    affine[:3, 0] = normal * slice_gap
-    affine[:3, 1] = col_dir * row_mm
-    affine[:3, 2] = row_dir * col_mm
-    affine[:2] *= -1
-    return order, affine, (slice_gap, row_mm, col_mm)
+    spacing = (slice_gap, row_mm, col_mm)
+    return order, _voxel_to_ras(normal, col_dir, row_dir, spacing), spacing
 
 
 def _fallback_order(where: Path, planes: list[_Plane]) -> np.ndarray:

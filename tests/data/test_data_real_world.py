@@ -468,6 +468,22 @@ def test_dicom_named_by_its_uid_is_read(tmp_path: Path) -> None:
     assert len(site) == 1
 
 
+def test_a_lone_slice_is_oriented_like_the_same_slice_in_its_series(tmp_path: Path) -> None:
+    folder = tmp_path / "series"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    coronal = [1, 0, 0, 0, 0, -1]  # rows run left-right, columns head to foot
+    for k in range(3):
+        pixels = rng.integers(0, 4000, (6, 4)).astype(np.uint16)
+        where = axial(0.0, ImagePositionPatient=[0.0, 3.0 * k, 0.0], PixelSpacing=[0.5, 0.7])
+        dicom(folder / f"{k}.dcm", pixels, **{**where, "ImageOrientationPatient": coronal})
+    series = read_image(folder)  # coronal stack: A is depth
+    lone = read_image(folder / "1.dcm")
+    assert lone.array.shape == (1, 1, *series.array.shape[2:])
+    np.testing.assert_array_equal(lone.array[0, 0], series.array[0, 1])
+    assert lone.spacing[1:] == series.spacing[1:]
+
+
 def test_files_with_misleading_or_no_suffix_are_sniffed(tmp_path: Path) -> None:
     Image.fromarray(np.full((4, 6), 9, np.uint8)).save(tmp_path / "a.png")
     (tmp_path / "xray.1.2.840").write_bytes((tmp_path / "a.png").read_bytes())
