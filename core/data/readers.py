@@ -444,7 +444,8 @@ class _Plane:
     pixel_spacing: tuple[float, float] | None  # (row, column) mm
     instance: float | None  # InstanceNumber
     location: float | None  # SliceLocation
-    slice_spacing: float | None  # SpacingBetweenSlices, else SliceThickness
+    between: float | None  # SpacingBetweenSlices (centre to centre), mm
+    thickness: float | None  # SliceThickness, mm (may exceed the gap: overlapping slices)
 
 
 def _read_dicom(path: Path, spacing_hint: Sequence[float] | None) -> Volume:
@@ -694,7 +695,6 @@ def _planes(path: Path, ds: pydicom.Dataset) -> list[_Plane]:
         orientation = _holder(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient")
         measures = _holder(ds, frame, "PixelMeasuresSequence", "SliceThickness")
         between = _holder(ds, frame, "PixelMeasuresSequence", "SpacingBetweenSlices")
-        gap = _scalar(path, between, "SpacingBetweenSlices")
         planes.append(
             _Plane(
                 source=path,
@@ -706,7 +706,8 @@ def _planes(path: Path, ds: pydicom.Dataset) -> list[_Plane]:
                 pixel_spacing=_in_plane_spacing(path, ds, frame),
                 instance=_scalar(path, ds, "InstanceNumber"),
                 location=_scalar(path, ds, "SliceLocation"),
-                slice_spacing=abs(gap) if gap else _scalar(path, measures, "SliceThickness"),
+                between=abs(_scalar(path, between, "SpacingBetweenSlices") or 0.0) or None,
+                thickness=_scalar(path, measures, "SliceThickness"),
             )
         )
     return planes
@@ -806,7 +807,7 @@ def _stack(where: Path, planes: list[_Plane], spacing_hint: Sequence[float] | No
         order, affine, spacing = _slice_geometry(where, planes, spacing_hint)
     else:
         order = _fallback_order(where, planes)
-        thickness = first.slice_spacing
+        thickness = first.between or first.thickness
         in_plane = first.pixel_spacing
         header = (thickness, *in_plane) if thickness and in_plane else None
         spacing = _spacing_or_hint(header, spacing_hint, 3, where)
@@ -873,14 +874,13 @@ def _slice_geometry(
             "resample it onto slices stacked along their normal (dcm2niix corrects gantry tilt"
             " by default) and list the NIfTI",
         )
-    stated = first.slice_spacing
-    if stated and abs(stated - slice_gap) > _AGREE * slice_gap:
+    if first.between and abs(first.between - slice_gap) > _AGREE * slice_gap:
         logger.warning(
-            "%s: slices are %.4g mm apart by ImagePositionPatient but SpacingBetweenSlices /"
-            " SliceThickness says %.4g mm; the positions are used",
+            "%s: slices are %.4g mm apart by ImagePositionPatient but SpacingBetweenSlices says"
+            " %.4g mm; the positions are used",
             where,
             slice_gap,
-            stated,
+            first.between,
         )
     row_mm, col_mm = _spacing_or_hint(first.pixel_spacing, _tail(spacing_hint, 2), 2, where)
     spacing = (slice_gap, row_mm, col_mm)

@@ -188,6 +188,20 @@ def test_imager_pixel_spacing_is_used_and_pixel_spacing_wins_when_both(
     assert "ImagerPixelSpacing" in caplog.text and "b.dcm" in caplog.text
 
 
+def test_positions_win_over_spacing_between_slices_and_say_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "s"
+    folder.mkdir()
+    for k in range(3):  # thick overlapping slices (5 mm every 2.5 mm) are legal: no warning
+        where = axial(2.5 * k, SliceThickness=5.0, SpacingBetweenSlices=2.5 if k else 4.0)
+        dicom(folder / f"{k}.dcm", np.zeros((4, 4), np.uint16), **where)
+    with caplog.at_level(logging.WARNING, logger="core.data.readers"):
+        assert read_image(folder).spacing[0] == pytest.approx(2.5)
+    assert caplog.text.count("SpacingBetweenSlices says 4 mm") == 1
+    assert "SliceThickness" not in caplog.text
+
+
 def _enhanced_ct(path: Path, frames: np.ndarray, positions: list[list[float]] | None) -> Path:
     """An Enhanced CT file: spacing and orientation shared, positions and rescale per frame."""
     shared = Dataset()
