@@ -115,13 +115,16 @@ def image_format(path: Path) -> str:
 
 
 def _sniff(path: Path) -> str | None:
-    """The format a file's first bytes announce, or None."""
+    """The format a file's first bytes announce, or None. Inside gzip only NIfTI counts (the
+    only format here that is read compressed)."""
     try:
         with path.open("rb") as handle:
             head = handle.read(_SNIFF_BYTES)
-        if head[:2] == b"\x1f\x8b":  # gzip: look at the decompressed header
+        if head[:2] == b"\x1f\x8b":
             with gzip.open(path, "rb") as handle:
-                head = handle.read(_SNIFF_BYTES)
+                inner = handle.read(_SNIFF_BYTES)
+            nifti = inner[344:348] in (b"n+1\x00", b"ni1\x00") or inner[4:8] == b"n+2\x00"
+            return "nifti" if nifti else None
     except (OSError, EOFError):
         return None
     if head[128:132] == b"DICM":
@@ -639,6 +642,8 @@ def _rescale(path: Path, ds: pydicom.Dataset, frame: int, stored: np.ndarray) ->
     intercept = _scalar(path, holder, "RescaleIntercept")
     if holder is None:  # an intercept may stand alone at the top level
         intercept = _scalar(path, ds, "RescaleIntercept")
+    if slope == 0:
+        raise DatasetError(path, "DICOM attribute RescaleSlope is 0", _DICOM_FIX)
     out = np.asarray(stored, dtype=np.float64)
     return out * (1.0 if slope is None else slope) + (0.0 if intercept is None else intercept)
 

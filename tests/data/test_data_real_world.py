@@ -14,6 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
+import pydicom.data
 import pytest
 import torch
 from PIL import Image
@@ -514,6 +515,25 @@ def test_files_with_misleading_or_no_suffix_are_sniffed(tmp_path: Path) -> None:
     (tmp_path / "notes.1.2").write_bytes(b"hello" * 100)
     with pytest.raises(DatasetError, match=r"notes.1.2: unsupported image format.*content"):
         read_image(tmp_path / "notes.1.2")
+
+
+def test_every_bundled_pydicom_file_reads_or_fails_as_a_dataset_error() -> None:
+    """pydicom's own collection of odd real files (compressed, big-endian, RGB, YBR, palette,
+    RT dose, SR, no preamble, truncated...): a Volume or a DatasetError, nothing else."""
+    read = []
+    for name in sorted(pydicom.data.get_testdata_files("*")):
+        path = Path(name)
+        if path.is_dir():
+            continue
+        try:
+            volume = read_image(path)
+        except DatasetError as err:
+            assert err.path == path and "Fix:" in str(err)
+            continue
+        assert volume.array.ndim == 4 and volume.array.dtype == np.float32
+        read.append(path.name)
+    expected = {"CT_small.dcm", "MR_small_RLE.dcm", "examples_palette.dcm", "SC_rgb_rle.dcm"}
+    assert expected <= set(read)
 
 
 # ----------------------------------------------------------------- orientation in 2D formats
