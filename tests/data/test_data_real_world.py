@@ -298,6 +298,18 @@ def test_nifti_qform_used_when_sform_is_unset_and_disagreement_reported(
     assert "qform" in caplog.text and "both.nii" in caplog.text
 
 
+def test_nifti_without_sform_or_qform_keeps_voxel_order_and_pixdim(tmp_path: Path) -> None:
+    data = np.random.default_rng(0).normal(size=(5, 6, 3)).astype(np.float32)
+    image = nib.Nifti1Image(data, None)
+    image.header.set_zooms((0.9, 0.8, 4.0))
+    image.set_sform(None, code=0)
+    image.set_qform(None, code=0)
+    nib.save(image, tmp_path / "bare.nii")
+    volume = read_image(tmp_path / "bare.nii")  # NIfTI method 1: no orientation, no flips
+    np.testing.assert_array_equal(volume.array[0], data.transpose(2, 0, 1))
+    assert volume.spacing == pytest.approx((4.0, 0.9, 0.8))
+
+
 # ---------------------------------------------------------------- photometric interpretations
 
 
