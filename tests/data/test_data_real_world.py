@@ -533,8 +533,8 @@ def test_every_bundled_pydicom_file_reads_or_fails_as_a_dataset_error() -> None:
     """pydicom's own collection of odd real files (compressed, big-endian, RGB, YBR, palette,
     RT dose, SR, no preamble, truncated...): a Volume or a DatasetError, nothing else."""
     read = []
-    for name in sorted(pydicom.data.get_testdata_files("*")):
-        path = Path(name)
+    bundled = Path(pydicom.data.__file__).parent / "test_files"  # the wheel's own files only:
+    for path in sorted(bundled.iterdir()):  # get_testdata_files("*") would try to download
         if path.is_dir():
             continue
         try:
