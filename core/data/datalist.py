@@ -25,9 +25,14 @@ axis of the file, in file order: ``[row, col]`` for 2D images, three values for 
 only where the format has no header spacing. Other fields (Decathlon's ``description``,
 ``numTraining``...) are ignored.
 
-A CSV has columns ``image`` and ``label`` (multi-label: ``"0;1;0"``), and optional ``split``
-(training/validation/test, default training), ``spacing`` (``"0.7;0.7;5"``) and ``modality``.
-Its site-level facts come from :func:`~core.data.open_site`'s arguments or are inferred.
+A CSV has columns ``image`` and ``label``, and optional ``split`` (training/validation/test,
+default training), ``spacing`` (``"0.7;0.7;5"``) and ``modality``. A label is a class index
+(``2``) or a class name (``No Finding``; spaces belong to the name); a site is multi-label when
+the caller says so or a label lists several values joined by ``|`` or ``;`` (multi-hot
+``"0;1;0"``, or names ``"Cardiomegaly|Effusion"`` as in NIH ChestX-ray14). Names become
+``class_names`` in sorted order, which fixes their indices; a column mixing names and indices is
+refused. In a ``dataset.json`` a label may also be a name from its ``class_names``. Site-level
+facts come from :func:`~core.data.open_site`'s arguments or are inferred.
 
 A MedMNIST-style ``.npz`` (``train_images``, ``train_labels``, ``val_*``, ``test_*``) is a site
 on its own: see :func:`read_npz_datalist`.
@@ -74,7 +79,8 @@ _MODALITY_ALIASES = {
     "DX": "XR",
     "DR": "XR",
 }
-_LIST_SEPARATORS = re.compile(r"[;\s|]+")
+_LIST_SEPARATORS = re.compile(r"[;\s|]+")  # between spacings: "0.7;0.7;5" or "0.7 0.7 5"
+_LABEL_SEPARATORS = re.compile(r"[;|]")  # between labels: class names may contain spaces
 
 
 @dataclass(frozen=True)
@@ -180,7 +186,7 @@ def read_datalist(
     The keyword arguments supply site facts a CSV or npz cannot carry; for a ``dataset.json``
     they must agree with its fields when both are given.
     """
-    source = Path(path)
+    source = Path(path).expanduser().absolute()  # image paths stay valid after a chdir
     if source.is_dir():
         source = source / "dataset.json"
     if not source.is_file():
@@ -329,12 +335,21 @@ def _read_csv(source: Path, split: str, overrides: _Overrides) -> Datalist:
             f"column(s) {missing} missing (columns present: {columns})",
             "add a header row with at least the columns image,label",
         )
+    labels = [(row.get("label") or "").strip() for row in rows]
     multi_label = overrides.multi_label
-    if multi_label is None:
-        multi_label = any(_LIST_SEPARATORS.search(r["label"].strip() or "") for r in rows)
+    if multi_label is None:  # a list needs a separator; a space is part of a class name
+        multi_label = any(_LABEL_SEPARATORS.search(label) for label in labels)
+    class_names = _csv_class_names(source, labels, multi_label)
     num_classes = overrides.num_classes
+    if class_names and num_classes is not None and num_classes != len(class_names):
+        raise DatasetError(
+            source,
+            f"the labels name {len(class_names)} classes {list(class_names)} but"
+            f" num_classes={num_classes} was passed",
+            "drop the num_classes argument (it is inferred from the names) or fix the labels",
+        )
     if num_classes is None:
-        num_classes = _infer_num_classes(rows, multi_label)
+        num_classes = len(class_names) if class_names else _infer_num_classes(labels, multi_label)
         logger.info("%s: inferred num_classes=%d from the labels", source, num_classes)
     info = _site_info(
         source,
@@ -342,6 +357,7 @@ def _read_csv(source: Path, split: str, overrides: _Overrides) -> Datalist:
         num_classes=num_classes,
         multi_label=multi_label,
         modality=overrides.modality,
+        class_names=class_names,
         spacing=overrides.spacing,
     )
     entries = []
@@ -356,13 +372,42 @@ def _read_csv(source: Path, split: str, overrides: _Overrides) -> Datalist:
     return Datalist(info=info, split=split, entries=tuple(entries))
 
 
-def _infer_num_classes(rows: list[dict[str, str]], multi_label: bool) -> int:
+def _label_parts(label: str) -> list[str]:
+    """``"Cardiomegaly|Pleural Effusion"`` or ``"0;1;0"`` -> its stripped, non-empty parts."""
+    return [part.strip() for part in _LABEL_SEPARATORS.split(label) if part.strip()]
+
+
+def _is_index(text: str) -> bool:
+    return text.strip().lstrip("-").isdigit()
+
+
+def _csv_class_names(source: Path, labels: list[str], multi_label: bool) -> list[str] | None:
+    """Labels written as class names: the sorted set of names (a stated, stable order), which
+    maps each name to its index. None when the labels are indices (or multi-hot 0/1 lists).
+
+    Raises:
+        DatasetError: the column mixes names and indices.
+    """
+    tokens = {t for label in labels for t in (_label_parts(label) if multi_label else [label]) if t}
+    names = sorted(t for t in tokens if not _is_index(t))
+    indices = sorted(t for t in tokens if _is_index(t))
+    if names and indices:
+        raise DatasetError(
+            source,
+            f"column 'label' mixes class indices and class names (e.g. {indices[0]!r} and"
+            f" {names[0]!r})",
+            "write every label as a class name, or every label as a class index",
+        )
+    return names or None
+
+
+def _infer_num_classes(labels: list[str], multi_label: bool) -> int:
     best = 0
-    for row in rows:
-        parts = [p for p in _LIST_SEPARATORS.split(row["label"].strip()) if p]
+    for label in labels:
+        parts = _label_parts(label)
         if multi_label:
             best = max(best, len(parts))
-        elif parts and parts[0].lstrip("-").isdigit():
+        elif parts and _is_index(parts[0]):
             best = max(best, int(parts[0]) + 1)
     return max(best, 1 if multi_label else 2)
 
@@ -468,6 +513,15 @@ def parse_item(datalist: Datalist, position: int) -> ItemSpec:
     )
 
 
+def _all_names(values: Any) -> bool:
+    """A non-empty list of class names (strings that are not indices)."""
+    return (
+        isinstance(values, Sequence)
+        and len(values) > 0
+        and all(isinstance(v, str) and not _is_index(v) for v in values)
+    )
+
+
 def _parse_label(value: Any, info: SiteInfo, where: str) -> int | tuple[int, ...]:
     if value is None:
         raise DatasetError(
@@ -475,10 +529,19 @@ def _parse_label(value: Any, info: SiteInfo, where: str) -> int | tuple[int, ...
             f"{where} has no 'label'",
             "give every item a label (a class index, or a multi-hot list for multi-label sites)",
         )
+    names = info.class_names
     if info.multi_label:
-        raw = value
-        if isinstance(value, str):
-            raw = [p for p in _LIST_SEPARATORS.split(value.strip()) if p]
+        raw = _label_parts(value) if isinstance(value, str) else value
+        if names and _all_names(raw):
+            unknown = [v for v in raw if v not in names]
+            if unknown:
+                raise DatasetError(
+                    info.source,
+                    f"{where} has label {value!r} naming {unknown}, not in class_names"
+                    f" {list(names)}",
+                    "use the names listed in class_names (or add the missing ones there)",
+                )
+            return tuple(int(name in raw) for name in names)
         try:
             bits = tuple(int(v) for v in raw) if isinstance(raw, Sequence) else None
         except (TypeError, ValueError):
@@ -487,19 +550,24 @@ def _parse_label(value: Any, info: SiteInfo, where: str) -> int | tuple[int, ...
             raise DatasetError(
                 info.source,
                 f"{where} has label {value!r}, not {info.num_classes} multi-hot 0/1 values",
-                f"write the label as a list of {info.num_classes} zeros and ones",
+                f"write the label as a list of {info.num_classes} zeros and ones"
+                + (" or as class names joined by '|'" if names else ""),
             )
         return bits
     index: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         index = value
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    elif isinstance(value, str) and _is_index(value):
         index = int(value.strip())
+    elif isinstance(value, str) and names and value.strip() in names:
+        index = names.index(value.strip())
     if index is None:
+        known = f" nor one of class_names {list(names)}" if names else ""
         raise DatasetError(
             info.source,
-            f"{where} has label {value!r}, not an integer class index",
-            "write the label as an integer 0 <= label < num_classes",
+            f"{where} has label {value!r}, not an integer class index{known}",
+            "write the label as an integer 0 <= label < num_classes"
+            + ("" if names else ', or list the class names in "class_names"'),
         )
     if not 0 <= index < info.num_classes:
         raise DatasetError(

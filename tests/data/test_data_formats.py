@@ -160,8 +160,10 @@ def test_real_pydicom_ct_slice() -> None:
     volume = read_image(path)
     assert volume.array.shape == (1, 1, 128, 128)
     assert volume.spacing == (TWO_D_DEPTH_SPACING_MM, 0.661468, 0.661468)
-    # HU through the modality LUT: slope 1, intercept -1024
-    np.testing.assert_array_equal(volume.array[0, 0], ds.pixel_array.astype(np.float32) - 1024)
+    # HU through the modality LUT: slope 1, intercept -1024; an axial LPS slice turned to RAS
+    # like a series slice: both in-plane axes reverse, R (from the columns) becomes H.
+    expected = (ds.pixel_array.astype(np.float32) - 1024)[::-1, ::-1].T
+    np.testing.assert_array_equal(volume.array[0, 0], expected)
 
 
 def test_real_pydicom_mr_slice_on_grid(tmp_path: Path) -> None:
