@@ -701,6 +701,9 @@ def outsider_checks(
     app = write_probe_app(home / "app", loot)
     register = attempt(env, "supernode", "register", str(public), CONNECTION)
     run = attempt(env, "run", str(app), CONNECTION)
+    (home / "attempts.log").write_text(
+        "".join(f"$ {a.command}\nexit {a.exit_code}\n{a.output}\n" for a in (register, run))
+    )
 
     unsigned = started_run_id(attempt(coordinator_env, "run", str(app), CONNECTION).output)
     wait_run_finished(coordinator_env, unsigned)
