@@ -134,15 +134,21 @@ def sign(app_dir: Path, key: Path, releases: Path) -> Release:
     it with fixed timestamps) and the signature is appended.
 
     Raises:
-        ReleaseError: the key is not Ed25519, or this version was already released with
-            different content.
+        ReleaseError: the key is unreadable or not Ed25519, the app's pyproject.toml lacks
+            its identity, or this version was already released with different content.
     """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
     from flwr.cli.build import build_fab_from_disk
     from flwr.supercore.primitives.asymmetric_ed25519 import create_message_to_sign
 
-    private = serialization.load_ssh_private_key(key.read_bytes(), None)
+    try:
+        private = serialization.load_ssh_private_key(key.read_bytes(), None)
+    except (OSError, ValueError) as err:
+        raise ReleaseError(
+            f"{key}: cannot read an unencrypted OpenSSH private key ({err}); make one with "
+            "`python -m deploy.release keygen --out KEY`"
+        ) from err
     if not isinstance(private, ed25519.Ed25519PrivateKey):
         raise ReleaseError(f"{key}: the release key must be Ed25519 (deploy.release keygen)")
     public = (

@@ -506,6 +506,10 @@ def test_a_signed_release_passes_flowers_own_verification_and_nothing_else_does(
     make_node_key(tmp_path / "keys" / "ecdsa")  # a node key is not a release key
     with pytest.raises(release.ReleaseError, match="Ed25519"):
         release.sign(app, tmp_path / "keys" / "ecdsa", tmp_path / "other")
+    with pytest.raises(release.ReleaseError, match="keygen"):
+        release.sign(app, tmp_path / "keys" / "missing", tmp_path / "other")
+    with pytest.raises(release.ReleaseError, match="overwrite"):
+        release.keygen(key)
     trusted = release.trusted_entities([public], tmp_path / "trusted.yaml")
     entities = _try_obtain_trusted_entities(trusted)  # Flower's own reader
     assert entities is not None
@@ -530,14 +534,18 @@ def test_a_signed_release_passes_flowers_own_verification_and_nothing_else_does(
     assert _verify_fab(fab, entities)
     assert not _verify_fab(Fab(fab.hash_str, content + b" ", fab.verifications), entities)
 
-    # Co-signed by a stranger only: not verified. Unsigned (`flwr run DIR`): no licence mark,
-    # which the SuperNode refuses before looking for signatures.
+    # Signed by a stranger only: not verified. (Unsigned apps, `flwr run DIR`, carry no
+    # verification at all; the slow deployment test shows every SuperNode refusing one.)
     foreign = release.sign(app, stranger, tmp_path / "foreign")
     meta = json.loads((foreign.fab.with_suffix(".json")).read_text())
     assert not _verify_fab(
         Fab(fab.hash_str, content, _format_verification(meta["verifications"])), entities
     )
-    assert not Fab(fab.hash_str, content, {}).verifications.get("valid_license")
+
+    # A released version is immutable: changed code needs a new version.
+    (app / "probe.py").write_text("# altered after release\n")
+    with pytest.raises(release.ReleaseError, match="bump the version"):
+        release.sign(app, key, tmp_path / "releases")
 
 
 @pytest.fixture
