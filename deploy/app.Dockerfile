@@ -1,4 +1,5 @@
-# The image that runs our Flower apps: the coordinator's ServerApp and each hospital's ClientApp.
+# The image that runs our Flower apps (the coordinator's ServerApp, each hospital's ClientApp)
+# and the coordinator's Fleet-only proxy and app registry (deploy/fleet_proxy.py, release.py).
 #
 # Base: Flower's SuperExec image, the official base for app executors since flwr 1.20 (the
 # older flwr/serverapp and flwr/clientapp images stopped at 1.18). The tag pins the flwr
@@ -14,25 +15,26 @@ ARG PYTHON_TAG=py3.11-ubuntu24.04
 FROM flwr/superexec:${FLWR_VERSION}-${PYTHON_TAG}
 
 # /app belongs to the image's non-root user `app` (uid 49999), who owns the venv too.
-RUN mkdir -p /app/src
-WORKDIR /app/src
-
-# torch first, pinned to the version in pyproject.toml and taken from the CPU wheel index:
-# a bare `pip install torch==2.13.0` on Linux resolves to the CUDA build (several GB).
-# Hospitals with GPUs set TORCH_INDEX_URL to the matching CUDA index instead.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN python -m pip install --no-cache-dir "torch==2.13.0" --index-url "${TORCH_INDEX_URL}"
-
-COPY --chown=app:app pyproject.toml README.md ./
-COPY --chown=app:app core ./core
-COPY --chown=app:app client ./client
-COPY --chown=app:app server ./server
-
-# flwr 1.41.0 is already in the base image; install the package without the [simulation]
-# extra (Ray), which only `flwr run` simulations need.
-RUN sed -i 's/"flwr\[simulation\]==/"flwr==/' pyproject.toml \
-    && python -m pip install --no-cache-dir . \
-    && python -c "import client.app, server.app"
-
+USER app
 WORKDIR /app
+
+# Every dependency from the lock file, each checked against its hashes (--require-hashes),
+# no resolver at build time (--no-deps), wheels only. torch is the CPU build
+# (torch==2.13.0+cpu in the lock) from the CPU wheel index; hospitals with GPUs lock and
+# install the matching CUDA build instead.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+COPY --chown=app:app deploy/requirements.lock ./deploy/requirements.lock
+RUN python -m pip install --no-cache-dir --require-hashes --no-deps --only-binary=:all: \
+        --extra-index-url "${TORCH_INDEX_URL}" -r deploy/requirements.lock \
+    && python -m pip check
+
+# The app's code reaches the SuperExec inside the signed app bundle (FAB); the copy here only
+# proves that the locked dependencies import it. The proxy and the registry run from here.
+COPY --chown=app:app core ./src/core
+COPY --chown=app:app client ./src/client
+COPY --chown=app:app server ./src/server
+COPY --chown=app:app deploy/__init__.py deploy/fleet_proxy.py deploy/release.py ./deploy/
+RUN PYTHONPATH=/app/src python -c "import client.app, server.app" \
+    && python -c "import deploy.fleet_proxy, deploy.release"
+
 ENTRYPOINT ["flower-superexec"]

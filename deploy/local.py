@@ -5,10 +5,19 @@
 
 Runs the same commands as ``deploy/compose.yaml``, as local processes instead of containers:
 a CA and a SuperLink certificate; one ECDSA key pair per hospital, registered with
-``flwr supernode register``; ``flower-superlink`` with TLS and ``--enable-supernode-auth``;
-one SuperExec for the ServerApp; per hospital a ``flower-supernode`` (its key, the CA, its
-``--node-config``) and a SuperExec for its ClientApp; then ``flwr run`` over TLS, checked
-with ``flwr list``. Every process started here is stopped by its PID (process group) on exit.
+``flwr supernode register``; the app signed as a release (``deploy.release``) with the
+consortium's Ed25519 key and served by the coordinator's app registry; ``flower-superlink``
+with TLS and ``--enable-supernode-auth`` on an internal port, reachable from the hospitals
+only through the Fleet-only proxy (``deploy.fleet_proxy``); one SuperExec for the
+ServerApp; per hospital a ``flower-supernode`` (its key, the CA, its ``--node-config``,
+``--trusted-entities`` with the consortium's key) and a SuperExec for its ClientApp; then
+``flwr run @fedmedvit/fedmedvit==VERSION`` over TLS, checked with ``flwr list``.
+
+Then an outsider who holds only ``ca.pem`` tries both doors (:func:`outsider_checks`):
+registering its own node key and starting its own app through the address the hospitals
+dial; and, as if the Control API had been reached anyway, its unsigned app and an app signed
+with its own key, run through the coordinator's Control API. Every process started here is
+stopped by its PID (process group) on exit.
 """
 
 from __future__ import annotations
@@ -33,11 +42,13 @@ from typing import Any
 import httpx
 
 from deploy.pki import make_ca, make_node_key, make_server_cert
+from deploy.release import Release, keygen, sign, trusted_entities
 from simulations.flower_cli import (
     BIN,
     RunFailed,
     flwr_run,
     free_port,
+    list_runs,
     list_supernodes,
     overrides_string,
     stop_process_group,
@@ -48,6 +59,9 @@ APP_PACKAGES = ("core", "client", "server")  # what the ServerApp and ClientApp 
 CONNECTION = "deploy"
 # What the SuperLink logs when a SuperNode offers a key nobody registered (flwr 1.41).
 REFUSAL_MARK = "No SuperNode found with the given public key"
+# What a SuperNode started with --trusted-entities logs when it refuses an app: unsigned
+# (no signatures at all) or signed by no key it trusts (flwr 1.41, supernode).
+FAB_REFUSAL = re.compile(r"The FAB could not be verified|FAB verification failed")
 # Worth echoing from the ServerApp log stream: each round's phases and any failure.
 PROGRESS_LINE = re.compile(r"^\d\d/\d\d/\d{4} \S+:INFO:configure_|ERROR|Traceback")
 ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
@@ -185,7 +199,11 @@ class DeploymentResult:
     run_dir: Path
     node_ids: dict[str, int]
     wall_seconds: float
+    fleet_address: str = ""  # what the hospitals dial: the Fleet-only proxy
+    control_address: str = ""  # the SuperLink itself: the coordinator's side only
+    release: Release | None = None
     intruder: IntruderOutcome | None = None
+    outsider: OutsiderOutcome | None = None
     processes: dict[int, int] = field(default_factory=dict)  # PID -> start time; all stopped
 
 
@@ -201,6 +219,55 @@ class IntruderOutcome:
     @property
     def refused(self) -> bool:
         return self.exit_code not in (None, 0) and bool(self.superlink_refusals) and not self.listed
+
+
+@dataclass
+class Attempt:
+    """One ``flwr`` command the outsider ran: its exit code and output."""
+
+    command: str
+    exit_code: int
+    output: str
+
+    @property
+    def gist(self) -> str:
+        """The CLI's error box (or its last line) as one line."""
+        boxed = [line.strip("│ ") for line in self.output.splitlines() if line.startswith("│")]
+        lines = boxed or self.output.strip().splitlines()[-1:]
+        return " ".join(" ".join(lines).split())
+
+
+@dataclass
+class OutsiderOutcome:
+    """What an outsider holding only ``ca.pem`` achieved.
+
+    ``register`` and ``run``: ``flwr supernode register`` and ``flwr run`` against the
+    address the hospitals dial. ``unsigned_run`` and ``foreign_run``: run ids of the
+    outsider's app started through the coordinator's own Control API (as if that door had
+    been reached), unsigned and signed with the outsider's key. ``refusals``: per hospital,
+    the SuperNode log lines refusing an app. ``loot``: files the outsider's ClientApp wrote
+    (it writes one per node it runs on). ``listed``: node ids the SuperLink knows beyond the
+    registered hospitals."""
+
+    register: Attempt
+    run: Attempt
+    unsigned_run: int
+    foreign_run: int
+    refusals: dict[str, list[str]]
+    loot: list[str]
+    listed: list[int]
+
+    @property
+    def refused(self) -> bool:
+        """Both doors held: nothing registered, nothing started through the Fleet address,
+        every hospital refused both apps, and the outsider's code ran nowhere."""
+        return (
+            self.register.exit_code != 0
+            and self.run.exit_code != 0
+            and all(len(lines) >= 2 for lines in self.refusals.values())
+            and not self.loot
+            and not self.listed
+        )
 
 
 def base_env(home: Path, *, app_threads: int | None = None) -> dict[str, str]:
@@ -268,7 +335,9 @@ def superlink_command(port: int, certs: Path, database: Path, secret: Path) -> l
     ]
 
 
-def supernode_command(site: Site, superlink: str, ca: Path) -> list[str]:
+def supernode_command(site: Site, superlink: str, ca: Path, trusted: Path) -> list[str]:
+    """A hospital's SuperNode: dials ``superlink`` (the Fleet-only proxy) over TLS, signs in
+    with its registered key, and runs only apps signed by a key in ``trusted``."""
     node_config = {
         "site-name": site.name,
         "data-dir": str(site.data_dir),
@@ -282,6 +351,8 @@ def supernode_command(site: Site, superlink: str, ca: Path) -> list[str]:
         str(ca),
         "--auth-supernode-private-key",
         str(site.private_key),
+        "--trusted-entities",
+        str(trusted),
         "--isolation",
         "process",
         "--superexec-auth-secret-file",
@@ -311,18 +382,54 @@ def superexec_command(runtime_address: str, secret: Path, ca: Path | None) -> li
     ]
 
 
-def wait_superlink(port: int, ca: Path, processes: Processes, timeout: float = 60) -> None:
-    context = ssl.create_default_context(cafile=str(ca))
+def registry_command(releases: Path, port: int) -> list[str]:
+    """The coordinator's app registry (``deploy/release.py serve``, standard library only)."""
+    return [
+        sys.executable,
+        str(ROOT / "deploy" / "release.py"),
+        "serve",
+        "--releases",
+        str(releases),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
+def proxy_command(listen: str, upstream: str, certs: Path) -> list[str]:
+    """The Fleet-only proxy (``deploy/fleet_proxy.py``) in front of the SuperLink."""
+    return [
+        sys.executable,
+        str(ROOT / "deploy" / "fleet_proxy.py"),
+        "--listen",
+        listen,
+        "--upstream",
+        upstream,
+        "--ca",
+        str(certs / "ca.pem"),
+        "--certfile",
+        str(certs / "server.pem"),
+        "--keyfile",
+        str(certs / "server.key"),
+    ]
+
+
+def wait_healthy(
+    name: str, url: str, processes: Processes, ca: Path | None = None, timeout: float = 60
+) -> None:
+    """Poll ``url`` (HTTPS trusting ``ca`` when given) until it answers 2xx."""
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca)) if ca else False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        processes.check_alive(["superlink"])
+        processes.check_alive([name])
         try:
-            if httpx.get(f"https://127.0.0.1:{port}/health", verify=context, timeout=1).is_success:
+            if httpx.get(url, verify=verify, timeout=1).is_success:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    raise DeploymentError(f"the SuperLink was not healthy over TLS within {timeout:.0f} s")
+    raise DeploymentError(f"{name} was not healthy at {url} within {timeout:.0f} s")
 
 
 def register_nodes(env: Mapping[str, str], public_keys: Mapping[str, Path]) -> dict[str, int]:
@@ -412,11 +519,17 @@ def prepare_sites(out: Path, count: int, seed: int) -> list[Site]:
 
 
 def start_hospital(
-    processes: Processes, site: Site, superlink: str, ca: Path, homes: Path, app_threads: int
+    processes: Processes,
+    site: Site,
+    superlink: str,
+    ca: Path,
+    trusted: Path,
+    homes: Path,
+    app_threads: int,
 ) -> None:
     processes.start(
         f"supernode-{site.name}",
-        supernode_command(site, superlink, ca),
+        supernode_command(site, superlink, ca, trusted),
         base_env(homes / f"supernode-{site.name}"),
     )
     processes.start(
@@ -427,7 +540,7 @@ def start_hospital(
 
 
 def start_intruder(
-    processes: Processes, out: Path, superlink: str, ca: Path, data_dir: Path
+    processes: Processes, out: Path, superlink: str, ca: Path, trusted: Path, data_dir: Path
 ) -> str:
     """A SuperNode whose key was never registered: the SuperLink must refuse it."""
     key = out / "keys" / "intruder"
@@ -442,7 +555,8 @@ def start_intruder(
         superexec_secret=write_secret(out / "secrets" / "intruder.superexec"),
     )
     name = f"supernode-{site.name}"
-    processes.start(name, supernode_command(site, superlink, ca), base_env(out / "homes" / name))
+    command = supernode_command(site, superlink, ca, trusted)
+    processes.start(name, command, base_env(out / "homes" / name))
     return name
 
 
@@ -465,6 +579,174 @@ def observe_intruder(
     )
 
 
+# --- the outsider: only ca.pem, its own key, its own app -------------------------------------
+
+PROBE_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "probe"
+version = "1.0.0"
+
+[tool.flwr.app]
+publisher = "outsider"
+
+[tool.flwr.app.components]
+serverapp = "probe:server"
+clientapp = "probe:client"
+
+[tool.flwr.app.config]
+loot-dir = "{loot}"
+"""
+PROBE_CODE = """\
+import json
+import os
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+server = ServerApp()
+client = ClientApp()
+
+
+@server.main()
+def main(grid, context):
+    nodes = list(grid.get_node_ids())
+    ask = [
+        Message(RecordDict({"probe": ConfigRecord({"x": 1})}), dst_node_id=n, message_type="train")
+        for n in nodes
+    ]
+    for reply in grid.send_and_receive(ask, timeout=90):
+        print("probe reply from", reply.metadata.src_node_id, reply.has_error())
+
+
+@client.train()
+def steal(msg, context):
+    loot = Path(context.run_config["loot-dir"])
+    loot.mkdir(parents=True, exist_ok=True)
+    seen = {k: str(v) for k, v in context.node_config.items()}
+    data = context.node_config.get("data-dir", "")
+    seen["files"] = sorted(os.listdir(data)) if data and os.path.isdir(data) else []
+    (loot / f"node-{context.node_id}.json").write_text(json.dumps(seen))
+    return Message(RecordDict(), reply_to=msg)
+"""
+
+
+def write_probe_app(target: Path, loot: Path) -> Path:
+    """The outsider's app: its ClientApp writes what it can see in a hospital (node config,
+    the names of the data files) to ``loot``, so any execution leaves evidence."""
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "pyproject.toml").write_text(PROBE_PYPROJECT.format(loot=loot))
+    (target / "probe.py").write_text(PROBE_CODE)
+    return target
+
+
+def attempt(env: Mapping[str, str], *args: str, timeout: float = 120) -> Attempt:
+    """Run ``flwr ARGS`` and keep its exit code and output (a hang counts as failure)."""
+    command = [str(BIN / "flwr"), *args]
+    try:
+        done = subprocess.run(
+            command, env=dict(env), capture_output=True, text=True, timeout=timeout, check=False
+        )
+        code, output = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as err:
+        code, output = -1, f"timed out after {timeout:.0f} s: {err.output or ''}"
+    return Attempt(" ".join(["flwr", *args]), code, ANSI_CODE.sub("", output))
+
+
+def started_run_id(output: str) -> int:
+    match = re.search(r"Successfully started run (\d+)", output)
+    if not match:
+        raise DeploymentError(f"the outsider's run did not start:\n{output[-2000:]}")
+    return int(match[1])
+
+
+def wait_run_finished(env: Mapping[str, str], run_id: int, timeout: float = 240) -> None:
+    """Poll ``flwr list`` until ``run_id`` has finished (any outcome)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = {int(r["run-id"]): r["status"] for r in list_runs(env, CONNECTION)}
+        if status.get(run_id, "").startswith("finished"):
+            return
+        time.sleep(2)
+    raise DeploymentError(f"the outsider's run {run_id} did not finish in {timeout:.0f} s")
+
+
+def outsider_checks(
+    out: Path,
+    fleet_address: str,
+    ca: Path,
+    coordinator_env: Mapping[str, str],
+    releases: Path,
+    processes: Processes,
+    node_ids: Mapping[str, int],
+) -> OutsiderOutcome:
+    """An outsider holding only ``ca.pem`` (plus its own node key and signing key) tries:
+
+    1. ``flwr supernode register`` with its own key and ``flwr run`` of its own app,
+       against ``fleet_address`` (the address the hospitals dial): the proxy must refuse.
+    2. As if it had reached the Control API anyway: its unsigned app via ``flwr run DIR``,
+       and the same app signed with its own key and served by the coordinator's registry
+       (as if it had also planted a release there): every SuperNode must refuse both, and
+       the app's ClientApp must leave no file in ``loot``.
+    """
+    home = out / "outsider"
+    loot = home / "loot"
+    env = write_cli_config(home / "flwr-home", fleet_address, ca)
+    public = make_node_key(home / "node.key")
+    app = write_probe_app(home / "app", loot)
+    register = attempt(env, "supernode", "register", str(public), CONNECTION)
+    run = attempt(env, "run", str(app), CONNECTION)
+    (home / "attempts.log").write_text(
+        "".join(f"$ {a.command}\nexit {a.exit_code}\n{a.output}\n" for a in (register, run))
+    )
+
+    unsigned = started_run_id(attempt(coordinator_env, "run", str(app), CONNECTION).output)
+    wait_run_finished(coordinator_env, unsigned)
+    signing_key = home / "release.key"
+    if not signing_key.exists():
+        keygen(signing_key)
+    planted = sign(app, signing_key, releases)
+    foreign_run = attempt(coordinator_env, "run", planted.spec, CONNECTION)
+    foreign = started_run_id(foreign_run.output)
+    wait_run_finished(coordinator_env, foreign)
+
+    listed = {int(n["node-id"]) for n in list_supernodes(coordinator_env, CONNECTION)}
+    return OutsiderOutcome(
+        register=register,
+        run=run,
+        unsigned_run=unsigned,
+        foreign_run=foreign,
+        refusals={
+            name: [
+                line.strip()
+                for line in processes.log(f"supernode-{name}").splitlines()
+                if FAB_REFUSAL.search(line)
+            ]
+            for name in node_ids
+        },
+        loot=sorted(p.name for p in loot.glob("*")) if loot.is_dir() else [],
+        listed=sorted(listed - set(node_ids.values())),
+    )
+
+
+def release_app(out: Path) -> tuple[Release, Path, Path]:
+    """The consortium's release step: a signing key (made once), the app staged and signed
+    into ``out/releases``, and the ``--trusted-entities`` file the hospitals install.
+    Returns (release, releases folder, trusted-entities file)."""
+    key = out / "release-keys" / "consortium"
+    if not key.exists():
+        keygen(key)
+    releases = out / "releases"
+    release = sign(stage_app(out / "app"), key, releases)
+    trusted = trusted_entities([key.with_name(key.name + ".pub")], out / "trusted-entities.yaml")
+    return release, releases, trusted
+
+
 def run_deployment(
     out: Path,
     *,
@@ -474,11 +756,18 @@ def run_deployment(
     seed: int = 0,
     run_config: Mapping[str, Any] | None = None,
     intruder: bool = False,
+    outsider: bool = True,
     app_threads: int = 1,
     timeout: float = 900,
     quiet: bool = False,
 ) -> DeploymentResult:
-    """Set up certificates, keys and data under ``out``, start every process, run, check, stop."""
+    """Set up certificates, keys, data and the signed release under ``out``, start every
+    process, run, check, let the outsider try (``outsider``), stop.
+
+    Raises:
+        DeploymentError: a process failed to start or a check failed.
+        RunFailed: the run did not finish as completed.
+    """
     started = time.perf_counter()
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -487,8 +776,9 @@ def run_deployment(
         if not quiet:
             print(f"{time.perf_counter() - started:5.0f} s  {message}", flush=True)
 
-    port = free_port()
-    superlink = f"127.0.0.1:{port}"
+    control = f"127.0.0.1:{free_port()}"  # the SuperLink: the coordinator's side only
+    fleet = f"127.0.0.1:{free_port()}"  # the proxy: what the hospitals dial
+    registry_port = free_port()
     certs = out / "certs"
     make_ca(out / "ca")
     files = make_server_cert(out / "ca", certs, ["localhost", "127.0.0.1"])
@@ -509,30 +799,54 @@ def run_deployment(
     from core.config import RunConfig
 
     RunConfig.from_flat(values)  # fail before any process starts
-    cli_env = write_cli_config(out / "homes" / "cli", superlink, files.ca)
+    release, releases, trusted = release_app(out)
+    cli_env = write_cli_config(out / "homes" / "cli", control, files.ca)
     homes = out / "homes"
-    result = DeploymentResult(out=out, run_id=-1, run_dir=out / "run", node_ids={}, wall_seconds=0)
+    result = DeploymentResult(
+        out=out,
+        run_id=-1,
+        run_dir=out / "run",
+        node_ids={},
+        wall_seconds=0,
+        fleet_address=fleet,
+        control_address=control,
+        release=release,
+    )
     with running(out / "logs") as processes:
+        processes.start(
+            "registry", registry_command(releases, registry_port), base_env(homes / "registry")
+        )
         coordinator_secret = write_secret(out / "secrets" / "coordinator.superexec")
         processes.start(
             "superlink",
-            superlink_command(port, certs, out / "superlink.db", coordinator_secret),
-            base_env(homes / "superlink"),
+            superlink_command(
+                int(control.rsplit(":", 1)[1]), certs, out / "superlink.db", coordinator_secret
+            ),
+            base_env(homes / "superlink")
+            | {"FLWR_SUPERGRID_API_URL": f"http://127.0.0.1:{registry_port}"},
         )
-        wait_superlink(port, files.ca, processes)
+        processes.start(
+            "fleet-proxy", proxy_command(fleet, control, certs), base_env(homes / "fleet-proxy")
+        )
+        wait_healthy("registry", f"http://127.0.0.1:{registry_port}/health", processes)
+        wait_healthy("superlink", f"https://{control}/health", processes, files.ca)
+        wait_healthy("fleet-proxy", f"https://{fleet}/proxy-health", processes, files.ca)
         processes.start(
             "serverapp",
-            superexec_command(superlink, coordinator_secret, files.ca),
+            superexec_command(control, coordinator_secret, files.ca),
             base_env(homes / "serverapp", app_threads=app_threads),
         )
         result.node_ids = register_nodes(cli_env, {s.name: s.public_key for s in hospitals})
-        say(f"SuperLink on {superlink} (TLS, node auth); registered {result.node_ids}")
+        say(
+            f"SuperLink on {control} (TLS, node auth), Fleet-only proxy on {fleet}; "
+            f"registered {result.node_ids}; release {release.spec} signed by {release.signers}"
+        )
         for site in hospitals:
-            start_hospital(processes, site, superlink, files.ca, homes, app_threads)
+            start_hospital(processes, site, fleet, files.ca, trusted, homes, app_threads)
         intruder_name = ""
         if intruder:
             intruder_name = start_intruder(
-                processes, out, superlink, files.ca, hospitals[0].data_dir
+                processes, out, fleet, files.ca, trusted, hospitals[0].data_dir
             )
         wait_nodes_connected(
             processes, {f"supernode-{name}": i for name, i in result.node_ids.items()}, timeout=120
@@ -544,8 +858,7 @@ def run_deployment(
                 observe_intruder, processes, intruder_name, cli_env, set(result.node_ids.values())
             )
             watcher.shutdown(wait=False)
-        app = stage_app(out / "app")
-        say(f"{sites} hospitals online; flwr run {app} {CONNECTION} --stream")
+        say(f"{sites} hospitals online; flwr run {release.spec} {CONNECTION} --stream")
         with open(out / "logs" / "flwr-run.log", "w") as stream_log:
 
             def progress(line: str) -> None:
@@ -555,10 +868,20 @@ def run_deployment(
                     print(f"  {time.perf_counter() - started:5.0f} s  {plain}", flush=True)
 
             result.run_id = flwr_run(
-                cli_env, app, CONNECTION, run_config=values, on_line=progress, timeout=timeout
+                cli_env,
+                release.spec,
+                CONNECTION,
+                run_config=values,
+                on_line=progress,
+                timeout=timeout,
             )
         if intruder_check is not None:
             result.intruder = intruder_check.result(timeout=180)
+        if outsider:
+            say("the outsider tries both doors")
+            result.outsider = outsider_checks(
+                out, fleet, files.ca, cli_env, releases, processes, result.node_ids
+            )
     result.processes = dict(processes.tracked)
     result.wall_seconds = time.perf_counter() - started
     return result
@@ -575,6 +898,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--intruder", action="store_true", help="also start an unregistered SuperNode"
     )
+    parser.add_argument(
+        "--no-outsider", action="store_true", help="skip the outsider's attempts after the run"
+    )
     args = parser.parse_args(argv)
     out = args.out or ROOT / "runs" / f"deploy-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
@@ -585,6 +911,7 @@ def main(argv: list[str] | None = None) -> int:
             he=args.he,
             seed=args.seed,
             intruder=args.intruder,
+            outsider=not args.no_outsider,
             timeout=args.timeout,
         )
     except (DeploymentError, RunFailed) as err:
@@ -597,6 +924,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unregistered SuperNode refused: {result.intruder.refused}")
         for line in result.intruder.superlink_refusals:
             print(f"  superlink: {line.strip()[:160]}")
+    if (outsider := result.outsider) is not None:
+        print(f"outsider holding only ca.pem, at the Fleet address {result.fleet_address}:")
+        for tried in (outsider.register, outsider.run):
+            print(f"  {tried.command.split(' /')[0]}: exit {tried.exit_code}; {tried.gist[:150]}")
+        print("through the coordinator's Control API (as if reached anyway):")
+        for name, lines in outsider.refusals.items():
+            print(f"  {name}: refused {len(lines)} app(s); {(lines or [''])[-1][-90:]}")
+        print(f"  files written by the outsider's ClientApp: {outsider.loot or 'none'}")
+        print(f"  nodes registered beyond the hospitals: {outsider.listed or 'none'}")
+        print(f"outsider refused at both doors: {outsider.refused}")
+        if not outsider.refused:
+            return 1
     return 0
 
 

@@ -162,7 +162,7 @@ def list_supernodes(env: Mapping[str, str], connection: str) -> list[dict[str, A
 
 def flwr_run(
     env: Mapping[str, str],
-    app_dir: Path,
+    app_dir: Path | str,
     connection: str,
     *,
     run_config: Mapping[str, Any],
@@ -171,7 +171,9 @@ def flwr_run(
     timeout: float = 3600,
 ) -> int:
     """``flwr run APP CONNECTION --stream`` against an already running SuperLink; returns the
-    run id once ``flwr list`` says ``finished:completed``. Bounded even if the stream stalls."""
+    run id once ``flwr list`` says ``finished:completed``. Bounded even if the stream stalls.
+    ``app_dir``: the app's folder, or a release the SuperLink fetches from its app registry
+    (``@publisher/name==x.y.z``)."""
     import queue
     import re
     import threading

@@ -650,15 +650,31 @@ def provision(
 def load_secret_context(
     path: str | os.PathLike[str], *, allow_open_permissions: bool = False
 ) -> CkksContext:
-    """Load the sites' context, refusing a file other users can read (like ssh does)."""
+    """Load the sites' context, refusing a file other users can read or own (like ssh does):
+    it must belong to the uid this process runs as and have no group/other permission bits.
+
+    Raises:
+        KeyFilePermissionError: wrong owner or open mode (a warning instead, when
+            ``allow_open_permissions``).
+        ContextFileError: the file is the public context, corrupt, or holds no secret key.
+    """
     path = Path(path)
     if os.name == "posix":
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            message = (
-                f"{path} holds the shared secret key but has mode {oct(mode)}, so other users can "
-                f"read or replace it; run `chmod 600 {path}`"
+        status = path.stat()
+        mode, owner, uid = status.st_mode & 0o777, status.st_uid, os.getuid()
+        problems = []
+        if owner != uid:
+            problems.append(
+                f"belongs to uid {owner}, not to uid {uid} that this process runs as, so "
+                f"another account controls it; run `chown {uid} {path}`"
             )
+        if mode & 0o077:
+            problems.append(
+                f"has mode {oct(mode)}, so other users can read or replace it; "
+                f"run `chmod 600 {path}`"
+            )
+        if problems:
+            message = f"{path} holds the shared secret key but " + " and ".join(problems)
             if not allow_open_permissions:
                 raise KeyFilePermissionError(message)
             warnings.warn(message, InsecureKeyFileWarning, stacklevel=2)

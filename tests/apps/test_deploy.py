@@ -4,9 +4,14 @@ deployment run as local processes (TLS, registered SuperNodes, separate app proc
 No Docker daemon exists here, so the compose file and Dockerfile are checked statically: every
 flag they pass must exist in the installed ``flower-superlink``/``flower-supernode``/
 ``flower-superexec``/``flwr`` (flags come and go between Flower releases), images must pin our
-flwr version, and each hospital's mounts must match the paths its node config and the run
-config name. Then ``deploy.local`` runs the deployment for real on loopback, with one
-SuperNode whose key was never registered; the SuperLink must refuse it.
+flwr version, each hospital's mounts must match the paths its node config and the run
+config name, only the Fleet-only proxy may be published beyond the coordinator's loopback,
+SuperNodes must verify app signatures, containers must be hardened and dependencies locked
+with hashes. Then real processes: the Fleet-only proxy in front of a real SuperLink refuses
+an outsider's Control API calls; a signed release goes through the app registry and Flower's
+own verification code; and (slow) ``deploy.local`` runs the whole deployment on loopback,
+with one SuperNode whose key was never registered and an outsider who tries to register a
+node and to get its own app executed in the hospitals.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ import json
 import os
 import re
 import shlex
+import ssl
 import subprocess
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
+import httpx
 import pytest
 import yaml
 from cryptography import x509
@@ -40,6 +47,7 @@ DEPLOY_DIR = "/srv/deploy"  # stands in for ${DEPLOY_DIR} when the compose file 
 HOSPITALS = ("hospital-1", "hospital-2", "hospital-3")
 APP_IMAGE_ENTRYPOINT = "flower-superexec"
 STOCK_ENTRYPOINTS = {"flwr/superlink": "flower-superlink", "flwr/supernode": "flower-supernode"}
+APP_UID = "49999"  # the user `app` of Flower's images
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 
@@ -130,12 +138,18 @@ def mounted_at(service: dict, path: str) -> tuple[str, bool] | None:
     return None
 
 
-def entrypoint(service: dict) -> str:
+def entrypoint(service: dict) -> tuple[str, ...]:
+    """The CLI a service runs, with its subcommand (``python -m deploy.release serve``)."""
     image = service["image"].split(":")[0]
     if image in STOCK_ENTRYPOINTS:
-        return STOCK_ENTRYPOINTS[image]
+        return (STOCK_ENTRYPOINTS[image],)
     assert "build" in service and service["build"]["dockerfile"] == "deploy/app.Dockerfile"
-    return APP_IMAGE_ENTRYPOINT
+    if "entrypoint" not in service:
+        return (APP_IMAGE_ENTRYPOINT,)
+    words = list(service["entrypoint"])
+    assert words[:2] == ["python", "-m"], words  # our modules, copied into the image
+    subcommand = [w for w in service["command"][:1] if not w.startswith("-")]
+    return (*words, *subcommand)
 
 
 def _installed(name: str) -> str:
@@ -162,18 +176,42 @@ def test_images_pin_the_flwr_version_in_use(compose, pyproject):
     assert f'ENTRYPOINT ["{APP_IMAGE_ENTRYPOINT}"]' in dockerfile
 
 
-def test_app_image_installs_cpu_torch_first_then_the_package(pyproject):
+def locked() -> dict[str, tuple[str, list[str]]]:
+    """deploy/requirements.lock: name -> (version, hashes)."""
+    entries: dict[str, tuple[str, list[str]]] = {}
+    text = (DEPLOY / "requirements.lock").read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = re.match(r"^([A-Za-z0-9._-]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})*)\s*$", line)
+        assert match, f"requirements.lock: not a pinned, hashed requirement: {line[:100]}"
+        entries[match[1].lower()] = (match[2], re.findall(r"sha256:([0-9a-f]{64})", match[3]))
+    return entries
+
+
+def test_app_image_installs_every_dependency_from_the_hashed_lock(pyproject):
     dockerfile = (DEPLOY / "app.Dockerfile").read_text()
-    torch_pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("torch=="))
-    torch_line = dockerfile.index(f'pip install --no-cache-dir "{torch_pin}" --index-url')
-    package_line = dockerfile.index("pip install --no-cache-dir .")
-    assert torch_line < package_line
+    install = re.search(r"pip install (.*)", dockerfile.replace("\\\n", " "))
+    assert install is not None
+    words = install[1].split()
+    assert {"--require-hashes", "--no-deps", "--only-binary=:all:"} <= set(words)
+    assert words[words.index("-r") + 1] == "deploy/requirements.lock"
+    assert dockerfile.count("pip install") == 1, "nothing may be installed outside the lock"
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
-    # The sed that drops the [simulation] extra must match the real dependency line.
-    sed = re.search(r"sed -i 's/(.+?)/(.+?)/' pyproject.toml", dockerfile)
-    assert sed is not None
-    pattern = sed[1].replace("\\[", "[").replace("\\]", "]")
-    assert any(d.startswith(pattern.strip('"')) for d in pyproject["project"]["dependencies"])
+
+    lock = locked()
+    assert all(hashes for _, hashes in lock.values())
+    assert "ray" not in lock  # the [simulation] extra stays out of the image
+    # Every pin of pyproject.toml is in requirements.in and the lock at the same version
+    # (torch as its CPU build).
+    wanted = (DEPLOY / "requirements.in").read_text().split()
+    for dependency in pyproject["project"]["dependencies"]:
+        name, _, version = re.sub(r"\[.*\]", "", dependency).partition("==")
+        if not version:
+            continue
+        version = f"{version}+cpu" if name == "torch" else version
+        assert f"{name}=={version}" in wanted, f"requirements.in: {name}=={version}"
+        assert lock[name.lower()][0] == version, f"requirements.lock: {name} is not {version}"
     # Everything COPY'd must survive the Dockerfile's ignore file, and nothing else is sent.
     ignore = [
         line.strip()
@@ -189,7 +227,7 @@ def test_app_image_installs_cpu_torch_first_then_the_package(pyproject):
 def test_every_flag_in_the_compose_file_exists_in_the_installed_cli(compose, help_pages):
     for name, service in compose["services"].items():
         command = service["command"]
-        unknown = set(flags(command)) - cli_options(entrypoint(service))
+        unknown = set(flags(command)) - cli_options(*entrypoint(service))
         assert not unknown, f"{name}: {entrypoint(service)} has no {sorted(unknown)}"
 
 
@@ -205,14 +243,22 @@ def test_every_flag_in_the_local_deployment_exists_in_the_installed_cli(tmp_path
     )
     commands = [
         local.superlink_command(8000, tmp_path, tmp_path / "db", tmp_path / "s"),
-        local.supernode_command(site, "127.0.0.1:8000", tmp_path / "ca.pem"),
+        local.supernode_command(site, "127.0.0.1:8000", tmp_path / "ca.pem", tmp_path / "t"),
         local.superexec_command("127.0.0.1:8000", tmp_path / "s", tmp_path / "ca.pem"),
         local.superexec_command("127.0.0.1:9094", tmp_path / "s", None),
     ]
     for command in commands:
         unknown = set(flags(command[1:])) - cli_options(Path(command[0]).name)
         assert not unknown, f"{command[0]} has no {sorted(unknown)}"
+    assert "--trusted-entities" in commands[1]
     assert set(flags(["--name"])) <= cli_options("flwr", "supernode", "register")
+    ours = {
+        ("python", "-m", "deploy.release", "serve"): local.registry_command(tmp_path, 9180),
+        ("python", "-m", "deploy.fleet_proxy"): local.proxy_command("h:1", "h:2", tmp_path),
+    }
+    for cli, command in ours.items():
+        unknown = set(flags(command)) - cli_options(*cli)
+        assert not unknown, f"{cli} has no {sorted(unknown)}"
 
 
 def readme_commands() -> list[tuple[tuple[str, ...], list[str]]]:
@@ -233,7 +279,7 @@ def readme_commands() -> list[tuple[tuple[str, ...], list[str]]]:
 @pytest.fixture(scope="module")
 def help_pages(compose):
     """Read every ``--help`` these tests need in parallel (each CLI start costs seconds)."""
-    commands = {(entrypoint(service),) for service in compose["services"].values()}
+    commands = {entrypoint(service) for service in compose["services"].values()}
     commands |= {("flower-superlink",), ("flower-supernode",), ("flower-superexec",)}
     commands |= {("flwr", "supernode", "register")} | {c for c, _ in readme_commands()}
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -289,7 +335,9 @@ def test_each_hospital_mounts_its_own_folders_where_its_node_config_points(
     own = f"{DEPLOY_DIR}/{hospital}/"
     node = option_values(supernode["command"])
     assert "--insecure" not in node and node["--isolation"] == "process"
-    assert node["--superlink"] == "superlink:8000"
+    assert node["--superlink"] == "fleet-proxy:8000"  # never the SuperLink itself
+    trust = mounted_at(supernode, node["--trusted-entities"])
+    assert trust == (f"{own}trust/trusted-entities.yaml", True), "its own list, read-only"
     key = mounted_at(supernode, node["--auth-supernode-private-key"])
     assert key is not None and key[1] and key[0].startswith(own)
     ca = mounted_at(supernode, node["--root-certificates"])
@@ -325,6 +373,81 @@ def test_every_container_path_in_a_command_is_mounted(compose):
                 assert mounted_at(service, value) is not None, f"{name}: {value} not mounted"
 
 
+def published(service: dict) -> list[tuple[str, str, str]]:
+    """(host address, host port, container port) for a service's short-syntax ports."""
+    result = []
+    for entry in service.get("ports", []):
+        parts = str(entry).split(":")
+        assert len(parts) in (2, 3), f"give ports as [ADDRESS:]HOST:CONTAINER: {entry}"
+        result.append(("0.0.0.0", *parts) if len(parts) == 2 else tuple(parts))
+    return result
+
+
+def test_only_the_fleet_api_is_reachable_from_the_hospitals(compose):
+    """The Control API (register nodes, start runs; no login in flwr 1.41) shares the
+    SuperLink's port: that port is published on the coordinator's loopback only, and the
+    hospitals' network reaches the coordinator through the Fleet-only proxy."""
+    services = compose["services"]
+    superlink, proxy = services["superlink"], services["fleet-proxy"]
+    open_ports = {
+        (name, host_port)
+        for name, service in services.items()
+        for address, host_port, _ in published(service)
+        if address != "127.0.0.1"
+    }
+    assert open_ports == {("fleet-proxy", "8000")}
+    assert all(address == "127.0.0.1" for address, _, _ in published(superlink))
+    assert "fleet" not in superlink["networks"]
+    on_fleet = {name for name, service in services.items() if "fleet" in service["networks"]}
+    assert on_fleet == {"fleet-proxy"} | {f"{h}-supernode" for h in HOSPITALS}
+
+    link = option_values(superlink["command"])
+    forward = option_values(proxy["command"])
+    assert proxy["entrypoint"] == ["python", "-m", "deploy.fleet_proxy"]
+    assert forward["--upstream"] == f"superlink:{link['--port']}"
+    listen_port = forward["--listen"].rsplit(":", 1)[1]
+    assert published(proxy) == [("0.0.0.0", "8000", listen_port)]
+    for flag in ("--ca", "--certfile", "--keyfile"):
+        assert mounted_at(proxy, forward[flag])[1], f"fleet-proxy {flag} not read-only"
+    for hospital in HOSPITALS:
+        node = option_values(services[f"{hospital}-supernode"]["command"])
+        assert node["--superlink"] == f"fleet-proxy:{listen_port}"
+
+
+def test_supernodes_run_only_apps_signed_by_the_consortium(compose):
+    services = compose["services"]
+    for hospital in HOSPITALS:
+        node = option_values(services[f"{hospital}-supernode"]["command"])
+        assert node["--trusted-entities"].startswith("/app/"), hospital
+    # The SuperLink takes signed releases from the coordinator's own registry, which only
+    # the coordinator's network reaches.
+    registry = services["app-registry"]
+    assert registry["entrypoint"] == ["python", "-m", "deploy.release"]
+    serve = option_values(registry["command"])
+    assert registry["command"][0] == "serve" and registry["networks"] == ["coordinator"]
+    assert mounted_at(registry, serve["--releases"])[1], "releases: read-only"
+    assert "ports" not in registry
+    url = services["superlink"]["environment"]["FLWR_SUPERGRID_API_URL"]
+    assert url == f"http://app-registry:{serve['--port']}"
+
+
+def test_every_container_is_hardened(compose):
+    dockerfile = (DEPLOY / "app.Dockerfile").read_text()
+    users = re.findall(r"^USER (\S+)$", dockerfile, flags=re.M)
+    assert users and users[-1] not in ("root", "0"), "the app image must end as a non-root USER"
+    for name, service in compose["services"].items():
+        assert str(service.get("user", "")).split(":")[0] == APP_UID, f"{name}: user"
+        assert service.get("read_only") is True, f"{name}: read-only root filesystem"
+        assert service.get("cap_drop") == ["ALL"], f"{name}: cap_drop [ALL]"
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        assert "/tmp" in service.get("tmpfs", []), f"{name}: writable /tmp (tmpfs)"
+        assert service["environment"]["FLWR_HOME"].startswith("/tmp/"), name
+        assert not service.get("privileged"), name
+        assert "network_mode" not in service, name
+        writable = [c for c, (_, ro) in mounts(service).items() if not ro]
+        assert all(c in ("/app/state", "/app/runs") for c in writable), f"{name}: {writable}"
+
+
 def test_deployment_run_config_is_valid(run_config, pyproject):
     assert set(run_config) <= set(pyproject["tool"]["flwr"]["app"]["config"])
     cfg = RunConfig.from_flat(run_config)
@@ -356,12 +479,144 @@ def test_server_certificate_and_node_keys_are_what_flower_reads(tmp_path):
     assert (tmp_path / "keys" / "node.key").stat().st_mode & 0o777 == 0o600
 
 
+# --- signed releases and the Fleet-only proxy, real processes -------------------------------
+
+
+def test_a_signed_release_passes_flowers_own_verification_and_nothing_else_does(tmp_path):
+    """Sign a release, serve it from the registry (real HTTP), fetch it the way the SuperLink
+    does, and verify it with the SuperNode's own code and a trusted-entities file: the
+    consortium's signature passes; an outsider's signature, an altered FAB and an unsigned
+    FAB do not."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.utils import request_download_link
+    from flwr.superlink.servicer.control.control_handlers import _format_verification
+    from flwr.supernode.cli.flower_supernode import _try_obtain_trusted_entities
+    from flwr.supernode.start_client_internal import _verify_fab
+
+    from deploy import release
+
+    app = local.write_probe_app(tmp_path / "app", tmp_path / "loot")
+    key, public = release.keygen(tmp_path / "keys" / "consortium")
+    stranger, _ = release.keygen(tmp_path / "keys" / "stranger")
+    signed = release.sign(app, key, tmp_path / "releases")
+    assert signed.spec == "@outsider/probe==1.0.0"
+    make_node_key(tmp_path / "keys" / "ecdsa")  # a node key is not a release key
+    with pytest.raises(release.ReleaseError, match="Ed25519"):
+        release.sign(app, tmp_path / "keys" / "ecdsa", tmp_path / "other")
+    with pytest.raises(release.ReleaseError, match="keygen"):
+        release.sign(app, tmp_path / "keys" / "missing", tmp_path / "other")
+    with pytest.raises(release.ReleaseError, match="overwrite"):
+        release.keygen(key)
+    trusted = release.trusted_entities([public], tmp_path / "trusted.yaml")
+    entities = _try_obtain_trusted_entities(trusted)  # Flower's own reader
+    assert entities is not None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), release.make_handler(tmp_path / "releases"))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}{release.FETCH_ROUTE}"
+        fab_url, verifications, _ = request_download_link(
+            "@outsider/probe", "1.0.0", url, "fab_url"
+        )
+        content = httpx.get(fab_url).content
+        with pytest.raises(ValueError, match="not found"):
+            request_download_link("@outsider/probe", "9.9.9", url, "fab_url")
+        with pytest.raises(ValueError, match="not found"):
+            request_download_link("@outsider/../probe", "1.0.0", url, "fab_url")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert verifications is not None
+    fab = Fab(signed.sha256, content, _format_verification(verifications))
+    assert _verify_fab(fab, entities)
+    assert not _verify_fab(Fab(fab.hash_str, content + b" ", fab.verifications), entities)
+
+    # Signed by a stranger only: not verified. (Unsigned apps, `flwr run DIR`, carry no
+    # verification at all; the slow deployment test shows every SuperNode refusing one.)
+    foreign = release.sign(app, stranger, tmp_path / "foreign")
+    meta = json.loads((foreign.fab.with_suffix(".json")).read_text())
+    assert not _verify_fab(
+        Fab(fab.hash_str, content, _format_verification(meta["verifications"])), entities
+    )
+
+    # A released version is immutable: changed code needs a new version.
+    (app / "probe.py").write_text("# altered after release\n")
+    with pytest.raises(release.ReleaseError, match="bump the version"):
+        release.sign(app, key, tmp_path / "releases")
+
+
+@pytest.fixture
+def guarded_superlink(tmp_path):
+    """A real SuperLink (TLS, node auth) on a port only the coordinator uses, and the
+    Fleet-only proxy the hospitals dial."""
+    certs = tmp_path / "certs"
+    make_ca(tmp_path / "ca")
+    files = make_server_cert(tmp_path / "ca", certs, ["localhost", "127.0.0.1"])
+    control, fleet = f"127.0.0.1:{local.free_port()}", f"127.0.0.1:{local.free_port()}"
+    secret = local.write_secret(tmp_path / "secret")
+    with local.running(tmp_path / "logs") as processes:
+        processes.start(
+            "superlink",
+            local.superlink_command(int(control.split(":")[1]), certs, tmp_path / "db", secret),
+            local.base_env(tmp_path / "homes" / "superlink"),
+        )
+        processes.start(
+            "fleet-proxy",
+            local.proxy_command(fleet, control, certs),
+            local.base_env(tmp_path / "homes" / "proxy"),
+        )
+        local.wait_healthy("superlink", f"https://{control}/health", processes, files.ca)
+        local.wait_healthy("fleet-proxy", f"https://{fleet}/proxy-health", processes, files.ca)
+        yield control, fleet, files.ca
+
+
+def test_the_fleet_address_refuses_an_outsiders_registration_and_run(guarded_superlink, tmp_path):
+    """The attack of the issue, against real processes: with only ca.pem, `flwr supernode
+    register` and `flwr run` at the address the hospitals dial. Before the proxy, that
+    address was the SuperLink's and both succeeded."""
+    control, fleet, ca = guarded_superlink
+    outsider = local.write_cli_config(tmp_path / "outsider", fleet, ca)
+    coordinator = local.write_cli_config(tmp_path / "coordinator", control, ca)
+    public = make_node_key(tmp_path / "keys" / "outsider")
+    app = local.write_probe_app(tmp_path / "app", tmp_path / "loot")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        register, run = pool.map(
+            lambda args: local.attempt(outsider, *args),
+            [
+                ("supernode", "register", str(public), local.CONNECTION),
+                ("run", str(app), local.CONNECTION),
+            ],
+        )
+    assert register.exit_code != 0 and "registered" not in register.output, register.output
+    assert run.exit_code != 0 and "Successfully started run" not in run.output, run.output
+    # Nothing reached the SuperLink: no node, no run (asked on the coordinator's side).
+    assert local.list_supernodes(coordinator, local.CONNECTION) == []
+    assert local.list_runs(coordinator, local.CONNECTION) == []
+
+    # Route by route: Control, Runtime and docs are not served at the Fleet address; Fleet
+    # routes reach the SuperLink (which answers with its own node-auth refusal).
+    verify = ssl.create_default_context(cafile=str(ca))
+    with httpx.Client(base_url=f"https://{fleet}", verify=verify, timeout=30) as client:
+        for path in ("/v1/control/start-run", "/v1/control/register-node", "/v1/runtime/get-run"):
+            assert client.post(path, content=b"").status_code == 404, path
+        assert client.get("/docs").status_code == 404
+        assert client.get("/v1/fleet/pull-messages").status_code == 404  # POST only
+        forwarded = client.post("/v1/fleet/pull-messages", content=b"")
+        assert forwarded.status_code not in (404, 502, 503), forwarded.text
+    with httpx.Client(base_url=f"https://{control}", verify=verify, timeout=30) as client:
+        assert client.post("/v1/control/list-runs", content=b"").status_code != 404
+
+
 # --- the deployment, for real, on loopback ---------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    """Three phantom hospitals, two rounds, DP on, plus one SuperNode nobody registered."""
+    """Three phantom hospitals, two rounds, DP on, plus one SuperNode nobody registered and,
+    after the run, the outsider (several minutes on 2 cores: the tests using it are slow)."""
     out = tmp_path_factory.mktemp("deploy")
     try:
         return local.run_deployment(out, sites=3, rounds=2, intruder=True, quiet=True, timeout=600)
@@ -373,6 +628,7 @@ def deployment(tmp_path_factory):
         pytest.fail(f"local deployment failed: {err}\n{logs}")
 
 
+@pytest.mark.slow
 def test_local_tls_deployment_with_registered_nodes_completes(deployment):
     logs = deployment.out / "logs"
     assert deployment.run_id > 0  # flwr list said finished:completed
@@ -380,6 +636,11 @@ def test_local_tls_deployment_with_registered_nodes_completes(deployment):
     superlink_log = (logs / "superlink.log").read_text()
     for name, node_id in deployment.node_ids.items():
         assert f"Activated node_id={node_id}" in superlink_log, f"{name} never authenticated"
+    # The hospitals reached the SuperLink through the Fleet-only proxy, and ran the signed
+    # release (a SuperNode with --trusted-entities refuses anything else).
+    assert deployment.fleet_address != deployment.control_address
+    assert "POST /v1/fleet/pull-messages" in (logs / "fleet-proxy.log").read_text()
+    assert deployment.release is not None and deployment.release.spec.startswith("@fedmedvit/")
 
     metrics = json.loads((deployment.run_dir / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
@@ -394,6 +655,7 @@ def test_local_tls_deployment_with_registered_nodes_completes(deployment):
         assert len(spent) == 2 and 0 < spent[0] < spent[1] <= 8.0 + 1e-9
 
 
+@pytest.mark.slow
 def test_a_supernode_with_an_unregistered_key_is_refused(deployment):
     intruder = deployment.intruder
     assert intruder is not None
@@ -406,8 +668,31 @@ def test_a_supernode_with_an_unregistered_key_is_refused(deployment):
         assert set(entry["status"]) == set(deployment.node_ids)  # the run went on without it
 
 
+@pytest.mark.slow
+def test_an_outsider_with_ca_pem_can_neither_register_nor_run_code_in_a_hospital(deployment):
+    """Fault 1 of issue 13: before the fix, both `flwr` commands succeeded at the address the
+    hospitals dial and the outsider's ClientApp ran in every hospital (it writes one file
+    per node into its loot folder)."""
+    outsider = deployment.outsider
+    assert outsider is not None
+    assert outsider.register.exit_code != 0, outsider.register.output
+    assert outsider.run.exit_code != 0, outsider.run.output
+    assert not outsider.listed, "the outsider's node key got registered"
+    # Second door, as if the Control API had been reached: the unsigned app and the app
+    # signed by the outsider's own key were started, and every hospital refused both.
+    assert outsider.unsigned_run > 0 and outsider.foreign_run > 0
+    for name, lines in outsider.refusals.items():
+        assert any("App verification is not supported" in line for line in lines), name
+        assert any("FAB verification failed" in line for line in lines), name
+    assert not outsider.loot, f"the outsider's code ran in a hospital: {outsider.loot}"
+    assert not (deployment.out / "outsider" / "loot").exists()
+    assert outsider.refused
+
+
+@pytest.mark.slow
 def test_every_process_the_deployment_started_is_gone(deployment):
-    started = 1 + 1 + 3 * 2 + 1  # superlink, serverapp, 3 x (supernode, clientapp), intruder
+    # registry, superlink, fleet proxy, serverapp, 3 x (supernode, clientapp), intruder
+    started = 1 + 1 + 1 + 1 + 3 * 2 + 1
     assert len(deployment.processes) >= started
     alive = [pid for pid, at in deployment.processes.items() if local.is_running(pid, at)]
     assert not alive, f"still running: {alive}"

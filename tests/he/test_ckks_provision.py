@@ -93,6 +93,24 @@ def test_secret_context_with_open_permissions_is_refused_or_warned(provisioned, 
     assert ctx.has_secret_key()
 
 
+def test_secret_context_owned_by_another_uid_is_refused(provisioned, tmp_path) -> None:
+    """The deployment runs ClientApps as uid 49999: a secret context that belongs to another
+    account (which could replace it) is refused even with mode 600."""
+    secret_path, _ = provisioned
+    copy = tmp_path / "site_secret.ctx"
+    copy.write_bytes(secret_path.read_bytes())
+    copy.chmod(0o600)
+    assert ckks.load_secret_context(copy).has_secret_key()  # own file: loads
+    if os.getuid() != 0:
+        pytest.skip("giving a file to another uid needs root (as on these machines and CI)")
+    other = os.getuid() + 1
+    os.chown(copy, other, -1)
+    with pytest.raises(ckks.KeyFilePermissionError, match=f"belongs to uid {other}.*chown"):
+        ckks.load_secret_context(copy)
+    with pytest.warns(ckks.InsecureKeyFileWarning, match="belongs to uid"):
+        ckks.load_secret_context(copy, allow_open_permissions=True)
+
+
 def test_corrupt_secret_context_is_refused(provisioned, tmp_path) -> None:
     secret_path, _ = provisioned
     data = bytearray(secret_path.read_bytes())
