@@ -18,6 +18,7 @@ from torch import Tensor
 
 from core.config import RunConfig
 from core.federation.rounds import initial_adapters
+from core.federation.sites import list_sites
 from server.run_files import RunFolder
 from server.strategy import AdapterFedAvg
 
@@ -75,6 +76,7 @@ def build_strategy(cfg: RunConfig, adapters: dict[str, Tensor], fingerprint: str
         "min_train_nodes": cfg.min_train_nodes,
         "min_evaluate_nodes": cfg.min_train_nodes,
         "min_available_nodes": cfg.min_available_nodes,
+        "max_examples": cfg.max_examples_per_site,
     }
     if not cfg.he:
         return AdapterFedAvg(**common)
@@ -93,6 +95,8 @@ def build_strategy(cfg: RunConfig, adapters: dict[str, Tensor], fingerprint: str
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flat(context.run_config)
+    if cfg.data_root and Path(cfg.data_root).is_dir():  # simulation: the sites are known here
+        cfg.check_federation(len(list_sites(cfg)))
     folder = RunFolder(resolve_out_dir(cfg))
     folder.write_config(cfg)
     adapters, fingerprint = initial_adapters(cfg)
