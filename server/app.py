@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
@@ -54,17 +54,31 @@ def run_rounds(
         aggregated, _ = strategy.aggregate_train(server_round, replies)
         if aggregated is not None:
             arrays = aggregated
-        replies = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
-            timeout=timeout,
-        )
-        metrics = strategy.aggregate_evaluate(server_round, replies)
+        arrays, metrics = evaluate_and_settle(strategy, grid, server_round, arrays, timeout)
         folder.save_round(server_round, arrays.to_torch_state_dict(), strategy)
         log.info("round %d evaluation: %s", server_round, dict(metrics or {}))
         if os.environ.get(FAULT_EXIT_AFTER_ROUND) == str(server_round):
             log.error("fault injection: the ServerApp process dies after round %d", server_round)
             os._exit(70)
     return arrays
+
+
+def evaluate_and_settle(
+    strategy: AdapterFedAvg, grid: Grid, server_round: int, arrays: ArrayRecord, timeout: float
+) -> tuple[ArrayRecord, MetricRecord | None]:
+    """Evaluate the new global; while the sites find it unusable (HE: an upload they name
+    as bad, or a sum that does not decrypt), take the strategy's revision and evaluate again.
+    Each revision drops an upload or restores the previous global, so this ends."""
+    while True:
+        replies = grid.send_and_receive(
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+            timeout=timeout,
+        )
+        metrics = strategy.aggregate_evaluate(server_round, replies)
+        revised = strategy.revise(server_round)
+        if revised is None:
+            return arrays, metrics
+        arrays = revised
 
 
 def build_strategy(cfg: RunConfig, adapters: dict[str, Tensor], fingerprint: str) -> AdapterFedAvg:

@@ -404,9 +404,15 @@ class AdapterFedAvg(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        return self.evaluation_summary(server_round, self.evaluate_replies(server_round, replies))
+
+    def evaluation_summary(
+        self, server_round: int, checked: list[SiteReply]
+    ) -> MetricRecord | None:
+        """Example-weighted mean of the valid evaluate replies' metrics (None without any)."""
         record = self.round_log(server_round)
         per_site: dict[str, Mapping[str, Any]] = {}
-        for reply in self.evaluate_replies(server_round, replies):
+        for reply in checked:
             if reply.kind != "evaluate":
                 continue
             values = dict(reply.content[P.METRICS].items())

@@ -115,6 +115,7 @@ __all__ = [
     "aggregate_encrypted",
     "context_from_bytes",
     "decrypt_average",
+    "decrypt_count_slot",
     "encrypt_update",
     "flatten_state",
     "load_public_context",
@@ -1075,6 +1076,24 @@ def decrypt_average(
             "or total_examples does not match the sites that were summed. Discard this aggregate"
         )
     return unflatten_state(sums / float(total_examples), layout)
+
+
+def decrypt_count_slot(blob: bytes, num_ciphertexts: int, secret_ctx: CkksContext) -> float:
+    """Slot 0 of a site upload's first ciphertext: the example count the site encrypted.
+
+    ``blob`` is ciphertext 0 of ``num_ciphertexts`` (its envelope must say so). Raises
+    CiphertextError for a blob that is not such a ciphertext, SecretKeyRequiredError without
+    the key.
+    """
+    if secret_ctx._decryptor is None:
+        raise SecretKeyRequiredError("reading a count slot needs the sites' secret context")
+    payload = _open_envelope(
+        blob, secret_ctx, site=None, index=0, count=num_ciphertexts, kinds=(_KIND_SITE_UPDATE,)
+    )
+    ciphertext = _load_ciphertext(payload, secret_ctx, site=None, index=0)
+    plaintext = _sealapi().Plaintext()
+    secret_ctx._decryptor.decrypt(ciphertext, plaintext)
+    return float(secret_ctx._encoder.decode_double(plaintext)[0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -95,30 +95,30 @@ def test_ctrl_c_stops_superlink_simulation_and_ray(tmp_path):
     scenario = tmp_path / "interrupted.toml"
     scenario.write_text(SCENARIO)
     mark = uuid.uuid4().hex
-    runner = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "simulations.run", str(scenario)),
-            *("--out", str(tmp_path / "run"), "--data-cache", str(tmp_path / "cache")),
-        ],
-        cwd=ROOT,
-        env=os.environ | {"FEDMEDVIT_TEST_MARK": mark},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    assert runner.stdout is not None
-    seen = []
-    for line in runner.stdout:
-        seen.append(line)
-        if "round 2/" in line:
-            break
-    else:
-        pytest.fail("the run never reached round 2:\n" + "".join(seen[-30:]))
+    output = tmp_path / "runner.log"
+    with output.open("w") as sink:
+        runner = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "simulations.run", str(scenario)),
+                *("--out", str(tmp_path / "run"), "--data-cache", str(tmp_path / "cache")),
+            ],
+            cwd=ROOT,
+            env=os.environ | {"FEDMEDVIT_TEST_MARK": mark, "PYTHONUNBUFFERED": "1"},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    first_round = tmp_path / "run" / "checkpoints" / "round-001.safetensors"
+    deadline = time.monotonic() + 600
+    while not first_round.is_file():
+        if runner.poll() is not None or time.monotonic() > deadline:
+            runner.kill()
+            pytest.fail("the run never finished round 1:\n" + output.read_text()[-3000:])
+        time.sleep(0.5)
     names = {p.name() for p in marked("FEDMEDVIT_TEST_MARK", mark)}
     assert {"flower-superlink", "flwr-simulation"} <= names or "raylet" in names, names
     os.killpg(runner.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-    runner.communicate(timeout=120)
+    runner.wait(timeout=120)
     deadline = time.monotonic() + 20
     while (left := marked("FEDMEDVIT_TEST_MARK", mark)) and time.monotonic() < deadline:
         time.sleep(0.5)
