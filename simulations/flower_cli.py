@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -65,9 +66,15 @@ class LocalSuperLink:
     log_file: Path
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @contextmanager
 def local_superlink(workdir: Path | None = None) -> Iterator[LocalSuperLink]:
-    """A simulation-mode SuperLink on free loopback ports, stopped (by PID) on exit."""
+    """A simulation-mode SuperLink on free loopback ports. On exit, Ctrl-C or SIGTERM (turned
+    into KeyboardInterrupt while the context is open) it is stopped with every process the
+    run started (:func:`stop_process_group`)."""
     home = Path(tempfile.mkdtemp(prefix="flwr-home-", dir=workdir))
     http_port, control_port = free_port(), free_port()
     (home / "config.toml").write_text(
@@ -83,6 +90,9 @@ def local_superlink(workdir: Path | None = None) -> Iterator[LocalSuperLink]:
         "RAY_DEDUP_LOGS": "0",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+    previous_sigterm = None
+    if threading.current_thread() is threading.main_thread():  # a supervisor's kill: clean up
+        previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     log_file = home / "superlink.log"
     command = [
         str(BIN / "flower-superlink"),
@@ -119,6 +129,8 @@ def local_superlink(workdir: Path | None = None) -> Iterator[LocalSuperLink]:
         yield LocalSuperLink(home, env, process, log_file)
     finally:
         stop_process_group(process, tag=env[PROCESS_TAG])
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 def _tagged(tag: str) -> list[psutil.Process]:
@@ -224,7 +236,6 @@ def flwr_run(
     """
     import queue
     import re
-    import threading
 
     if federation_config and "num-supernodes" in federation_config:
         cfg = RunConfig.from_flat(run_config)

@@ -66,6 +66,8 @@ ciphertext encrypts the site's example count, so after summation it must decrypt
 ``total_examples``; a foreign key turns the whole ciphertext into noise of size ~q, so the
 check fails with overwhelming probability, and it also fails when the server summed other
 sites than the count it reports.
+``core.he.provenance`` lets the sites go further and name the bad upload (per-site tags and
+per-upload count slots), so the server can sum again without it.
 Nothing detects a site that encrypts wrong values under the right key (poisoning) or a server
 that adds plaintext offsets: the threat model is an honest-but-curious server, and a site that
 colludes with the server can decrypt everything (all sites share one key).

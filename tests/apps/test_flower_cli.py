@@ -107,6 +107,8 @@ def test_ctrl_c_stops_superlink_simulation_and_ray(tmp_path):
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # A shell's background job ignores SIGINT, and Python keeps an ignored SIGINT.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     first_round = tmp_path / "run" / "checkpoints" / "round-001.safetensors"
     deadline = time.monotonic() + 600
@@ -118,7 +120,11 @@ def test_ctrl_c_stops_superlink_simulation_and_ray(tmp_path):
     names = {p.name() for p in marked("FEDMEDVIT_TEST_MARK", mark)}
     assert {"flower-superlink", "flwr-simulation"} <= names or "raylet" in names, names
     os.killpg(runner.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-    runner.wait(timeout=120)
+    try:
+        runner.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        runner.kill()
+        pytest.fail("the runner ignored Ctrl-C:\n" + output.read_text()[-3000:])
     deadline = time.monotonic() + 20
     while (left := marked("FEDMEDVIT_TEST_MARK", mark)) and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -33,8 +33,8 @@ REFERENCE = {
     "blocks.0.attn.q_proj.lora_B.weight": torch.zeros(1000, 3),
     "head.bias": torch.zeros(2),
 }
-COUNTS = {1: 30, 2: 10, 3: 25, 4: 10}  # node -> examples
-NAMES = {1: "hospital-a", 2: "hospital-b", 3: "outsider", 4: "liar"}
+COUNTS = {1: 30, 2: 10, 3: 25, 4: 10, 5: 50}  # node -> examples
+NAMES = {1: "hospital-a", 2: "hospital-b", 3: "outsider", 4: "liar", 5: "hospital-a"}
 
 
 @pytest.fixture(autouse=True)
@@ -175,7 +175,7 @@ def test_outsider_and_count_liar_are_named_and_left_out_and_the_study_goes_on(ke
         replies.append(reply)
     arrays, _ = s.aggregate_train(1, replies)
     assert arrays is not None
-    assert s.global_total == sum(COUNTS.values())  # the server cannot tell: it sums all four
+    assert s.global_total == sum(COUNTS[n] for n in nodes)  # the server cannot tell: sums all
 
     # The sites name both bad uploads instead of evaluating; the handler never runs.
     seen.clear()
@@ -200,11 +200,13 @@ def test_outsider_and_count_liar_are_named_and_left_out_and_the_study_goes_on(ke
     assert_close_to(seen[1], weighted_mean([1, 2]))
     assert_close_to(seen[2], weighted_mean([1, 2]))
 
-    # The study goes on: round 2 starts from that global and sums again.
+    # The study goes on: round 2 starts from that global and sums again. A new node (5)
+    # replying as hospital-a is rejected: the name belongs to node 1.
     seen.clear()
-    messages = by_node(s.configure_train(2, revised, ConfigRecord(), Grid([1, 2])))
+    messages = by_node(s.configure_train(2, revised, ConfigRecord(), Grid([1, 2, 5])))
     replies = [
-        he_mod(messages[n], context(n, keys, tmp_path), trainer(n, COUNTS[n], seen)) for n in (1, 2)
+        he_mod(messages[n], context(n, keys, tmp_path), trainer(n, COUNTS[n], seen))
+        for n in (1, 2, 5)
     ]
     assert_close_to(seen[1], weighted_mean([1, 2]))
     arrays, _ = s.aggregate_train(2, replies)
@@ -213,7 +215,11 @@ def test_outsider_and_count_liar_are_named_and_left_out_and_the_study_goes_on(ke
     evaluate(s, 2, arrays, [1, 2], keys, tmp_path, seen)
     assert s.revise(2) is None
     assert_close_to(seen[1], weighted_mean([1, 2]))
-    assert s.rounds[2].status == {"hospital-a": "trained", "hospital-b": "trained"}
+    assert s.rounds[2].status == {
+        "hospital-a": "trained",
+        "hospital-b": "trained",
+        "node-5": "rejected",
+    }
 
 
 def test_a_sum_that_fails_with_no_upload_named_is_discarded(keys, tmp_path):
