@@ -619,7 +619,9 @@ def provision(
     """Write ``site_secret.ctx`` (0o600), ``server_public.ctx`` (0o644) and a JSON summary.
 
     Refuses to overwrite an existing context unless asked: sites holding the old key could no
-    longer decrypt anything encrypted under the new one.
+    longer decrypt anything encrypted under the new one. The sites' upload MAC key is derived
+    from the secret key (``core.he.provenance.mac_key``), so it travels inside the 0o600
+    secret file and the server, given only the public file, never has it.
     """
     params = params or CkksParams()
     out = Path(out_dir)

@@ -275,3 +275,20 @@ def test_a_sum_that_fails_with_no_upload_named_is_discarded(keys, tmp_path):
         "hospital-a": "trained",
         "hospital-b": "trained",
     }
+
+
+def test_an_encrypted_count_claim_beyond_the_ckks_range_is_rejected(keys, tmp_path):
+    """Issue 13, fault 4: an HE claim of 2^63 (or anything a count slot cannot hold) is
+    rejected before summation; the cap is the smaller of the run config's and the CKKS one."""
+    s = strategy(keys)
+    assert s.max_examples == int(load_public_context(keys["public"]).max_abs_per_site) < 10**6
+    seen: dict[int, dict] = {}
+    initial = ArrayRecord({k: v.clone() for k, v in REFERENCE.items()})
+    messages = by_node(s.configure_train(1, initial, ConfigRecord(), Grid([1, 2])))
+    replies = [
+        he_mod(messages[n], context(n, keys, tmp_path), trainer(n, COUNTS[n], seen)) for n in (1, 2)
+    ]
+    replies[1].content[P.METRICS][P.NUM_EXAMPLES] = 2**63
+    arrays, _ = s.aggregate_train(1, replies)
+    assert arrays is not None and s.global_total == COUNTS[1]
+    assert s.rounds[1].status == {"hospital-a": "trained", "hospital-b": "rejected"}
