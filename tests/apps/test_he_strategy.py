@@ -292,3 +292,57 @@ def test_an_encrypted_count_claim_beyond_the_ckks_range_is_rejected(keys, tmp_pa
     arrays, _ = s.aggregate_train(1, replies)
     assert arrays is not None and s.global_total == COUNTS[1]
     assert s.rounds[1].status == {"hospital-a": "trained", "hospital-b": "rejected"}
+
+
+class SitesGrid(Grid):
+    """Delivers the ServerApp's messages to in-process sites running the real HE mod."""
+
+    def __init__(self, nodes, keys, tmp_path, seen):
+        super().__init__(nodes)
+        self.keys, self.tmp_path, self.seen = keys, tmp_path, seen
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            ctx = context(node, self.keys, self.tmp_path, foreign=node == 3)
+            is_train = msg.metadata.message_type == "train"
+            handler = (
+                trainer(node, COUNTS[node], self.seen) if is_train else evaluator(node, self.seen)
+            )
+            replies.append(he_mod(msg, ctx, handler))
+        return replies
+
+
+def test_the_serverapp_loop_leaves_the_outsider_out_every_round(keys, tmp_path):
+    """``server.app.run_rounds``: the outsider's upload is named by the sites and left out in
+    each round, every round's checkpoint is written, and the honest average comes through."""
+    import json
+
+    from server.app import run_rounds
+    from server.run_files import RunFolder
+
+    seen: dict[int, dict] = {}
+    s = strategy(keys)
+    folder = RunFolder(tmp_path / "run")
+    run_rounds(
+        s,
+        SitesGrid([1, 2, 3], keys, tmp_path, seen),
+        folder,
+        arrays=ArrayRecord({k: v.clone() for k, v in REFERENCE.items()}),
+        first_round=1,
+        num_rounds=2,
+        timeout=60.0,
+    )
+    rounds = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
+    # Round 2: the outsider cannot even read the global; its reply is a verdict (an error).
+    for entry, outsider in zip(rounds, ["rejected", "error"], strict=True):
+        assert entry["status"] == {
+            "hospital-a": "trained",
+            "hospital-b": "trained",
+            "outsider": outsider,
+        }
+        assert entry["evaluate"]["loss"] == pytest.approx(0.1)
+    assert_close_to(seen[1], weighted_mean([1, 2]))
+    latest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())
+    assert latest["round"] == 2 and latest["strategy"]["global_total"] == COUNTS[1] + COUNTS[2]
