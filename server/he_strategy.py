@@ -28,7 +28,6 @@ from flwr.serverapp import Grid
 
 from core.federation import protocol as P
 from core.he.ckks import (
-    AggregationError,
     CkksContext,
     CkksError,
     CkksLayout,
@@ -129,15 +128,15 @@ class EncryptedAdapterFedAvg(AdapterFedAvg):
         self.uploads, self.excluded = {}, {}
         contents: dict[str, RecordDict] = {}
         for name, content in self.triage(server_round, replies):
+            count = int(content[P.METRICS][P.NUM_EXAMPLES])
+            tag = str(content[P.SITE][P.HE_TAG])
             try:
                 layout = CkksLayout.from_json(str(content[P.SITE][P.HE_LAYOUT]))
                 ciphertexts = record_to_ciphertexts(content[P.ARRAYS])
-            except (KeyError, ValueError, CkksError) as err:
+                source = UploadSource.of(ciphertexts, site=name, num_examples=count, tag=tag)
+            except (KeyError, ValueError, TypeError, CkksError) as err:
                 self.reject(server_round, name, f"malformed encrypted upload: {err}")
                 continue
-            count = int(content[P.METRICS][P.NUM_EXAMPLES])
-            tag = str(content[P.SITE][P.HE_TAG])
-            source = UploadSource.of(ciphertexts, site=name, num_examples=count, tag=tag)
             self.uploads[name] = (EncryptedUpdate(ciphertexts, count, layout), source)
             contents[name] = content
         arrays = self._sum(server_round)
@@ -158,7 +157,7 @@ class EncryptedAdapterFedAvg(AdapterFedAvg):
             aggregate = aggregate_encrypted(
                 items, self.public_context, expected_layout=self.expected_layout
             )
-        except AggregationError as err:
+        except CkksError as err:  # AggregationError, or CapacityError above max_sites
             for name in items:
                 self.reject(server_round, name, str(err))
             return None

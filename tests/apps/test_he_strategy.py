@@ -292,6 +292,17 @@ def test_an_encrypted_count_claim_beyond_the_ckks_range_is_rejected(keys, tmp_pa
     arrays, _ = s.aggregate_train(1, replies)
     assert arrays is not None and s.global_total == COUNTS[1]
     assert s.rounds[1].status == {"hospital-a": "trained", "hospital-b": "rejected"}
+    # Malformed encrypted arrays (none, floats, a layout that is not JSON): events, no raise.
+    for bad in ("empty", "floats", "layout"):
+        reply = he_mod(messages[2], context(2, keys, tmp_path), trainer(2, COUNTS[2], seen))
+        if bad == "empty":
+            reply.content[P.ARRAYS] = ArrayRecord()
+        elif bad == "floats":
+            reply.content[P.ARRAYS] = ArrayRecord({"ct-00000": Array(np.zeros(3, np.float32))})
+        else:
+            reply.content[P.SITE][P.HE_LAYOUT] = "{not json"
+        assert s.aggregate_train(2, [reply]) == (None, None)
+        assert s.rounds[2].status == {"hospital-b": "rejected"}
 
 
 class SitesGrid(Grid):
