@@ -13,10 +13,10 @@ import os
 import secrets
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from torch import Tensor
 
+from client.he_mod import he_mod
 from core.config import RunConfig
 from core.federation.rounds import evaluate_round, train_round
 from core.federation.sites import SiteRef, resolve_site
@@ -28,37 +28,8 @@ LEDGER_KEY = "privacy-ledger"
 SECRET_KEY = "site-secret"
 # Fault injection for the fault-tolerance tests: "crash:SITE" makes that site's ClientApp fail
 # mid-round; "nan:SITE" makes it send a NaN update; "tamper:SITE" flips bytes of its first
-# ciphertext (HE mode). Comma-separated; unset in normal use.
+# ciphertext (HE mode, in client.he_mod). Comma-separated; unset in normal use.
 FAULT_ENV = "FEDMEDVIT_FAULT"
-HE_LAYOUT_KEY = "he-layout"  # the server's keys (server.he_strategy), repeated: no import
-HE_TOTAL_KEY = "he-total"
-
-
-def _global_adapters(msg: Message, cfg: RunConfig) -> dict[str, Tensor]:
-    """The global adapters: plaintext, or the server's encrypted sum decrypted and averaged."""
-    config = msg.content["config"]
-    if not (cfg.he and HE_TOTAL_KEY in config):
-        return msg.content["arrays"].to_torch_state_dict()
-    from core.federation.protocol import arrays_to_ciphertexts
-    from core.he.ckks import CkksLayout, decrypt_average, load_secret_context
-
-    secret = load_secret_context(cfg.he_secret_context)
-    ciphertexts = arrays_to_ciphertexts({k: v.numpy() for k, v in msg.content["arrays"].items()})
-    layout = CkksLayout.from_json(str(config[HE_LAYOUT_KEY]))
-    return decrypt_average(ciphertexts, int(config[HE_TOTAL_KEY]), layout, secret)
-
-
-def _encrypted(
-    adapters: dict[str, Tensor], num_examples: int, cfg: RunConfig
-) -> tuple[ArrayRecord, str]:
-    from core.federation.protocol import ciphertexts_to_arrays
-    from core.he.ckks import encrypt_update, load_secret_context
-
-    update = encrypt_update(adapters, num_examples, load_secret_context(cfg.he_secret_context))
-    record = ArrayRecord(
-        {k: Array(v) for k, v in ciphertexts_to_arrays(update.ciphertexts).items()}
-    )
-    return record, update.layout.to_json()
 
 
 def _load_ledger(context: Context, site: SiteRef) -> dict | None:
@@ -106,7 +77,7 @@ def _faults(site: str) -> set[str]:
     return {kind for kind, name in entries if name == site}
 
 
-@app.train()
+@app.train(mods=[he_mod])
 def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
     site = resolve_site(cfg, context.node_config)
@@ -117,7 +88,7 @@ def train(msg: Message, context: Context) -> Message:
     outcome = train_round(
         cfg,
         site_dir=site.data_dir,
-        global_adapters=_global_adapters(msg, cfg),
+        global_adapters=msg.content["arrays"].to_torch_state_dict(),
         server_round=int(config["server-round"]),
         expected_fingerprint=str(config.get("backbone-fingerprint", "")),
         ledger_state=_load_ledger(context, site),
@@ -142,20 +113,12 @@ def train(msg: Message, context: Context) -> Message:
             ),
         }
     )
-    if outcome.adapters is not None and cfg.he:
-        count = int(outcome.metrics["num-examples"])
-        content["arrays"], content["site"][HE_LAYOUT_KEY] = _encrypted(outcome.adapters, count, cfg)
-        if "tamper" in faults:
-            first = sorted(content["arrays"])[0]
-            raw = content["arrays"][first].numpy().copy()
-            raw[len(raw) // 2 :] ^= 0xFF
-            content["arrays"][first] = Array(raw)
-    elif outcome.adapters is not None:
+    if outcome.adapters is not None:  # encrypted and tagged by he_mod in HE mode
         content["arrays"] = ArrayRecord(outcome.adapters)
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
+@app.evaluate(mods=[he_mod])
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
     site = resolve_site(cfg, context.node_config)
@@ -163,7 +126,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = evaluate_round(
         cfg,
         site_dir=site.data_dir,
-        global_adapters=_global_adapters(msg, cfg),
+        global_adapters=msg.content["arrays"].to_torch_state_dict(),
         expected_fingerprint=str(config.get("backbone-fingerprint", "")),
     )
     content = RecordDict(

@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     """A run-config key is unknown, of the wrong type, or has an impossible value."""
 
 
+# Below this a round cannot finish: one round of the smallest model on phantom data takes
+# 10-25 s here (README), and a timed-out round is lost. Flower's own default is 3600 s.
+MIN_ROUND_TIMEOUT = 30.0
+
+
 @dataclass(frozen=True)
 class RunConfig:
     num_server_rounds: int = 3
@@ -67,6 +72,7 @@ class RunConfig:
     min_train_nodes: int = 2
     min_available_nodes: int = 2
     round_timeout: float = 3600.0
+    max_examples_per_site: int = 1_000_000  # cap on a reply's claimed example count
     out_dir: str = ""  # absolute path of the run folder; "" = runs/<time> under the cwd
     resume: bool = False
     # homomorphic encryption
@@ -95,8 +101,22 @@ class RunConfig:
             ("fraction-train", self.fraction_train),
             ("fraction-evaluate", self.fraction_evaluate),
         ):
-            if not 0.0 <= value <= 1.0:
-                self._fail(key, value, "use a fraction between 0 and 1")
+            if not 0.0 < value <= 1.0:
+                self._fail(key, value, "use a fraction above 0 and at most 1 (0 samples no node)")
+        for key, count in (
+            ("min-train-nodes", self.min_train_nodes),
+            ("min-available-nodes", self.min_available_nodes),
+            ("max-examples-per-site", self.max_examples_per_site),
+        ):
+            if count < 1:
+                self._fail(key, count, "use 1 or more")
+        if self.round_timeout < MIN_ROUND_TIMEOUT:
+            self._fail(
+                "round-timeout",
+                self.round_timeout,
+                f"use at least {MIN_ROUND_TIMEOUT:.0f} s (seconds, not minutes): a round that "
+                "times out is lost",
+            )
         if self.in_plane_size < 16 or self.in_plane_size % 16:
             self._fail("in-plane-size", self.in_plane_size, "use a multiple of the patch size 16")
         if self.he and not (self.he_public_context and self.he_secret_context):
@@ -111,6 +131,27 @@ class RunConfig:
                 build()
             except ValueError as err:
                 raise ConfigError(f"run config: {err}") from err
+
+    def check_federation(self, num_sites: int) -> None:
+        """Refuse a federation setting that cannot work with ``num_sites`` nodes, before any
+        round waits on it (Flower waits for ``min-*-nodes`` forever, printing nothing). Flower
+        samples ``max(int(num_sites * fraction), min-train-nodes)`` nodes, so with fractions
+        above 0 and ``min-train-nodes >= 1`` (checked on construction) every round samples one.
+
+        Raises:
+            ConfigError: naming the key and the fix.
+        """
+        for key, count in (
+            ("min-train-nodes", self.min_train_nodes),
+            ("min-available-nodes", self.min_available_nodes),
+        ):
+            if count > num_sites:
+                self._fail(
+                    key,
+                    count,
+                    f"the federation has {num_sites} site(s); use at most {num_sites} (no "
+                    "round could start)",
+                )
 
     @staticmethod
     def _fail(key: str, value: Any, fix: str) -> None:

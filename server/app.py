@@ -12,12 +12,13 @@ import os
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
 from core.config import RunConfig
 from core.federation.rounds import initial_adapters
+from core.federation.sites import list_sites
 from server.run_files import RunFolder
 from server.strategy import AdapterFedAvg
 
@@ -53,17 +54,31 @@ def run_rounds(
         aggregated, _ = strategy.aggregate_train(server_round, replies)
         if aggregated is not None:
             arrays = aggregated
-        replies = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
-            timeout=timeout,
-        )
-        metrics = strategy.aggregate_evaluate(server_round, replies)
+        arrays, metrics = evaluate_and_settle(strategy, grid, server_round, arrays, timeout)
         folder.save_round(server_round, arrays.to_torch_state_dict(), strategy)
         log.info("round %d evaluation: %s", server_round, dict(metrics or {}))
         if os.environ.get(FAULT_EXIT_AFTER_ROUND) == str(server_round):
             log.error("fault injection: the ServerApp process dies after round %d", server_round)
             os._exit(70)
     return arrays
+
+
+def evaluate_and_settle(
+    strategy: AdapterFedAvg, grid: Grid, server_round: int, arrays: ArrayRecord, timeout: float
+) -> tuple[ArrayRecord, MetricRecord | None]:
+    """Evaluate the new global; while the sites find it unusable (HE: an upload they name
+    as bad, or a sum that does not decrypt), take the strategy's revision and evaluate again.
+    Each revision drops an upload or restores the previous global, so this ends."""
+    while True:
+        replies = grid.send_and_receive(
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+            timeout=timeout,
+        )
+        metrics = strategy.aggregate_evaluate(server_round, replies)
+        revised = strategy.revise(server_round)
+        if revised is None:
+            return arrays, metrics
+        arrays = revised
 
 
 def build_strategy(cfg: RunConfig, adapters: dict[str, Tensor], fingerprint: str) -> AdapterFedAvg:
@@ -75,6 +90,7 @@ def build_strategy(cfg: RunConfig, adapters: dict[str, Tensor], fingerprint: str
         "min_train_nodes": cfg.min_train_nodes,
         "min_evaluate_nodes": cfg.min_train_nodes,
         "min_available_nodes": cfg.min_available_nodes,
+        "max_examples": cfg.max_examples_per_site,
     }
     if not cfg.he:
         return AdapterFedAvg(**common)
@@ -93,6 +109,8 @@ def build_strategy(cfg: RunConfig, adapters: dict[str, Tensor], fingerprint: str
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flat(context.run_config)
+    if cfg.data_root and Path(cfg.data_root).is_dir():  # simulation: the sites are known here
+        cfg.check_federation(len(list_sites(cfg)))
     folder = RunFolder(resolve_out_dir(cfg))
     folder.write_config(cfg)
     adapters, fingerprint = initial_adapters(cfg)

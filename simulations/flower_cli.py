@@ -2,18 +2,23 @@
 
 ``flwr run`` exits 0 even when the run failed, and with a local connection it starts a
 background SuperLink nobody stops. Here we start the SuperLink ourselves (free ports, our own
-FLWR_HOME, killed by PID when done) and check the run's final status with ``flwr list``.
+FLWR_HOME) and check the run's final status with ``flwr list``. Every process we start runs in
+its own process group and carries a tag in its environment that its descendants inherit
+(``flwr-simulation``, Ray's raylet and workers, which leave the group); on exit, Ctrl-C,
+failure or timeout, :func:`stop_process_group` stops the group and every tagged process.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -22,8 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
+
+from core.config import RunConfig
 
 BIN = Path(sys.executable).parent
+# Environment variable naming the runner that started a process; inherited by descendants.
+PROCESS_TAG = "FEDMEDVIT_RUNNER_TAG"
 
 
 class RunFailed(RuntimeError):
@@ -56,15 +66,22 @@ class LocalSuperLink:
     log_file: Path
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @contextmanager
 def local_superlink(workdir: Path | None = None) -> Iterator[LocalSuperLink]:
-    """A simulation-mode SuperLink on free loopback ports, stopped (by PID) on exit."""
+    """A simulation-mode SuperLink on free loopback ports. On exit, Ctrl-C or SIGTERM (turned
+    into KeyboardInterrupt while the context is open) it is stopped with every process the
+    run started (:func:`stop_process_group`)."""
     home = Path(tempfile.mkdtemp(prefix="flwr-home-", dir=workdir))
     http_port, control_port = free_port(), free_port()
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
     )
     env = os.environ | {
+        PROCESS_TAG: new_tag(),
         "FLWR_HOME": str(home),
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -73,6 +90,9 @@ def local_superlink(workdir: Path | None = None) -> Iterator[LocalSuperLink]:
         "RAY_DEDUP_LOGS": "0",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+    previous_sigterm = None
+    if threading.current_thread() is threading.main_thread():  # a supervisor's kill: clean up
+        previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     log_file = home / "superlink.log"
     command = [
         str(BIN / "flower-superlink"),
@@ -108,20 +128,54 @@ def local_superlink(workdir: Path | None = None) -> Iterator[LocalSuperLink]:
             time.sleep(0.3)
         yield LocalSuperLink(home, env, process, log_file)
     finally:
-        stop_process_group(process)
+        stop_process_group(process, tag=env[PROCESS_TAG])
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
-def stop_process_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """SIGTERM the process and everything it spawned, SIGKILL after ``grace`` seconds."""
-    if process.poll() is not None:
-        return
-    try:
+def _tagged(tag: str) -> list[psutil.Process]:
+    """Live processes of this user whose environment carries ``PROCESS_TAG=tag``."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == os.getpid():
+            continue
+        with suppress(psutil.Error):
+            if proc.environ().get(PROCESS_TAG) == tag:
+                found.append(proc)
+    return found
+
+
+def new_tag() -> str:
+    """A fresh value for ``PROCESS_TAG``: one per process tree this module starts."""
+    return f"{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def stop_process_group(
+    process: subprocess.Popen[Any], grace: float = 10.0, *, tag: str | None = None
+) -> None:
+    """Stop ``process`` and everything it spawned: SIGTERM to its process group, to its
+    descendants and, given the ``PROCESS_TAG`` value it was started with, to every process
+    carrying it (those that started a new session or outlived their parent); SIGKILL whatever
+    is left after ``grace`` seconds. Safe to call when the process already exited."""
+    family: dict[int, psutil.Process] = {}
+    with suppress(psutil.Error):
+        root = psutil.Process(process.pid)
+        family = {p.pid: p for p in [root, *root.children(recursive=True)]}
+    family |= {p.pid: p for p in (_tagged(tag) if tag else [])}
+    with suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGTERM)
+    for proc in family.values():
+        with suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(list(family.values()), timeout=grace)
+    late = _tagged(tag) if tag else []
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    for proc in [*alive, *late]:
+        with suppress(psutil.Error):
+            proc.kill()
+    with suppress(subprocess.TimeoutExpired):
         process.wait(timeout=grace)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 # --- runs against a named connection in $FLWR_HOME/config.toml (simulation or deployment) ---
@@ -173,11 +227,22 @@ def flwr_run(
     """``flwr run APP CONNECTION --stream`` against an already running SuperLink; returns the
     run id once ``flwr list`` says ``finished:completed``. Bounded even if the stream stalls.
     ``app_dir``: the app's folder, or a release the SuperLink fetches from its app registry
-    (``@publisher/name==x.y.z``)."""
+    (``@publisher/name==x.y.z``).
+
+    With ``federation_config`` (simulation), ``num-supernodes`` is checked against the run
+    config's ``min-*-nodes`` first.
+
+    Raises:
+        ConfigError: a setting that cannot work with this federation.
+        RunFailed: the run did not complete within ``timeout`` seconds.
+    """
     import queue
     import re
-    import threading
 
+    if federation_config and "num-supernodes" in federation_config:
+        cfg = RunConfig.from_flat(run_config)
+        cfg.check_federation(int(federation_config["num-supernodes"]))
+    tag = new_tag()
     command = [
         str(BIN / "flwr"),
         "run",
@@ -191,7 +256,7 @@ def flwr_run(
         command += ["--federation-config", overrides_string(federation_config)]
     process = subprocess.Popen(
         command,
-        env=dict(env),
+        env=dict(env) | {PROCESS_TAG: tag},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -227,7 +292,7 @@ def flwr_run(
         with suppress(subprocess.TimeoutExpired):  # the run's status below is what counts
             process.wait(timeout=30)
     finally:
-        stop_process_group(process)  # type: ignore[arg-type]
+        stop_process_group(process, tag=tag)
     if run_id is None:
         raise RunFailed("flwr run started no run; last output:\n" + "\n".join(tail))
     status = {int(r["run-id"]): r["status"] for r in list_runs(env, connection)}.get(run_id)

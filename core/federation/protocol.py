@@ -7,16 +7,27 @@ server -> site (train and evaluate)
     ``ARRAYS``  ArrayRecord: the global adapters (plaintext wire format, or CKKS ciphertexts)
     ``CONFIG``  ConfigRecord: ``SERVER_ROUND`` (added by Flower), ``BACKBONE_FINGERPRINT``,
                 and in HE mode ``HE_LAYOUT`` and, once the global is an encrypted sum,
-                ``HE_TOTAL`` (the summed example count the sites divide by)
+                ``HE_TOTAL`` (the summed example count the sites divide by) and
+                ``HE_SOURCES`` (JSON: which uploads the sum holds, with their tags)
+    ``HE_PROBES`` ArrayRecord (HE, with ``HE_SOURCES``): the first ciphertext of each summed
+                upload, so sites can check each upload's count slot
 
 site -> server (train reply)
     ``ARRAYS``  ArrayRecord: the site's update (absent when the site refused the round)
     ``METRICS`` MetricRecord: ``NUM_EXAMPLES`` (the averaging weight) and released metrics
     ``SITE``    ConfigRecord: ``SITE_NAME``, ``SITE_STATUS``, ``SITE_REASON``,
-                ``PRIVACY_LEDGER`` (JSON) and in HE mode ``HE_LAYOUT``
+                ``PRIVACY_LEDGER`` (JSON, at most ``MAX_LEDGER_BYTES``) and in HE mode
+                ``HE_LAYOUT`` and ``HE_TAG`` (the upload's HMAC, see ``core.he.provenance``)
 
 site -> server (evaluate reply)
-    ``METRICS`` and ``SITE`` as above (no arrays).
+    ``METRICS`` and ``SITE`` (``SITE_NAME`` only) as above, no arrays.
+
+site -> server (HE verdict, instead of a train or evaluate reply)
+    ``SITE`` only: ``SITE_NAME`` and ``HE_VERDICT`` (JSON: the uploads of the encrypted sum
+    that failed verification, or why the sum does not decrypt).
+
+The server validates every reply against exactly this: the record names and types in
+``REPLY_RECORDS``, the keys of ``SITE`` in ``SITE_KEYS``, numbers only in ``METRICS``.
 """
 
 from __future__ import annotations
@@ -36,6 +47,10 @@ SERVER_ROUND = "server-round"
 BACKBONE_FINGERPRINT = "backbone-fingerprint"
 HE_LAYOUT = "he-layout"
 HE_TOTAL = "he-total"
+HE_SOURCES = "he-sources"
+
+# Extra record of a server message in HE mode.
+HE_PROBES = "he-probes"
 
 # Keys of a reply's MetricRecord.
 NUM_EXAMPLES = "num-examples"  # the averaging weight (Flower FedAvg's ``weighted_by_key``)
@@ -47,6 +62,31 @@ SITE_NAME = "name"
 SITE_STATUS = "status"
 SITE_REASON = "reason"
 PRIVACY_LEDGER = "privacy-ledger"
+HE_TAG = "he-tag"
+HE_VERDICT = "he-verdict"
+
+# Bounds on what a reply may carry.
+MAX_LEDGER_BYTES = 256 * 1024  # a ledger of thousands of rounds is ~100 KiB
+MAX_SITE_NAME_CHARS = 128
+
+# What each kind of reply holds: record name -> record type ("array", "metric", "config").
+TRAIN_REPLY = {ARRAYS: "array", METRICS: "metric", SITE: "config"}
+REFUSAL_REPLY = {METRICS: "metric", SITE: "config"}
+EVALUATE_REPLY = {METRICS: "metric", SITE: "config"}
+VERDICT_REPLY = {SITE: "config"}
+REPLY_RECORDS = {
+    "train": TRAIN_REPLY,
+    "refusal": REFUSAL_REPLY,
+    "evaluate": EVALUATE_REPLY,
+    "verdict": VERDICT_REPLY,
+}
+# Keys a reply's SITE record may hold, per reply kind (all strings); the first is required.
+SITE_KEYS = {
+    "train": (SITE_NAME, SITE_STATUS, SITE_REASON, PRIVACY_LEDGER, HE_LAYOUT, HE_TAG),
+    "refusal": (SITE_NAME, SITE_STATUS, SITE_REASON, PRIVACY_LEDGER),
+    "evaluate": (SITE_NAME,),
+    "verdict": (SITE_NAME, HE_VERDICT),
+}
 
 # Values of SITE_STATUS.
 TRAINED = "trained"

@@ -66,6 +66,8 @@ ciphertext encrypts the site's example count, so after summation it must decrypt
 ``total_examples``; a foreign key turns the whole ciphertext into noise of size ~q, so the
 check fails with overwhelming probability, and it also fails when the server summed other
 sites than the count it reports.
+``core.he.provenance`` lets the sites go further and name the bad upload (per-site tags and
+per-upload count slots), so the server can sum again without it.
 Nothing detects a site that encrypts wrong values under the right key (poisoning) or a server
 that adds plaintext offsets: the threat model is an honest-but-curious server, and a site that
 colludes with the server can decrypt everything (all sites share one key).
@@ -115,6 +117,7 @@ __all__ = [
     "aggregate_encrypted",
     "context_from_bytes",
     "decrypt_average",
+    "decrypt_count_slot",
     "encrypt_update",
     "flatten_state",
     "load_public_context",
@@ -616,7 +619,9 @@ def provision(
     """Write ``site_secret.ctx`` (0o600), ``server_public.ctx`` (0o644) and a JSON summary.
 
     Refuses to overwrite an existing context unless asked: sites holding the old key could no
-    longer decrypt anything encrypted under the new one.
+    longer decrypt anything encrypted under the new one. The sites' upload MAC key is derived
+    from the secret key (``core.he.provenance.mac_key``), so it travels inside the 0o600
+    secret file and the server, given only the public file, never has it.
     """
     params = params or CkksParams()
     out = Path(out_dir)
@@ -1091,6 +1096,24 @@ def decrypt_average(
             "or total_examples does not match the sites that were summed. Discard this aggregate"
         )
     return unflatten_state(sums / float(total_examples), layout)
+
+
+def decrypt_count_slot(blob: bytes, num_ciphertexts: int, secret_ctx: CkksContext) -> float:
+    """Slot 0 of a site upload's first ciphertext: the example count the site encrypted.
+
+    ``blob`` is ciphertext 0 of ``num_ciphertexts`` (its envelope must say so). Raises
+    CiphertextError for a blob that is not such a ciphertext, SecretKeyRequiredError without
+    the key.
+    """
+    if secret_ctx._decryptor is None:
+        raise SecretKeyRequiredError("reading a count slot needs the sites' secret context")
+    payload = _open_envelope(
+        blob, secret_ctx, site=None, index=0, count=num_ciphertexts, kinds=(_KIND_SITE_UPDATE,)
+    )
+    ciphertext = _load_ciphertext(payload, secret_ctx, site=None, index=0)
+    plaintext = _sealapi().Plaintext()
+    secret_ctx._decryptor.decrypt(ciphertext, plaintext)
+    return float(secret_ctx._encoder.decode_double(plaintext)[0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,3 +51,36 @@ def test_bad_values_name_the_key(values, match):
 
 def test_ints_are_accepted_for_floats():
     assert RunConfig.from_flat({"target-epsilon": 3}).target_epsilon == 3.0
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"fraction-train": 0.0}, "'fraction-train' = 0.0 .*samples no node"),
+        ({"fraction-evaluate": 0.0}, "'fraction-evaluate' = 0.0"),
+        ({"min-train-nodes": 0}, "'min-train-nodes' = 0"),
+        ({"round-timeout": 5.0}, "'round-timeout' = 5.0 .*at least 30 s"),
+        ({"max-examples-per-site": 0}, "'max-examples-per-site'"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused(values, match):
+    """Issue 13, fault 5: refused at once, naming the key and the fix."""
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_flat(values)
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"min-train-nodes": 3}, "'min-train-nodes' = 3 .*has 2 site.*at most 2"),
+        ({"min-available-nodes": 5}, "'min-available-nodes' = 5"),
+        ({"min-train-nodes": 1, "min-available-nodes": 1, "fraction-train": 0.1}, None),
+    ],
+)
+def test_min_nodes_above_the_number_of_sites_are_refused(values, match):
+    cfg = RunConfig.from_flat(values)
+    if match is None:
+        cfg.check_federation(2)  # 0.1 * 2 rounds to 0 nodes, but min-train-nodes = 1 samples one
+        return
+    with pytest.raises(ConfigError, match=match):
+        cfg.check_federation(2)
