@@ -221,3 +221,34 @@ def test_open_split_passes_the_site_cache_dir(tmp_path: Path, reader: CountingRe
     second = open_split(cfg, tmp_path / "site", "training", cache)
     assert len(reader.names) == 2 and entries_size(cache) > 0
     torch.testing.assert_close(images(first), images(second), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_real_simulation_keeps_each_sites_cache_in_its_state_folder(tmp_path: Path) -> None:
+    """Flower's real Simulation Engine, 2 sites, 2 rounds: every ClientApp process (a new one
+    per message) fills and reuses ``<state-root>/<site>/preprocess-cache`` and writes nothing
+    of it elsewhere."""
+    from simulations.run import load_scenario, run_scenario
+
+    scenario = load_scenario("default") | {"phantoms": {"preset": "many", "n-sites": 2}}
+    scenario.pop("pretrain", None)
+    state = tmp_path / "state"
+    overrides = {
+        "num-server-rounds": 2,
+        "model-size": "micro",
+        "in-plane-size": 32,
+        "batch-size": 8,
+        "min-train-nodes": 2,
+        "backbone": "",
+        "state-root": str(state),
+    }
+    out = tmp_path / "run"
+    run_scenario(
+        scenario, overrides=overrides, out_dir=out, data_cache=tmp_path / "data", quiet=True
+    )
+    sites = sorted(p.parent.name for p in (tmp_path / "data").glob("*/*/dataset.json"))
+    assert len(sites) == 2
+    for site in sites:
+        assert entries_size(state / site / "preprocess-cache") > 0
+    assert not list(out.rglob("*.pt")) and not list((tmp_path / "data").rglob("*.pt"))
