@@ -116,7 +116,7 @@ def content_digest(source: Path) -> str:
 def _tensor_digest(image: Tensor) -> str:
     """CRC-32 of the tensor's bytes (read in place, about 1 GB/s): catches disk and copy
     damage; the folder is the site's own, so tampering is not what it guards against."""
-    return f"{zlib.crc32(memoryview(image.contiguous().numpy())):08x}"
+    return f"{zlib.crc32(image.contiguous().numpy().data):08x}"
 
 
 def _canonical(value: Any) -> Any:
