@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="data-cache-") as scratch:
         result = run(args.volumes, workers, args.folder or Path(scratch))
     result.update(
-        command="python -m benchmarks.data_cache " + " ".join(argv or sys.argv[1:]),
+        command=" ".join(["python -m benchmarks.data_cache", *(argv or sys.argv[1:])]),
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         machine={"cpus": os.cpu_count(), "python": platform.python_version()},
         load_average=os.getloadavg(),
