@@ -213,6 +213,24 @@ def test_the_size_bound_evicts_old_entries_and_refuses_an_entry_too_big(tmp_path
         PreprocessCache(cache, {}, max_bytes=0)
 
 
+def test_a_short_disk_is_a_clear_error_naming_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk check is real (``shutil.disk_usage`` of the folder's disk); the reserve it keeps
+    free is raised beyond this disk's free space, which is what a short disk looks like."""
+    import shutil
+
+    import core.data.cache as cache_module
+
+    datalist = make_site(tmp_path / "site", count=2)
+    cache = tmp_path / "state" / "preprocess-cache"
+    monkeypatch.setattr(cache_module, "DISK_RESERVE_BYTES", shutil.disk_usage(tmp_path).free)
+    with pytest.raises(CacheError, match=re.escape(str(cache))) as raised:
+        open_site(datalist, grid=GRID, cache_dir=cache, workers=1, on_error="skip")
+    assert "the disk is short" in str(raised.value) and "Fix:" in str(raised.value)
+    assert not list((cache / "entries").glob("*.pt"))
+
+
 def test_open_split_passes_the_site_cache_dir(tmp_path: Path, reader: CountingReader) -> None:
     make_site(tmp_path / "site", count=2)
     cfg = RunConfig.from_flat({"in-plane-size": 32, "num-classes": 2})
