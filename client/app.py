@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import secrets
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -72,6 +73,11 @@ def _site_secret(context: Context, site: SiteRef) -> int:
     return secret
 
 
+def _cache_dir(site: SiteRef) -> Path | None:
+    """The site's preprocessing cache: inside its own state folder, never sent anywhere."""
+    return site.state_dir / "preprocess-cache" if site.state_dir is not None else None
+
+
 def _faults(site: str) -> set[str]:
     entries = [e.split(":", 1) for e in os.environ.get(FAULT_ENV, "").split(",") if ":" in e]
     return {kind for kind, name in entries if name == site}
@@ -93,6 +99,7 @@ def train(msg: Message, context: Context) -> Message:
         expected_fingerprint=str(config.get("backbone-fingerprint", "")),
         ledger_state=_load_ledger(context, site),
         site_secret=_site_secret(context, site),
+        cache_dir=_cache_dir(site),
     )
     if outcome.ledger is not None:
         _save_ledger(context, site, outcome.ledger)
@@ -128,6 +135,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         site_dir=site.data_dir,
         global_adapters=msg.content["arrays"].to_torch_state_dict(),
         expected_fingerprint=str(config.get("backbone-fingerprint", "")),
+        cache_dir=_cache_dir(site),
     )
     content = RecordDict(
         {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})}

@@ -6,14 +6,26 @@ One item is ``{"image": float32 (C, D, H, W), "spacing": float64 (3,) as (d, h, 
 
 Opening a site reads and preprocesses every item once, so a missing, truncated or mislabelled
 file fails (or is skipped) at open, never mid-training, and each item's DA and final shape are
-known up front for the batch samplers. Sites are small: the preprocessed tensors are kept in
-memory unless ``cache=False``.
+known up front for the batch samplers. The preprocessed tensors are kept in memory unless
+``cache=False``.
+
+With ``cache_dir`` (the site's own state folder, see :mod:`core.data.cache`) each image file is
+decoded once, ever: the first open preprocesses the items missing from the cache on all cores
+(worker processes, with a progress bar) and stores them; later opens, in later rounds and later
+runs, check each file's stat signature and load the stored tensor (milliseconds, no decode), and
+with ``cache=False`` items are read back from the cache rather than decoded again. A file that
+changed since it was cached is decoded again at open, so a corrupt one is still reported by name
+before training starts. Without ``cache_dir`` and with ``cache=False``, every item is decoded at
+open (to validate it and learn its shape) and again whenever it is read.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
+from core.data.cache import DEFAULT_MAX_BYTES, CacheError, PreprocessCache
 from core.data.datalist import Datalist, ItemSpec, parse_item, read_datalist
 from core.data.errors import DatasetError, SkippedItem
 from core.data.preprocess import (
@@ -39,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 OnError = Literal["raise", "skip"]
 _MAX_LISTED = 5  # problems spelled out in a summary message
+# workers=None starts a process pool only when this many source bytes wait to be preprocessed:
+# a spawned worker spends about 3 s importing torch, nibabel and pydicom before its first item.
+_POOL_MIN_BYTES = 64 * 2**20
 
 
 class SiteDataset(Dataset[dict[str, Tensor]]):
@@ -57,6 +74,9 @@ class SiteDataset(Dataset[dict[str, Tensor]]):
         intensity: IntensityConfig,
         on_error: OnError = "raise",
         cache: bool = True,
+        cache_dir: str | Path | None = None,
+        workers: int | None = None,
+        cache_max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -73,22 +93,45 @@ class SiteDataset(Dataset[dict[str, Tensor]]):
             )
         self._npz_images = _load_npz_images(datalist)
 
-        items: list[ItemSpec] = []
-        prepared: list[Tensor] = []
-        spacings: list[tuple[float, float, float]] = []
-        errors: list[DatasetError] = []
-        skipped: list[SkippedItem] = []
+        self._store = (
+            None
+            if cache_dir is None
+            else PreprocessCache(
+                cache_dir, {"grid": grid, "intensity": intensity}, max_bytes=cache_max_bytes
+            )
+        )
+        parsed: list[ItemSpec] = []
+        failed: dict[int, DatasetError] = {}
         for position in range(len(datalist.entries)):
             try:
-                item = parse_item(datalist, position)
+                parsed.append(parse_item(datalist, position))
+            except DatasetError as err:
+                failed[position] = err
+        if self._store is not None:
+            failed.update(self._fill_cache(parsed, workers))
+
+        items: list[ItemSpec] = []
+        prepared: list[Tensor] = []  # kept only when cache=True
+        depths: list[int] = []
+        spacings: list[tuple[float, float, float]] = []
+        for item in parsed:
+            if item.position in failed:
+                continue
+            try:
                 image, spacing = self._prepare(item)
             except DatasetError as err:
-                errors.append(err)
-                skipped.append(SkippedItem(self.split, position, err.path, str(err)))
+                failed[item.position] = err
                 continue
             items.append(item)
-            prepared.append(image)
+            depths.append(image.shape[1])
             spacings.append(spacing)
+            if cache:
+                prepared.append(image)
+        errors = [failed[position] for position in sorted(failed)]
+        skipped = [
+            SkippedItem(self.split, position, failed[position].path, str(failed[position]))
+            for position in sorted(failed)
+        ]
         self.skipped: tuple[SkippedItem, ...] = tuple(skipped)
         if errors:
             self._report(errors, on_error, total=len(datalist.entries))
@@ -103,10 +146,10 @@ class SiteDataset(Dataset[dict[str, Tensor]]):
         self.spacings: Tensor = torch.tensor(spacings, dtype=torch.float64)  # (N, 3)
         self.das: tuple[int, ...] = tuple(degree_of_anisotropy(s) for s in spacings)
         self.depth_by_da: dict[int, int] = {}
-        for da, image in zip(self.das, prepared, strict=True):
-            depth = grid.padded_depth(image.shape[1], da)
-            self.depth_by_da[da] = max(depth, self.depth_by_da.get(da, 0))
-        self._warn_mixed_depths(prepared)
+        for da, depth in zip(self.das, depths, strict=True):
+            padded = grid.padded_depth(depth, da)
+            self.depth_by_da[da] = max(padded, self.depth_by_da.get(da, 0))
+        self._warn_mixed_depths(depths)
         self.labels: Tensor = _label_tensor(items, multi_label=self.info.multi_label)
         self._images: list[Tensor] | None = None
         if cache:
@@ -143,20 +186,64 @@ class SiteDataset(Dataset[dict[str, Tensor]]):
         return volume_from_array(self._npz_images[item.array_index], item.image, item.spacing)
 
     def _prepare(self, item: ItemSpec) -> tuple[Tensor, tuple[float, float, float]]:
-        """Read, normalise, fix channels and resample; depth padding comes later, per DA."""
-        volume = self._read(item)
-        normalized = normalize_intensity(
-            volume.array, item.modality, volume.calibrated, self.intensity
+        """Read (or load from the cache dir), normalise, fix channels and resample; depth
+        padding comes later, per DA. npz rows are not cached (the npz is one file for all)."""
+        if self._store is None or item.array_index is not None:
+            return preprocess(self._read(item), item, self.grid, self.intensity)
+        variant = _variant(item)
+        hit = self._store.load(item.image, variant)
+        if hit is not None:
+            return hit
+        image, spacing = prepare_file(item, self.grid, self.intensity)
+        self._store.store(item.image, variant, image, spacing)
+        return image, spacing
+
+    def _fill_cache(
+        self, parsed: Sequence[ItemSpec], workers: int | None
+    ) -> dict[int, DatasetError]:
+        """Preprocess the file items missing from the cache dir and store them; returns the
+        items that failed, by position. ``workers``: processes (None: every core the process
+        may use, and a pool only for at least ``_POOL_MIN_BYTES`` of sources; 1: in this one).
+
+        Raises:
+            CacheError: the cache folder cannot hold the entries (see :mod:`core.data.cache`).
+        """
+        store = self._store
+        assert store is not None
+        pending = [
+            item
+            for item in parsed
+            if item.array_index is None
+            and item.image.exists()
+            and not store.is_cached(item.image, _variant(item))
+        ]
+        if not pending:
+            return {}
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        count = min(workers or cores or 1, len(pending))
+        if workers is None and _source_bytes(pending) < _POOL_MIN_BYTES:
+            count = 1
+        failed: dict[int, DatasetError] = {}
+        settings = (store.folder, self.grid, self.intensity, store.max_bytes)
+        progress = tqdm(
+            total=len(pending),
+            desc=f"preprocessing {self.info.source.parent.name}/{self.split}",
+            unit="item",
+            disable=None,  # off when stderr is not a terminal (logs)
         )
-        image = match_channels(torch.from_numpy(normalized), self.grid.channels)
-        if image is None:
-            raise DatasetError(
-                item.image,
-                f"image has {volume.array.shape[0]} channels but the grid wants "
-                f"{self.grid.channels}",
-                f"open the site with GridConfig(channels={volume.array.shape[0]})",
-            )
-        return resample_to_grid(image, volume.spacing, self.grid)
+        with progress:
+            if count == 1:
+                for item in pending:
+                    _record(failed, item, _fill_one(settings, item))
+                    progress.update()
+                return failed
+            context = multiprocessing.get_context("spawn")  # fork after torch threads can hang
+            with ProcessPoolExecutor(count, mp_context=context, initializer=_worker_init) as pool:
+                futures = {pool.submit(_fill_one, settings, item): item for item in pending}
+                for future in as_completed(futures):
+                    _record(failed, futures[future], future.result())
+                    progress.update()
+        return failed
 
     def _report(self, errors: list[DatasetError], on_error: OnError, total: int) -> None:
         if on_error == "raise":
@@ -179,10 +266,10 @@ class SiteDataset(Dataset[dict[str, Tensor]]):
             "; ".join(str(e) for e in errors[:_MAX_LISTED]),
         )
 
-    def _warn_mixed_depths(self, prepared: list[Tensor]) -> None:
+    def _warn_mixed_depths(self, depths: list[int]) -> None:
         for da, depth in self.depth_by_da.items():
-            pairs = zip(self.das, prepared, strict=True)
-            flat = sum(1 for d, image in pairs if d == da and image.shape[1] == 1)
+            pairs = zip(self.das, depths, strict=True)
+            flat = sum(1 for d, item_depth in pairs if d == da and item_depth == 1)
             if flat and depth > 1:
                 logger.warning(
                     "%s: DA %d holds %d 2D image(s) and volumes; the 2D ones are padded to "
@@ -192,6 +279,82 @@ class SiteDataset(Dataset[dict[str, Tensor]]):
                     flat,
                     depth,
                 )
+
+
+def preprocess(
+    volume: Volume, item: ItemSpec, grid: GridConfig, intensity: IntensityConfig
+) -> tuple[Tensor, tuple[float, float, float]]:
+    """Normalise, fix channels and resample one read volume.
+
+    Returns ``image`` (C, D, H, W) float32 on the grid (depth not yet padded) and its spacing
+    (d, h, w) mm.
+
+    Raises:
+        DatasetError: the image's channels cannot be brought to ``grid.channels``.
+    """
+    normalized = normalize_intensity(volume.array, item.modality, volume.calibrated, intensity)
+    image = match_channels(torch.from_numpy(normalized), grid.channels)
+    if image is None:
+        raise DatasetError(
+            item.image,
+            f"image has {volume.array.shape[0]} channels but the grid wants {grid.channels}",
+            f"open the site with GridConfig(channels={volume.array.shape[0]})",
+        )
+    return resample_to_grid(image, volume.spacing, grid)
+
+
+def prepare_file(
+    item: ItemSpec, grid: GridConfig, intensity: IntensityConfig
+) -> tuple[Tensor, tuple[float, float, float]]:
+    """Read one file item and :func:`preprocess` it (the only place a file's pixels are
+    decoded for a site). Raises DatasetError naming the file."""
+    return preprocess(read_image(item.image, item.spacing), item, grid, intensity)
+
+
+def _variant(item: ItemSpec) -> dict[str, object]:
+    """The item's own preprocessing settings, part of its cache key."""
+    return {"modality": item.modality, "spacing": item.spacing}
+
+
+def _source_bytes(items: Sequence[ItemSpec]) -> int:
+    total = 0
+    for item in items:
+        files = item.image.rglob("*") if item.image.is_dir() else [item.image]
+        total += sum(f.stat().st_size for f in files if f.is_file())
+    return total
+
+
+_Outcome = tuple[str, str, str] | None  # None, or (kind, path, message) of a failure
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one process per core; intra-op threads would oversubscribe
+
+
+def _fill_one(settings: tuple[Path, GridConfig, IntensityConfig, int], item: ItemSpec) -> _Outcome:
+    """Preprocess one item into the cache (in a worker process or this one). Failures come
+    back as plain strings: they cross a process boundary."""
+    folder, grid, intensity, max_bytes = settings
+    store = PreprocessCache(folder, {"grid": grid, "intensity": intensity}, max_bytes=max_bytes)
+    try:
+        if store.load(item.image, _variant(item)) is None:  # a touched but unchanged file hits
+            image, spacing = prepare_file(item, grid, intensity)
+            store.store(item.image, _variant(item), image, spacing)
+    except DatasetError as err:
+        return ("data", str(err.path), f"{err.problem}\0{err.fix}")
+    except CacheError as err:
+        return ("cache", str(folder), str(err))
+    return None
+
+
+def _record(failed: dict[int, DatasetError], item: ItemSpec, outcome: _Outcome) -> None:
+    if outcome is None:
+        return
+    kind, path, message = outcome
+    if kind == "cache":
+        raise CacheError(message)
+    problem, fix = message.split("\0", 1)
+    failed[item.position] = DatasetError(path, problem, fix)
 
 
 def _load_npz_images(datalist: Datalist) -> np.ndarray | None:
@@ -216,6 +379,9 @@ def open_site(
     intensity: IntensityConfig | None = None,
     on_error: OnError = "raise",
     cache: bool = True,
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    cache_max_bytes: int = DEFAULT_MAX_BYTES,
     num_classes: int | None = None,
     multi_label: bool | None = None,
     modality: str | None = None,
@@ -226,6 +392,15 @@ def open_site(
     Every item is read and validated now; a problem raises :class:`DatasetError` naming the file
     (``on_error="skip"`` leaves bad items out and lists them in ``.skipped``). ``num_classes``,
     ``multi_label``, ``modality`` and ``spacing`` fill site facts a CSV or npz cannot carry.
+
+    ``cache_dir``: a folder of the site's own (its state folder) where preprocessed items are
+    stored and reused across opens (see :mod:`core.data.cache`); only that folder is written.
+    ``workers``: processes for the first-time preprocessing of items missing from it (None:
+    every core, when there is enough to do); ``cache_max_bytes`` bounds the folder.
+
+    Raises:
+        DatasetError: an item is unusable (``on_error="raise"``) or none is usable.
+        CacheError: ``cache_dir`` cannot be created or the disk holding it is short.
     """
     listing = read_datalist(
         datalist,
@@ -241,6 +416,9 @@ def open_site(
         intensity=intensity or IntensityConfig(),
         on_error=on_error,
         cache=cache,
+        cache_dir=cache_dir,
+        workers=workers,
+        cache_max_bytes=cache_max_bytes,
     )
 
 

@@ -68,9 +68,19 @@ class TrainOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def open_split(cfg: RunConfig, site_dir: str | Path, split: str) -> SiteDataset:
+def open_split(
+    cfg: RunConfig, site_dir: str | Path, split: str, cache_dir: str | Path | None = None
+) -> SiteDataset:
+    """One split of a site on the run's grid; ``cache_dir`` (a folder of the site's own, e.g.
+    ``SiteRef.state_dir / "preprocess-cache"``) keeps preprocessed items across rounds."""
     grid = GridConfig(in_plane=(cfg.in_plane_size, cfg.in_plane_size), channels=cfg.in_channels)
-    return open_site(Path(site_dir) / "dataset.json", split, grid=grid, num_classes=cfg.num_classes)
+    return open_site(
+        Path(site_dir) / "dataset.json",
+        split,
+        grid=grid,
+        num_classes=cfg.num_classes,
+        cache_dir=cache_dir,
+    )
 
 
 def _checked_model(cfg: RunConfig, expected_fingerprint: str) -> nn.Module:
@@ -93,6 +103,7 @@ def train_round(
     expected_fingerprint: str,
     ledger_state: Mapping[str, Any] | None,
     site_secret: int,
+    cache_dir: str | Path | None = None,
 ) -> TrainOutcome:
     """One round of local fine-tuning at a site (DP-SGD unless ``cfg.dp`` is False).
 
@@ -100,10 +111,11 @@ def train_round(
     the Poisson sampling and the Gaussian noise: were they seeded from the run config, the
     server could regenerate a site's noise and subtract it, and two sites would add the same
     noise. Kept (not redrawn) so a site that restarts mid-run repeats its round bit for bit.
+    ``cache_dir``: the site's preprocessing cache folder (see :func:`open_split`).
     """
     model = _checked_model(cfg, expected_fingerprint)
     load_adapter_state(model, global_adapters)
-    dataset = open_split(cfg, site_dir, "training")
+    dataset = open_split(cfg, site_dir, "training", cache_dir)
     settings = cfg.training()
     device = pick_device(cfg.device)
     seed = (site_secret if cfg.dp else cfg.seed) * 1_000_003 + server_round
@@ -167,11 +179,13 @@ def evaluate_round(
     global_adapters: Mapping[str, Tensor],
     expected_fingerprint: str,
     split: str = "validation",
+    cache_dir: str | Path | None = None,
 ) -> dict[str, float]:
-    """Evaluate the global adapters on the site's held-out split."""
+    """Evaluate the global adapters on the site's held-out split (``cache_dir``: see
+    :func:`open_split`)."""
     model = _checked_model(cfg, expected_fingerprint)
     load_adapter_state(model, global_adapters)
-    dataset = open_split(cfg, site_dir, split)
+    dataset = open_split(cfg, site_dir, split, cache_dir)
     return evaluate(
         model,
         dataset,

@@ -1,0 +1,272 @@
+"""The site-local preprocessing cache: real NIfTI files on disk, the real reader counted (a
+wrapper that calls it), hits without decoding, invalidation on a changed file or setting, a
+corrupt entry rebuilt, a size bound, and nothing written outside the folder the caller gives."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import core.data.dataset as dataset_module
+from core.config import RunConfig
+from core.data import DatasetError, GridConfig, IntensityConfig, open_site
+from core.data.cache import CacheError, PreprocessCache, entries_size
+from core.federation.rounds import open_split
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GRID = GridConfig(in_plane=(32, 32))
+
+
+def write_ct(path: Path, seed: int, shape: tuple[int, int, int] = (40, 40, 6)) -> None:
+    """An int16 HU volume, 0.8 x 0.8 x 3 mm, RAS affine."""
+    data = np.random.default_rng(seed).integers(-1000, 1500, size=shape, dtype=np.int16)
+    nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.8, 3.0, 1.0])), str(path))
+
+
+def make_site(folder: Path, count: int = 4) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i in range(count):
+        write_ct(folder / f"ct{i}.nii.gz", seed=i)
+        items.append({"image": f"ct{i}.nii.gz", "label": i % 2})
+    doc = {"modality": "CT", "num_classes": 2, "training": items}
+    (folder / "dataset.json").write_text(json.dumps(doc))
+    return folder / "dataset.json"
+
+
+class CountingReader:
+    """Wraps the real ``read_image``: counts the files it decodes, by name."""
+
+    def __init__(self, real: Callable[..., Any]) -> None:
+        self.real = real
+        self.names: list[str] = []
+
+    def __call__(self, path: Path, *args: Any) -> Any:
+        self.names.append(path.name)
+        return self.real(path, *args)
+
+
+@pytest.fixture
+def reader(monkeypatch: pytest.MonkeyPatch) -> CountingReader:
+    counter = CountingReader(dataset_module.read_image)
+    monkeypatch.setattr(dataset_module, "read_image", counter)
+    return counter
+
+
+def images(site: Any) -> list[torch.Tensor]:
+    return [site[i]["image"] for i in range(len(site))]
+
+
+def test_each_file_is_decoded_once_across_open_training_and_later_opens(
+    tmp_path: Path, reader: CountingReader
+) -> None:
+    datalist = make_site(tmp_path / "site")
+    cache = tmp_path / "state" / "preprocess-cache"
+    reference = open_site(datalist, grid=GRID)  # no cache dir: the old path, decoded here
+    assert len(reader.names) == 4
+    reader.names.clear()
+
+    first = open_site(datalist, grid=GRID, cache=False, cache_dir=cache, workers=1)
+    assert sorted(reader.names) == [f"ct{i}.nii.gz" for i in range(4)]  # pixel data once
+    for got, want in zip(images(first), images(reference), strict=True):  # training reads
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(first.spacings, reference.spacings)
+    assert len(reader.names) == 4, "reading items of a cached site decoded a file again"
+
+    again = open_site(datalist, grid=GRID, cache_dir=cache, workers=1)  # a later round
+    assert len(reader.names) == 4, "a cache hit decoded the file"
+    for got, want in zip(images(again), images(reference), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert again.labels.tolist() == [0, 1, 0, 1]  # labels come from the datalist
+
+
+def test_a_changed_file_is_rebuilt_and_a_touched_one_is_not(
+    tmp_path: Path, reader: CountingReader
+) -> None:
+    datalist = make_site(tmp_path / "site")
+    cache = tmp_path / "cache"
+    before = images(open_site(datalist, grid=GRID, cache_dir=cache, workers=1))
+    reader.names.clear()
+
+    write_ct(tmp_path / "site" / "ct2.nii.gz", seed=99)  # same name, new content
+    now = os.stat(tmp_path / "site" / "ct1.nii.gz").st_mtime + 100
+    os.utime(tmp_path / "site" / "ct1.nii.gz", (now, now))  # new mtime, same bytes
+    after = images(open_site(datalist, grid=GRID, cache_dir=cache, workers=1))
+    assert reader.names == ["ct2.nii.gz"]
+    assert not torch.equal(after[2], before[2])
+    torch.testing.assert_close(after[1], before[1], rtol=0, atol=0)
+    uncached = open_site(datalist, grid=GRID)
+    torch.testing.assert_close(after[2], images(uncached)[2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"grid": GridConfig(in_plane=(48, 48))},
+        {"grid": GRID, "intensity": IntensityConfig(ct_window=(-1000.0, 1000.0))},
+    ],
+    ids=["grid", "intensity"],
+)
+def test_a_changed_setting_misses(
+    tmp_path: Path, reader: CountingReader, settings: dict[str, Any]
+) -> None:
+    datalist = make_site(tmp_path / "site", count=2)
+    cache = tmp_path / "cache"
+    open_site(datalist, grid=GRID, cache_dir=cache, workers=1)
+    reader.names.clear()
+    changed = images(open_site(datalist, cache_dir=cache, workers=1, **settings))
+    assert len(reader.names) == 2
+    torch.testing.assert_close(changed, images(open_site(datalist, **settings)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "garbage"])
+def test_a_corrupt_entry_is_rebuilt(
+    tmp_path: Path, reader: CountingReader, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    datalist = make_site(tmp_path / "site", count=2)
+    cache = tmp_path / "cache"
+    want = images(open_site(datalist, grid=GRID, cache_dir=cache, workers=1))
+    entry = sorted((cache / "entries").glob("*.pt"))[0]
+    raw = bytearray(entry.read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    elif damage == "flipped":  # inside the tensor's bytes, which sit near the end of the zip
+        raw[len(raw) - 2000] ^= 0xFF
+    else:
+        raw = bytearray(b"not a torch file")
+    entry.write_bytes(bytes(raw))
+    reader.names.clear()
+    with caplog.at_level(logging.WARNING, logger="core.data.cache"):
+        got = images(open_site(datalist, grid=GRID, cache_dir=cache, workers=1))
+    assert len(reader.names) == 1
+    assert "corrupt cache entry" in caplog.text and entry.name in caplog.text
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_file_corrupted_after_caching_is_named_at_open(
+    tmp_path: Path, reader: CountingReader
+) -> None:
+    datalist = make_site(tmp_path / "site", count=3)
+    cache = tmp_path / "cache"
+    open_site(datalist, grid=GRID, cache_dir=cache, workers=1)
+    bad = tmp_path / "site" / "ct1.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:300])  # truncated in place
+    with pytest.raises(DatasetError, match=r"ct1\.nii\.gz") as raised:
+        open_site(datalist, grid=GRID, cache_dir=cache, workers=1)
+    assert raised.value.path == bad
+    site = open_site(datalist, grid=GRID, cache_dir=cache, workers=1, on_error="skip")
+    assert [s.path for s in site.skipped] == [bad] and len(site) == 2
+
+
+def test_worker_processes_match_one_process_and_name_bad_files(tmp_path: Path) -> None:
+    datalist = make_site(tmp_path / "site", count=4)
+    (tmp_path / "site" / "ct3.nii.gz").write_bytes(b"\x1f\x8b broken")
+    serial = open_site(datalist, grid=GRID, on_error="skip")
+    pooled = open_site(datalist, grid=GRID, cache_dir=tmp_path / "c", workers=2, on_error="skip")
+    assert [s.path.name for s in pooled.skipped] == ["ct3.nii.gz"]
+    assert [s.reason for s in pooled.skipped] == [s.reason for s in serial.skipped]
+    torch.testing.assert_close(images(pooled), images(serial), rtol=0, atol=0)
+
+
+def test_nothing_is_written_outside_the_cache_folder(tmp_path: Path) -> None:
+    datalist = make_site(tmp_path / "site", count=2)
+    cache = tmp_path / "state" / "site-a" / "preprocess-cache"
+
+    def tree() -> dict[Path, tuple[int, int]]:
+        return {
+            p: (p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()
+        }
+
+    before = tree()
+    open_site(datalist, grid=GRID, cache_dir=cache, workers=1)
+    write_ct(tmp_path / "site" / "ct0.nii.gz", seed=5)
+    before[tmp_path / "site" / "ct0.nii.gz"] = tree()[tmp_path / "site" / "ct0.nii.gz"]
+    open_site(datalist, grid=GRID, cache_dir=cache, workers=1)
+    after = tree()
+    changed = {p for p in after if before.get(p) != after[p]}
+    assert changed and all(p.is_relative_to(cache) for p in changed)
+    assert all(p in after for p in before)  # nothing outside was removed
+
+
+def test_the_size_bound_evicts_old_entries_and_refuses_an_entry_too_big(tmp_path: Path) -> None:
+    datalist = make_site(tmp_path / "site", count=4)
+    cache = tmp_path / "cache"
+    one = 32 * 32 * 6 * 4 + 4096  # an entry's tensor bytes plus the allowance store() adds
+    site = open_site(datalist, grid=GRID, cache_dir=cache, workers=1, cache_max_bytes=2 * one)
+    assert len(site) == 4
+    assert 0 < entries_size(cache) <= 2 * one
+    assert len(list((cache / "entries").glob("*.pt"))) <= 2
+    with pytest.raises(CacheError, match=re.escape(str(cache / "x"))):
+        open_site(datalist, grid=GRID, cache_dir=cache / "x", workers=1, cache_max_bytes=1000)
+    with pytest.raises(ValueError, match="max_bytes"):
+        PreprocessCache(cache, {}, max_bytes=0)
+
+
+def test_a_short_disk_is_a_clear_error_naming_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk check is real (``shutil.disk_usage`` of the folder's disk); the reserve it keeps
+    free is raised beyond this disk's free space, which is what a short disk looks like."""
+    import shutil
+
+    import core.data.cache as cache_module
+
+    datalist = make_site(tmp_path / "site", count=2)
+    cache = tmp_path / "state" / "preprocess-cache"
+    monkeypatch.setattr(cache_module, "DISK_RESERVE_BYTES", shutil.disk_usage(tmp_path).free)
+    with pytest.raises(CacheError, match=re.escape(str(cache))) as raised:
+        open_site(datalist, grid=GRID, cache_dir=cache, workers=1, on_error="skip")
+    assert "the disk is short" in str(raised.value) and "Fix:" in str(raised.value)
+    assert not list((cache / "entries").glob("*.pt"))
+
+
+def test_open_split_passes_the_site_cache_dir(tmp_path: Path, reader: CountingReader) -> None:
+    make_site(tmp_path / "site", count=2)
+    cfg = RunConfig.from_flat({"in-plane-size": 32, "num-classes": 2})
+    cache = tmp_path / "state" / "preprocess-cache"
+    first = open_split(cfg, tmp_path / "site", "training", cache)
+    second = open_split(cfg, tmp_path / "site", "training", cache)
+    assert len(reader.names) == 2 and entries_size(cache) > 0
+    torch.testing.assert_close(images(first), images(second), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_real_simulation_keeps_each_sites_cache_in_its_state_folder(tmp_path: Path) -> None:
+    """Flower's real Simulation Engine, 2 sites, 2 rounds: every ClientApp process (a new one
+    per message) fills and reuses ``<state-root>/<site>/preprocess-cache`` and writes nothing
+    of it elsewhere."""
+    from simulations.run import load_scenario, run_scenario
+
+    scenario = load_scenario("default") | {"phantoms": {"preset": "many", "n-sites": 2}}
+    scenario.pop("pretrain", None)
+    state = tmp_path / "state"
+    overrides = {
+        "num-server-rounds": 2,
+        "model-size": "micro",
+        "in-plane-size": 32,
+        "batch-size": 8,
+        "min-train-nodes": 2,
+        "backbone": "",
+        "state-root": str(state),
+    }
+    out = tmp_path / "run"
+    run_scenario(
+        scenario, overrides=overrides, out_dir=out, data_cache=tmp_path / "data", quiet=True
+    )
+    sites = sorted(p.parent.name for p in (tmp_path / "data").glob("*/*/dataset.json"))
+    assert len(sites) == 2
+    for site in sites:
+        assert entries_size(state / site / "preprocess-cache") > 0
+    assert not list(out.rglob("*.pt")) and not list((tmp_path / "data").rglob("*.pt"))
