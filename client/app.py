@@ -78,7 +78,8 @@ def _global_adapters(msg: Message, cfg: RunConfig) -> dict[str, Tensor]:
     config = msg.content["config"]
     if not (cfg.he and HE_TOTAL_KEY in config):
         return msg.content["arrays"].to_torch_state_dict()
-    from core.he.ckks import CkksLayout, arrays_to_ciphertexts, decrypt_average, load_secret_context
+    from core.federation.protocol import arrays_to_ciphertexts
+    from core.he.ckks import CkksLayout, decrypt_average, load_secret_context
 
     secret = load_secret_context(cfg.he_secret_context)
     ciphertexts = arrays_to_ciphertexts({k: v.numpy() for k, v in msg.content["arrays"].items()})
@@ -89,7 +90,8 @@ def _global_adapters(msg: Message, cfg: RunConfig) -> dict[str, Tensor]:
 def _encrypted(
     adapters: dict[str, Tensor], num_examples: int, cfg: RunConfig
 ) -> tuple[ArrayRecord, str]:
-    from core.he.ckks import ciphertexts_to_arrays, encrypt_update, load_secret_context
+    from core.federation.protocol import ciphertexts_to_arrays
+    from core.he.ckks import encrypt_update, load_secret_context
 
     update = encrypt_update(adapters, num_examples, load_secret_context(cfg.he_secret_context))
     record = ArrayRecord(
@@ -196,14 +198,12 @@ def _state_dir_or_none(context: Context) -> Path | None:
         return None
 
 
-def _site_statement(
-    cfg: RunConfig, policy: SitePolicy, ledger: dict | None, metrics: dict, update: bool
-) -> str:
+def _site_statement(cfg: RunConfig, policy: SitePolicy, ledger: dict | None) -> str:
     """The reply's privacy statement (protocol.PRIVACY_LEDGER): the ledger with the site's
-    policy and what the reply releases, for the run's privacy report."""
+    policy and what its replies release, for the run's privacy report."""
     if ledger is None:
         return ""
-    released = release_manifest(cfg, sorted(metrics), update=update)
+    released = release_manifest(cfg, policy)
     return json.dumps({**ledger, "policy": policy.to_dict(), "released": released})
 
 
@@ -244,9 +244,7 @@ def train(msg: Message, context: Context) -> Message:
                     SITE_NAME: site.name,
                     SITE_STATUS: outcome.status,
                     SITE_REASON: outcome.reason,
-                    PRIVACY_LEDGER: _site_statement(
-                        cfg, policy, outcome.ledger, metrics, outcome.adapters is not None
-                    ),
+                    PRIVACY_LEDGER: _site_statement(cfg, policy, outcome.ledger),
                 }
             ),
         }

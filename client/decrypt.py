@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 
 from core.adapters.lora import load_adapter_state, save_adapters
 from core.config import RunConfig
+from core.federation.protocol import arrays_to_ciphertexts
 from core.federation.rounds import build_lora_model
-from core.he.ckks import CkksLayout, arrays_to_ciphertexts, decrypt_average, load_secret_context
+from core.he.ckks import CkksLayout, decrypt_average, load_secret_context
 
 
 def decrypt_run(run_dir: Path, secret_context: Path, out: Path) -> Path:

@@ -4,7 +4,7 @@ The coordinator writes the run config; a hospital signs off on its own minimum. 
 touches any data it checks the run config against its policy (:func:`check_run`) and refuses
 the round with the reason when the run is weaker; after planning DP it checks the calibrated
 noise (:func:`check_noise`). The policy also decides which metrics may leave the site
-(:func:`released_metrics`); everything that leaves is listed by :func:`release_manifest`,
+(:func:`released_metrics`); what leaves is listed by :func:`release_manifest`, each item
 marked covered or not by the site's epsilon guarantee, for the privacy report.
 
 Where a policy comes from (:func:`load_policy`):
@@ -37,15 +37,17 @@ from pathlib import Path
 from typing import Any
 
 from core.config import ConfigError, RunConfig
+from core.federation.protocol import EPSILON, NUM_EXAMPLES, TRAIN_LOSS
+from core.training.loops import EVAL_METRICS
 
 POLICY_FILE = "policy.toml"
 NODE_PREFIX = "policy-"
 # The averaging weight: the server cannot weight an update (or an evaluation) without it.
-WEIGHT_METRIC = "num-examples"
+WEIGHT_METRIC = NUM_EXAMPLES
 # Training metrics computed from the data outside the DP mechanism: never sent under DP.
-UNNOISED_TRAIN_METRICS = ("train-loss",)
+UNNOISED_TRAIN_METRICS = (TRAIN_LOSS,)
 # Metrics derived from the site's ledger and plan; the ledger itself travels beside them.
-LEDGER_METRICS = ("epsilon", "delta", "noise-multiplier", "sample-rate", "steps")
+LEDGER_METRICS = (EPSILON, "delta", "noise-multiplier", "sample-rate", "steps")
 
 
 class PolicyError(ConfigError):
@@ -226,36 +228,37 @@ def released_metrics(
     return {name: value for name, value in metrics.items() if name in allowed}
 
 
-def release_manifest(
-    cfg: RunConfig, metric_names: Sequence[str], *, update: bool
-) -> list[dict[str, Any]]:
-    """What a reply carries, each item marked covered (or not) by the epsilon guarantee.
+def release_manifest(cfg: RunConfig, policy: SitePolicy) -> list[dict[str, Any]]:
+    """What this site's replies carry under ``policy``, each item marked covered (or not) by
+    the epsilon guarantee: the privacy report's "what left the site".
 
     Only the DP-trained update is covered; the example count, evaluation metrics, the ledger
-    and its figures are released as they are and listed so the report can say so.
+    and its figures are released as they are.
     """
-    items: list[dict[str, Any]] = []
-    if update:
-        form = "CKKS ciphertexts" if cfg.he else "plaintext adapters"
-        items.append(
-            {
-                "item": "adapter update",
-                "covered": cfg.dp,
-                "note": f"{form}, DP-SGD" if cfg.dp else f"{form}, no DP (not covered)",
-            }
-        )
-    for name in metric_names:
-        if name in LEDGER_METRICS:
-            note = "from the ledger's public figures, not from the data directly"
-        elif name == WEIGHT_METRIC:
-            note = "example count, needed to weight the average"
-        else:
-            note = "computed on the site's data without noise"
-        items.append({"item": f"metric {name}", "covered": False, "note": note})
+    form = "CKKS ciphertexts" if cfg.he else "plaintext adapters"
+    items: list[dict[str, Any]] = [
+        {
+            "item": "adapter update",
+            "reply": "train",
+            "covered": cfg.dp,
+            "note": f"{form}, DP-SGD" if cfg.dp else f"{form}, no DP",
+        }
+    ]
+    train_names = (NUM_EXAMPLES, *LEDGER_METRICS) if cfg.dp else (TRAIN_LOSS, NUM_EXAMPLES)
+    for reply, names in (("train", train_names), ("evaluate", (*EVAL_METRICS, NUM_EXAMPLES))):
+        for name in released_metrics(cfg, policy, dict.fromkeys(names, 0.0)):
+            if name in LEDGER_METRICS:
+                note = "a figure of the ledger, which travels beside it"
+            elif name == WEIGHT_METRIC:
+                note = "example count, needed to weight the average"
+            else:
+                note = "computed on the site's data without noise"
+            items.append({"item": f"metric {name}", "reply": reply, "covered": False, "note": note})
     if cfg.dp:
         items.append(
             {
                 "item": "privacy ledger",
+                "reply": "train",
                 "covered": False,
                 "note": "settings, plan and epsilon per round; reveals the dataset size",
             }

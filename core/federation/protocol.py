@@ -11,12 +11,21 @@ server -> site (train and evaluate)
 
 site -> server (train reply)
     ``ARRAYS``  ArrayRecord: the site's update (absent when the site refused the round)
-    ``METRICS`` MetricRecord: ``NUM_EXAMPLES`` (the averaging weight) and released metrics
+    ``METRICS`` MetricRecord: ``NUM_EXAMPLES`` (the averaging weight) and the metrics the
+                site's policy lets leave (``core.federation.policy``; never ``TRAIN_LOSS``
+                under DP, only ``NUM_EXAMPLES`` by default under HE)
     ``SITE``    ConfigRecord: ``SITE_NAME``, ``SITE_STATUS``, ``SITE_REASON``,
-                ``PRIVACY_LEDGER`` (JSON) and in HE mode ``HE_LAYOUT``
+                ``PRIVACY_LEDGER`` and in HE mode ``HE_LAYOUT``. ``PRIVACY_LEDGER`` is the
+                site's privacy statement as JSON ("" without DP): its ledger
+                (``PrivacyLedger.to_dict``) plus ``"policy"`` (``SitePolicy.to_dict``) and
+                ``"released"`` (``policy.release_manifest``: what this reply carries, each
+                marked covered or not by the epsilon guarantee)
 
 site -> server (evaluate reply)
-    ``METRICS`` and ``SITE`` as above (no arrays).
+    ``METRICS`` and ``SITE`` as above (no arrays; no metrics when the site's policy refuses).
+
+A ClientApp that fails replies with a Flower error whose reason is a category and an error id
+only; the full text stays in the site's log.
 """
 
 from __future__ import annotations

@@ -193,8 +193,16 @@ def test_under_dp_the_training_loss_never_leaves_and_he_sends_only_the_weight(si
         "num-examples": 6,
         "auc": 0.7,
     }
-    manifest = release_manifest(cfg, sorted(sent), update=True)
+    manifest = release_manifest(cfg, SitePolicy())
     assert [i["item"] for i in manifest if i["covered"]] == ["adapter update"]
+    assert "metric train-loss" not in [i["item"] for i in manifest]
+    assert {"metric auc", "privacy ledger"} <= {i["item"] for i in manifest}
+    he_items = {(i["reply"], i["item"]) for i in release_manifest(he, SitePolicy())}
+    assert he_items == {
+        ("train", "adapter update"),
+        ("train", "metric num-examples"),
+        ("evaluate", "metric num-examples"),
+    }
 
 
 def test_an_update_he_cannot_carry_is_refused_before_any_budget_is_spent(site_cfg, tmp_path):
@@ -254,3 +262,48 @@ def test_a_missing_patient_file_leaves_the_site_as_an_error_id_only(site_cfg, tm
     written = [p for p in folder.root.rglob("*") if p.is_file()]
     assert written and not any(b"DOE_JOHN" in p.read_bytes() for p in written)
     assert "DOE_JOHN_1961" in (state / "xr" / "errors.log").read_text()
+
+
+def _instruction(adapters, fingerprint, server_round):
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    return Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord(adapters),
+                "config": ConfigRecord(
+                    {"server-round": server_round, "backbone-fingerprint": fingerprint}
+                ),
+            }
+        ),
+        dst_node_id=1,
+        message_type="train",
+    )
+
+
+def test_a_restarted_site_continues_its_ledger_from_its_state_folder(site_cfg, tmp_path):
+    """The real ClientApp handler, restarted between rounds (a new Context: node memory gone):
+    round 2 continues the ledger on disk; the same site with its state folder lost refuses."""
+    from client.app import train
+
+    cfg, site_dir = site_cfg
+    adapters, fingerprint = initial_adapters(cfg)
+    run_config = cfg.to_flat() | {"data-root": str(site_dir.parent)}
+    node = {"partition-id": 0, "num-partitions": 1}
+
+    def answer(server_round, state_root):
+        values = run_config | {"state-root": str(state_root)}
+        message = _instruction(adapters, fingerprint, server_round)
+        reply = train(message, Context(1, 1, node, RecordDict(), values))
+        site = reply.content["site"]
+        statement = json.loads(str(site["privacy-ledger"]) or "null")
+        return str(site["status"]), str(site["reason"]), reply.content["metrics"], statement
+
+    status, _, metrics, _ = answer(1, tmp_path / "state")
+    assert status == "trained" and "train-loss" not in metrics
+    status, _, metrics, statement = answer(2, tmp_path / "state")
+    ledger = PrivacyLedger.from_dict(statement)
+    assert status == "trained" and [r.server_round for r in ledger.records] == [1, 2]
+    assert metrics["epsilon"] == ledger.epsilon() > ledger.records[0].epsilon
+    assert statement["policy"]["source"].startswith("none") and statement["released"]
+    status, reason, _, _ = answer(2, tmp_path / "lost")
+    assert status == "refused" and "no privacy ledger" in reason
