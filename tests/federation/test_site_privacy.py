@@ -281,8 +281,10 @@ def _instruction(adapters, fingerprint, server_round):
 
 
 def test_a_restarted_site_continues_its_ledger_from_its_state_folder(site_cfg, tmp_path):
-    """The real ClientApp handler, restarted between rounds (a new Context: node memory gone):
-    round 2 continues the ledger on disk; the same site with its state folder lost refuses."""
+    """The real ClientApp handler, restarted before every round (a new Context: node memory
+    gone): round 2 continues the ledger on disk, a re-sent round 2 with the same global gets
+    the kept release bit for bit at no cost, another global under round 2 is refused, and the
+    same site with its state folder lost refuses."""
     from client.app import train
 
     cfg, site_dir = site_cfg
@@ -290,20 +292,33 @@ def test_a_restarted_site_continues_its_ledger_from_its_state_folder(site_cfg, t
     run_config = cfg.to_flat() | {"data-root": str(site_dir.parent)}
     node = {"partition-id": 0, "num-partitions": 1}
 
-    def answer(server_round, state_root):
+    def answer(server_round, state_root, global_adapters=adapters):
         values = run_config | {"state-root": str(state_root)}
-        message = _instruction(adapters, fingerprint, server_round)
+        message = _instruction(global_adapters, fingerprint, server_round)
         reply = train(message, Context(1, 1, node, RecordDict(), values))
         site = reply.content["site"]
         statement = json.loads(str(site["privacy-ledger"]) or "null")
-        return str(site["status"]), str(site["reason"]), reply.content["metrics"], statement
+        update = (
+            reply.content["arrays"].to_torch_state_dict() if "arrays" in reply.content else None
+        )
+        return str(site["status"]), str(site["reason"]), reply.content["metrics"], statement, update
 
-    status, _, metrics, _ = answer(1, tmp_path / "state")
+    status, _, metrics, _, _ = answer(1, tmp_path / "state")
     assert status == "trained" and "train-loss" not in metrics
-    status, _, metrics, statement = answer(2, tmp_path / "state")
+    status, _, metrics, statement, update = answer(2, tmp_path / "state")
     ledger = PrivacyLedger.from_dict(statement)
     assert status == "trained" and [r.server_round for r in ledger.records] == [1, 2]
     assert metrics["epsilon"] == ledger.epsilon() > ledger.records[0].epsilon
     assert statement["policy"]["source"].startswith("none") and statement["released"]
-    status, reason, _, _ = answer(2, tmp_path / "lost")
+
+    status, reason, again, statement, resent = answer(2, tmp_path / "state")
+    assert status == "trained" and "already trained" in reason and same(resent, update)
+    assert again["epsilon"] == metrics["epsilon"]
+    assert PrivacyLedger.from_dict(statement).epsilon() == ledger.epsilon()
+    other = {k: v + 0.01 for k, v in adapters.items()}
+    status, reason, _, statement, none = answer(2, tmp_path / "state", other)
+    assert status == "refused" and "replay refused" in reason and none is None
+    assert PrivacyLedger.from_dict(statement).epsilon() == ledger.epsilon()
+
+    status, reason, _, _, _ = answer(2, tmp_path / "lost")
     assert status == "refused" and "no privacy ledger" in reason
