@@ -16,14 +16,13 @@ from typing import Any
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
+from core.federation.protocol import arrays_to_ciphertexts, ciphertexts_to_arrays
 from core.he.ckks import (
     CkksContext,
     CkksError,
     CkksLayout,
     EncryptedUpdate,
     aggregate_encrypted,
-    arrays_to_ciphertexts,
-    ciphertexts_to_arrays,
     make_layout,
 )
 from server.strategy import WEIGHT_KEY, AdapterFedAvg
