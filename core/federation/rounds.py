@@ -163,7 +163,7 @@ def he_capacity_problem(
         make_layout(global_adapters, context)
     except CkksError as err:
         return f"the update cannot be packed for the CKKS context: {err}"
-    largest = max(1.0, *(float(v.abs().max()) for v in global_adapters.values() if v.numel()))
+    largest = max([1.0, *(float(v.abs().max()) for v in global_adapters.values() if v.numel())])
     weighted = num_examples * largest
     if weighted > context.max_abs_per_site:
         return (
@@ -190,12 +190,12 @@ def train_round(
 ) -> TrainOutcome:
     """One round of local fine-tuning at a site (DP-SGD unless ``cfg.dp`` is False).
 
-    In order, before any data is opened: the site's ``policy`` against the run config, then
-    (DP) the ledger: a missing ledger after round 1 is refused (the budget would restart from
-    zero), a round number already trained is refused unless it is the same global model
-    (sha256 of ``global_adapters``), which returns ``last_release`` unchanged at no privacy
-    cost. Then the dataset, the budget check, the policy's noise floor and (HE) the CKKS
-    capacity, and only then training.
+    In order: before any data is opened, the site's ``policy`` against the run config and (DP)
+    a missing ledger after round 1, refused (the budget would restart from zero). Then, with
+    the datalist open (the ledger is checked against its size), a round number already trained
+    is refused unless it is the same global model (sha256 of ``global_adapters``), which
+    returns ``last_release`` unchanged at no privacy cost; then the policy's noise floor, (HE)
+    the CKKS capacity and the budget check, and only then training.
 
     Sampling and noise under DP come from fresh OS-CSPRNG seeds for every release
     (:func:`fresh_seed`), never from anything the server sends: two releases never share noise.
