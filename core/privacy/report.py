@@ -493,7 +493,7 @@ def _policy_lines(site: SiteBudget) -> list[str]:
     if site.policy is None:
         return []
     source = site.policy.get("source", "")
-    lines = [f"Site policy (from {_cell(source)}):", "", "| Requirement | Value |", "|---|---|"]
+    lines = [f"Site policy (source: {_cell(source)}):", "", "| Requirement | Value |", "|---|---|"]
     for key, label in _POLICY_LABELS:
         value = site.policy.get(key)
         if value is None:

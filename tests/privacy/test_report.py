@@ -122,7 +122,7 @@ def test_report_shows_each_sites_policy_replays_and_what_left_it(tmp_path):
     text = render_report(tmp_path).read_text(encoding="utf-8")
     assert "| 1 | " in text and "| replay served (no new cost) |" in text
     assert "| replay refused |" in text and "- Round 1: replay refused: round 1" in text
-    assert "Site policy (from policy.toml):" in text and "| Require DP | yes |" in text
+    assert "Site policy (source: policy.toml):" in text and "| Require DP | yes |" in text
     assert "| Maximum epsilon | 8.0 |" in text
     assert "| adapter update | train | yes | CKKS ciphertexts, DP-SGD |" in text
     assert "| metric num-examples | evaluate | NO |" in text
