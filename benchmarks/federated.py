@@ -75,7 +75,7 @@ def run_federated(cfg: RunConfig, sites: list[Path]) -> list[dict[str, float]]:
                 server_round=server_round,
                 expected_fingerprint=fingerprint,
                 ledger_state=ledgers.get(site),
-                site_secret=1_000 * cfg.seed + index,  # distinct per site; reproducible
+                dp_seed=1_000 * cfg.seed + index,  # distinct per site; reproducible
             )
             ledgers[site] = outcome.ledger
             if outcome.adapters is not None:

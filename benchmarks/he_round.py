@@ -61,7 +61,7 @@ def measure(size: str, data: Path, keys: tuple[Path, Path], sites: int) -> dict[
             server_round=1,
             expected_fingerprint=fingerprint,
             ledger_state=None,
-            site_secret=0,  # a benchmark: reproducible, no adversary
+            dp_seed=0,  # a benchmark: reproducible, no adversary
         )
         assert outcome.adapters is not None
         return outcome.adapters

@@ -1,36 +1,60 @@
 """The hospital's Flower ClientApp: parse the message, call ``core.federation.rounds``, reply.
 
 A site is named by the SuperNode's ``--node-config`` in deployment (``site-name``, ``data-dir``,
-optional ``state-dir`` for the privacy ledger and the site's secret DP seed on disk) and by its
-partition id in simulation (the sorted site folders under run config ``data-root``).
+optional ``state-dir`` for the privacy ledger and the last release on disk, optional
+``policy-*`` keys) and by its partition id in simulation (the sorted site folders under run
+config ``data-root``; state in ``state-root/<site>``). The site's policy
+(``core.federation.policy``) is checked before any data is touched; only the metrics it allows
+leave (never the training loss under DP). Mods (``client.mods``) wrap both handlers: site
+errors leave as a category and an error id; encryption (``client.he_mod``) in HE mode.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
 from pathlib import Path
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
-from client.he_mod import he_mod
+from client.mods import client_mods
 from core.config import RunConfig
-from core.federation.rounds import evaluate_round, train_round
-from core.federation.sites import SiteRef, resolve_site
-from core.io import write_json_atomic
+from core.federation.policy import (
+    SitePolicy,
+    check_run,
+    load_policy,
+    release_manifest,
+    released_metrics,
+)
+from core.federation.protocol import (
+    ARRAYS,
+    BACKBONE_FINGERPRINT,
+    CONFIG,
+    METRICS,
+    PRIVACY_LEDGER,
+    REFUSED,
+    SERVER_ROUND,
+    SITE,
+    SITE_NAME,
+    SITE_REASON,
+    SITE_STATUS,
+)
+from core.federation.rounds import Release, evaluate_round, train_round
+from core.federation.sites import LEDGER_FILE, RELEASE_FILE, SiteRef, resolve_site
+from core.io import write_bytes_atomic, write_json_atomic
 
 app = ClientApp()
 log = logging.getLogger(__name__)
 LEDGER_KEY = "privacy-ledger"
-SECRET_KEY = "site-secret"
-# Fault injection for the fault-tolerance tests: "crash:SITE" makes that site's ClientApp fail
-# mid-round; "nan:SITE" makes it send a NaN update; "tamper:SITE" flips bytes of its first
-# ciphertext (HE mode, in client.he_mod). Comma-separated; unset in normal use.
-FAULT_ENV = "FEDMEDVIT_FAULT"
+RELEASE_KEY = "last-release"
 
 
 def _load_ledger(context: Context, site: SiteRef) -> dict | None:
@@ -39,7 +63,7 @@ def _load_ledger(context: Context, site: SiteRef) -> dict | None:
     if record is not None and record.get("json"):
         return json.loads(str(record["json"]))
     if site.state_dir is not None:
-        path = site.state_dir / "privacy-ledger.json"
+        path = site.state_dir / LEDGER_FILE
         if path.is_file():
             return json.loads(path.read_text())
     return None
@@ -49,28 +73,27 @@ def _save_ledger(context: Context, site: SiteRef, ledger: dict) -> None:
     context.state[LEDGER_KEY] = ConfigRecord({"json": json.dumps(ledger)})
     if site.state_dir is not None:
         site.state_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(site.state_dir / "privacy-ledger.json", ledger)
+        write_json_atomic(site.state_dir / LEDGER_FILE, ledger)
 
 
-def _site_secret(context: Context, site: SiteRef) -> int:
-    """The site's secret seed for DP sampling and noise (see
-    ``core.federation.rounds.train_round``): drawn once from the OS, kept in node memory and
-    in the state folder (mode 0600), never sent."""
-    record = context.state.config_records.get(SECRET_KEY)
+def _load_release(context: Context, site: SiteRef) -> Release | None:
+    """The site's last DP release (to re-send a round): node memory, else disk, else none."""
+    record = context.state.config_records.get(RELEASE_KEY)
     if record is not None:
-        return int(str(record["value"]))
-    path = site.state_dir / "site-secret" if site.state_dir is not None else None
-    if path is not None and path.is_file():
-        secret = int(path.read_text().strip())
-    else:
-        secret = secrets.randbits(62)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(descriptor, "w") as handle:
-                handle.write(f"{secret}\n")
-    context.state[SECRET_KEY] = ConfigRecord({"value": str(secret)})
-    return secret
+        return Release.from_bytes(bytes(record["bytes"]), source="node state")  # type: ignore[arg-type]
+    if site.state_dir is not None and (site.state_dir / RELEASE_FILE).is_file():
+        path = site.state_dir / RELEASE_FILE
+        return Release.from_bytes(path.read_bytes(), source=str(path))
+    return None
+
+
+def _save_release(context: Context, site: SiteRef, release: Release) -> None:
+    """Kept before the ledger is saved and the reply sent: a re-sent round finds it."""
+    data = release.to_bytes()
+    context.state[RELEASE_KEY] = ConfigRecord({"bytes": data})
+    if site.state_dir is not None:
+        site.state_dir.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(site.state_dir / RELEASE_FILE, data, mode=0o600)
 
 
 def _cache_dir(site: SiteRef) -> Path | None:
@@ -78,66 +101,74 @@ def _cache_dir(site: SiteRef) -> Path | None:
     return site.state_dir / "preprocess-cache" if site.state_dir is not None else None
 
 
-def _faults(site: str) -> set[str]:
-    entries = [e.split(":", 1) for e in os.environ.get(FAULT_ENV, "").split(",") if ":" in e]
-    return {kind for kind, name in entries if name == site}
+def _site_statement(cfg: RunConfig, policy: SitePolicy, ledger: dict | None) -> str:
+    """The reply's privacy statement (protocol.PRIVACY_LEDGER): the ledger with the site's
+    policy and what its replies release, for the run's privacy report."""
+    if ledger is None:
+        return ""
+    released = release_manifest(cfg, policy)
+    return json.dumps({**ledger, "policy": policy.to_dict(), "released": released})
 
 
-@app.train(mods=[he_mod])
+@app.train(mods=client_mods())
 def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
     site = resolve_site(cfg, context.node_config)
-    faults = _faults(site.name)
-    if "crash" in faults:
-        raise RuntimeError(f"fault injection: site {site.name} dies mid-round")
-    config = msg.content["config"]
+    policy = load_policy(site.data_dir, context.node_config)
+    config = msg.content[CONFIG]
     outcome = train_round(
         cfg,
         site_dir=site.data_dir,
-        global_adapters=msg.content["arrays"].to_torch_state_dict(),
-        server_round=int(config["server-round"]),
-        expected_fingerprint=str(config.get("backbone-fingerprint", "")),
+        global_adapters=msg.content[ARRAYS].to_torch_state_dict(),
+        server_round=int(config[SERVER_ROUND]),
+        expected_fingerprint=str(config.get(BACKBONE_FINGERPRINT, "")),
         ledger_state=_load_ledger(context, site),
-        site_secret=_site_secret(context, site),
+        policy=policy,
+        last_release=_load_release(context, site) if cfg.dp else None,
         cache_dir=_cache_dir(site),
     )
+    if outcome.release is not None:
+        _save_release(context, site, outcome.release)
     if outcome.ledger is not None:
         _save_ledger(context, site, outcome.ledger)
-    if "nan" in faults and outcome.adapters is not None:
-        outcome.adapters = {
-            k: torch.full_like(v, float("nan")) for k, v in outcome.adapters.items()
-        }
+    metrics = released_metrics(cfg, policy, outcome.metrics)
     content = RecordDict(
         {
-            "metrics": MetricRecord(outcome.metrics),
-            "site": ConfigRecord(
+            METRICS: MetricRecord(metrics),
+            SITE: ConfigRecord(
                 {
-                    "name": site.name,
-                    "status": outcome.status,
-                    "reason": outcome.reason,
-                    LEDGER_KEY: json.dumps(outcome.ledger) if outcome.ledger else "",
+                    SITE_NAME: site.name,
+                    SITE_STATUS: outcome.status,
+                    SITE_REASON: outcome.reason,
+                    PRIVACY_LEDGER: _site_statement(cfg, policy, outcome.ledger),
                 }
             ),
         }
     )
     if outcome.adapters is not None:  # encrypted and tagged by he_mod in HE mode
-        content["arrays"] = ArrayRecord(outcome.adapters)
+        content[ARRAYS] = ArrayRecord(outcome.adapters)
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate(mods=[he_mod])
+@app.evaluate(mods=client_mods())
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
     site = resolve_site(cfg, context.node_config)
-    config = msg.content["config"]
+    policy = load_policy(site.data_dir, context.node_config)
+    refusal = check_run(cfg, policy, None)
+    info = ConfigRecord({SITE_NAME: site.name})
+    if refusal:
+        info[SITE_STATUS], info[SITE_REASON] = REFUSED, refusal
+        return Message(content=RecordDict({SITE: info}), reply_to=msg)
+    config = msg.content[CONFIG]
     metrics = evaluate_round(
         cfg,
         site_dir=site.data_dir,
-        global_adapters=msg.content["arrays"].to_torch_state_dict(),
-        expected_fingerprint=str(config.get("backbone-fingerprint", "")),
+        global_adapters=msg.content[ARRAYS].to_torch_state_dict(),
+        expected_fingerprint=str(config.get(BACKBONE_FINGERPRINT, "")),
         cache_dir=_cache_dir(site),
     )
     content = RecordDict(
-        {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})}
+        {METRICS: MetricRecord(released_metrics(cfg, policy, metrics)), SITE: info}
     )
     return Message(content=content, reply_to=msg)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
@@ -97,23 +96,11 @@ def seal_upload(
     content[P.SITE][P.HE_TAG] = tag
 
 
-def _tamper(content: RecordDict) -> None:
-    """Fault injection (``FEDMEDVIT_FAULT=tamper:SITE``): flip the second half of the first
-    ciphertext's bytes, as a corrupting network would."""
-    record = content[P.ARRAYS]
-    first = sorted(record)[0]
-    raw = record[first].numpy().copy()
-    raw[len(raw) // 2 :] ^= np.uint8(0xFF)
-    record[first] = Array(raw)
-
-
 def he_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Decrypt and verify the global before the handler, encrypt and tag its update after."""
     cfg = RunConfig.from_flat(context.run_config)
     if not cfg.he:
         return call_next(msg, context)
-    from client.app import _faults  # the ClientApp owns fault injection; imported late
-
     site = resolve_site(cfg, context.node_config)
     secret = load_secret_context(cfg.he_secret_context)
     try:
@@ -129,6 +116,4 @@ def he_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Mess
     if msg.metadata.message_type == "train" and is_update:
         server_round = int(msg.content[P.CONFIG][P.SERVER_ROUND])
         seal_upload(reply.content, secret, site=site.name, server_round=server_round)
-        if "tamper" in _faults(site.name):
-            _tamper(reply.content)
     return reply

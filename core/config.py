@@ -65,7 +65,7 @@ class RunConfig:
     data_root: str = ""  # simulation: one sub-folder per site, each with a dataset.json
     sites: str = ""  # comma-separated site folder names; "" = every sub-folder, sorted
     in_plane_size: int = 64
-    state_root: str = ""  # simulation: sites keep their privacy ledger in state-root/<site>/
+    state_root: str = ""  # simulation: site state (ledger, last release) in state-root/<site>/
     # federation
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0

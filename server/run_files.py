@@ -75,11 +75,13 @@ class RunFolder:
         rounds = [r.to_json() for _, r in sorted(strategy.rounds.items())]
         write_metrics_json(self.root, {"rounds": rounds})
         if strategy.ledgers:
+            # A site's statement is its ledger plus the policy and release list it stated;
+            # the report shows them as sent (core.federation.protocol.PRIVACY_LEDGER).
             ledgers = {
                 name: PrivacyLedger.from_dict(data, source=f"ledger of {name}")
                 for name, data in sorted(strategy.ledgers.items())
             }
-            write_privacy_json(self.root, ledgers)
+            write_privacy_json(self.root, ledgers, disclosures=strategy.ledgers)
             render_report(self.root)
 
     def save_final_adapters(self, cfg: RunConfig, adapters: dict[str, torch.Tensor]) -> Path:

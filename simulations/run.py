@@ -115,6 +115,10 @@ def run_scenario(
     data_root = prepare_data(scenario, data_cache)
     values = dict(scenario.get("run-config", {})) | overrides
     values |= {"data-root": str(data_root.resolve()), "out-dir": str(out_dir.resolve())}
+    # Each simulated site keeps its ledger and last release in the run folder by default, so a
+    # resumed run (resume=true, same out-dir) finds them; in deployment it is the site's disk.
+    if not values.get("state-root"):
+        values["state-root"] = str((out_dir / "state").resolve())
     prepare_backbone(scenario, values, data_cache)
     if values.get("he") and not values.get("he-secret-context"):
         values |= provision_keys(out_dir / "he-keys")

@@ -14,17 +14,27 @@ server -> site (train and evaluate)
 
 site -> server (train reply)
     ``ARRAYS``  ArrayRecord: the site's update (absent when the site refused the round)
-    ``METRICS`` MetricRecord: ``NUM_EXAMPLES`` (the averaging weight) and released metrics
+    ``METRICS`` MetricRecord: ``NUM_EXAMPLES`` (the averaging weight) and the metrics the
+                site's policy lets leave (``core.federation.policy``; never ``TRAIN_LOSS``
+                under DP, only ``NUM_EXAMPLES`` by default under HE)
     ``SITE``    ConfigRecord: ``SITE_NAME``, ``SITE_STATUS``, ``SITE_REASON``,
                 ``PRIVACY_LEDGER`` (JSON, at most ``MAX_LEDGER_BYTES``) and in HE mode
-                ``HE_LAYOUT`` and ``HE_TAG`` (the upload's HMAC, see ``core.he.provenance``)
+                ``HE_LAYOUT`` and ``HE_TAG`` (the upload's HMAC, see ``core.he.provenance``).
+                ``PRIVACY_LEDGER`` is the site's privacy statement ("" without DP): its ledger
+                (``PrivacyLedger.to_dict``) plus ``"policy"`` (``SitePolicy.to_dict``) and
+                ``"released"`` (``policy.release_manifest``: what this reply carries, each
+                marked covered or not by the epsilon guarantee)
 
 site -> server (evaluate reply)
-    ``METRICS`` and ``SITE`` (``SITE_NAME`` only) as above, no arrays.
+    ``METRICS`` and ``SITE`` (``SITE_NAME`` only) as above, no arrays; no metrics when the
+    site's policy refuses.
 
 site -> server (HE verdict, instead of a train or evaluate reply)
     ``SITE`` only: ``SITE_NAME`` and ``HE_VERDICT`` (JSON: the uploads of the encrypted sum
     that failed verification, or why the sum does not decrypt).
+
+A ClientApp that fails replies with a Flower error whose reason is a category and an error id
+only; the full text stays in the site's log.
 
 The server validates every reply against exactly this: the record names and types in
 ``REPLY_RECORDS``, the keys of ``SITE`` in ``SITE_KEYS``, numbers only in ``METRICS``.

@@ -8,18 +8,25 @@ Nothing here knows about Flower; the ledger travels as a plain dict.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors
+import safetensors.torch
 import torch
 from torch import Tensor, nn
 
 from core.adapters.lora import adapter_state, add_lora, load_adapter_state
 from core.config import RunConfig
 from core.data import GridConfig, SiteDataset, open_site
+from core.federation.policy import SitePolicy, check_noise, check_run
+from core.federation.protocol import EPSILON, NUM_EXAMPLES, REFUSED, TRAIN_LOSS, TRAINED
 from core.model.checkpoint import BackboneError, backbone_state, fingerprint, load_backbone
 from core.model.vit import UniversalViT, create_vit
 from core.privacy.ledger import PrivacyLedger, plan_dp
@@ -60,12 +67,57 @@ def initial_adapters(cfg: RunConfig) -> tuple[dict[str, Tensor], str]:
 
 @dataclass
 class TrainOutcome:
+    """What a site's round produced. ``status``: "trained" (a new release, or a re-sent one:
+    ``replayed``) or "refused" (``reason`` says why; nothing derived from the data)."""
+
     status: str  # "trained" | "refused"
     reason: str
     adapters: dict[str, Tensor] | None
     metrics: dict[str, float]
     ledger: dict[str, Any] | None = None
+    release: Release | None = None  # a new DP release the site keeps for a re-sent round
+    replayed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Release:
+    """The update a DP site released for a round, kept (state folder) so that a coordinator
+    re-sending that round with the same global model gets it again at no privacy cost."""
+
+    server_round: int
+    global_digest: str
+    adapters: dict[str, Tensor]
+    metrics: dict[str, float]
+
+    def to_bytes(self) -> bytes:
+        """safetensors bytes: the adapters, with round, digest and metrics as metadata."""
+        metadata = {
+            "round": str(self.server_round),
+            "global_digest": self.global_digest,
+            "metrics": json.dumps(self.metrics),
+        }
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.adapters.items()}
+        return safetensors.torch.save(tensors, metadata=metadata)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, source: str) -> Release:
+        """Inverse of :meth:`to_bytes`; raises ValueError naming ``source`` when malformed."""
+        try:
+            # safetensors: an 8-byte little-endian header length, then the JSON header.
+            header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+            metadata = header["__metadata__"]
+            return cls(
+                server_round=int(metadata["round"]),
+                global_digest=str(metadata["global_digest"]),
+                adapters=safetensors.torch.load(data),
+                metrics={k: float(v) for k, v in json.loads(metadata["metrics"]).items()},
+            )
+        except (KeyError, ValueError, TypeError, safetensors.SafetensorError) as err:
+            raise ValueError(
+                f"{source}: not a release written by Release.to_bytes ({err}); delete it and "
+                "the site refuses re-sent rounds instead of serving them"
+            ) from err
 
 
 def open_split(
@@ -94,6 +146,46 @@ def _checked_model(cfg: RunConfig, expected_fingerprint: str) -> nn.Module:
     return model
 
 
+def fresh_seed() -> int:
+    """63 bits from the OS CSPRNG: a seed nothing outside the site can know or choose."""
+    return int.from_bytes(os.urandom(8), "big") >> 1
+
+
+def secure_noise_available() -> bool:
+    """Opacus ``secure_mode`` (noise from a CSPRNG) needs ``torchcsprng``; used when present."""
+    return importlib.util.find_spec("torchcsprng") is not None
+
+
+def he_capacity_problem(
+    cfg: RunConfig, global_adapters: Mapping[str, Tensor], num_examples: int
+) -> str:
+    """Why an update of this site could not be encrypted ("" when it can), checked before
+    training so no budget is spent on an update that cannot be sent.
+
+    The update is weighted by ``num_examples`` before encryption; with weights of magnitude
+    ``max(1, max |global|)`` that must stay within the context's per-site capacity
+    (``core.he.ckks.CkksContext.max_abs_per_site``).
+    """
+    from core.he.ckks import CkksError, load_secret_context, make_layout
+
+    context = load_secret_context(cfg.he_secret_context)
+    try:
+        make_layout(global_adapters, context)
+    except CkksError as err:
+        return f"the update cannot be packed for the CKKS context: {err}"
+    largest = max([1.0, *(float(v.abs().max()) for v in global_adapters.values() if v.numel())])
+    weighted = num_examples * largest
+    if weighted > context.max_abs_per_site:
+        return (
+            f"CKKS capacity: {num_examples} examples x |w| up to {largest:.3g} = {weighted:.4g} is "
+            f"above the {context.max_abs_per_site:.4g} one site may encrypt (max_sites="
+            f"{context.params.max_sites}, scale 2^{context.params.scale_bits}); the site does "
+            "not train (no budget spent). Provision a context with a smaller scale_bits or "
+            "max_sites, or train on a subset of the site's data"
+        )
+    return ""
+
+
 def train_round(
     cfg: RunConfig,
     *,
@@ -102,34 +194,91 @@ def train_round(
     server_round: int,
     expected_fingerprint: str,
     ledger_state: Mapping[str, Any] | None,
-    site_secret: int,
+    policy: SitePolicy | None = None,
+    last_release: Release | None = None,
+    dp_seed: int | None = None,
     cache_dir: str | Path | None = None,
 ) -> TrainOutcome:
     """One round of local fine-tuning at a site (DP-SGD unless ``cfg.dp`` is False).
 
-    ``site_secret``: a random number the site draws once and keeps to itself. Under DP it seeds
-    the Poisson sampling and the Gaussian noise: were they seeded from the run config, the
-    server could regenerate a site's noise and subtract it, and two sites would add the same
-    noise. Kept (not redrawn) so a site that restarts mid-run repeats its round bit for bit.
+    In order: before any data is opened, the site's ``policy`` against the run config and (DP)
+    a missing ledger after round 1, refused (the budget would restart from zero). Then, with
+    the datalist open (the ledger is checked against its size), a round number already trained
+    is refused unless it is the same global model (sha256 of ``global_adapters``), which
+    returns ``last_release`` unchanged at no privacy cost; then the policy's noise floor, (HE)
+    the CKKS capacity and the budget check, and only then training.
+
+    Sampling and noise under DP come from fresh OS-CSPRNG seeds for every release
+    (:func:`fresh_seed`), never from anything the server sends: two releases never share noise.
+    ``dp_seed`` fixes them for reproducible benchmarks only; the ClientApp never passes it.
+    Without DP the round is seeded from ``cfg.seed`` and ``server_round`` (reproducible runs).
     ``cache_dir``: the site's preprocessing cache folder (see :func:`open_split`).
     """
+    policy = policy or SitePolicy()
+    refusal = check_run(cfg, policy, server_round)
+    if refusal:
+        log.warning("round %d refused: %s", server_round, refusal)
+        return TrainOutcome(REFUSED, refusal, None, {NUM_EXAMPLES: 0})
+    digest = fingerprint(dict(global_adapters))
+    if cfg.dp and not ledger_state and server_round > 1:
+        reason = (
+            f"no privacy ledger found at round {server_round}: this site's ledger from earlier "
+            "rounds is missing, and starting a new one would restart its epsilon from zero. "
+            "Restore the site's state folder (privacy-ledger.json) and resend the round"
+        )
+        log.warning("round %d refused: %s", server_round, reason)
+        return TrainOutcome(REFUSED, reason, None, {NUM_EXAMPLES: 0})
+
     model = _checked_model(cfg, expected_fingerprint)
     load_adapter_state(model, global_adapters)
     dataset = open_split(cfg, site_dir, "training", cache_dir)
     settings = cfg.training()
     device = pick_device(cfg.device)
-    seed = (site_secret if cfg.dp else cfg.seed) * 1_000_003 + server_round
-    generator = torch.Generator().manual_seed(seed % 2**63)  # batch sampling
-    torch.manual_seed((seed * 7_919) % 2**63)  # DP noise (Opacus non-secure mode) and dropout
 
+    he_problem = he_capacity_problem(cfg, global_adapters, len(dataset)) if cfg.he else ""
     if not cfg.dp:
+        if he_problem:
+            log.warning("round %d refused: %s", server_round, he_problem)
+            return TrainOutcome(REFUSED, he_problem, None, {NUM_EXAMPLES: 0})
+        seed = cfg.seed * 1_000_003 + server_round
+        generator = torch.Generator().manual_seed(seed % 2**63)  # batch sampling
+        torch.manual_seed((seed * 7_919) % 2**63)  # dropout
         result = train_plain(model, dataset, settings, device=device, generator=generator, amp=True)
-        metrics = {"train-loss": result.loss, "num-examples": result.num_examples}
-        return TrainOutcome("trained", "", adapter_state(model), metrics)
+        metrics = {TRAIN_LOSS: result.loss, NUM_EXAMPLES: result.num_examples}
+        return TrainOutcome(TRAINED, "", adapter_state(model), metrics)
 
     ledger = PrivacyLedger.resume_or_start(
         ledger_state, settings=cfg.privacy(), dataset_size=len(dataset)
     )
+
+    def refuse(reason: str, *, replay: bool = False) -> TrainOutcome:
+        record = ledger.record_refusal(server_round, reason, global_digest=digest, replay=replay)
+        log.warning("round %d refused: %s", server_round, reason)
+        metrics = {NUM_EXAMPLES: 0, EPSILON: record.epsilon}
+        return TrainOutcome(REFUSED, reason, None, metrics, ledger.to_dict())
+
+    check = ledger.check_round(server_round, digest)
+    if check.verdict == "replay":
+        kept = last_release
+        if kept is None or (kept.server_round, kept.global_digest) != (server_round, digest):
+            return refuse(
+                f"{check.reason}, but the site no longer keeps that release (it keeps only its "
+                "last one); the round is refused instead of trained twice",
+                replay=True,
+            )
+        ledger.record_replay(server_round, digest, check.reason)
+        log.info("round %d: %s", server_round, check.reason)
+        return TrainOutcome(
+            TRAINED,
+            check.reason,
+            dict(kept.adapters),
+            dict(kept.metrics),
+            ledger.to_dict(),
+            replayed=True,
+        )
+    if check.verdict == "refuse":
+        return refuse(check.reason, replay=True)
+
     if ledger.plan is None:
         ledger.adopt_plan(
             plan_dp(
@@ -142,34 +291,44 @@ def train_round(
         )
     plan = ledger.plan
     assert plan is not None
+    problem = check_noise(policy, plan.noise_multiplier)
+    if problem:
+        return refuse(problem)
+    if he_problem:
+        return refuse(he_problem)
     decision = ledger.check_budget(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
     if not decision.allowed:
-        ledger.record_refusal(server_round, decision.reason)
-        log.warning("round %d refused: %s", server_round, decision.reason)
-        metrics = {"num-examples": 0, "epsilon": decision.current_epsilon}
-        return TrainOutcome("refused", decision.reason, None, metrics, ledger.to_dict())
+        return refuse(decision.reason)
 
     step_plan = DPStepPlan(
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
         sample_rate=plan.sample_rate,
         steps=plan.steps_per_round,
+        secure_mode=secure_noise_available(),
     )
+    sampling_seed, noise_seed = (
+        (fresh_seed(), fresh_seed()) if dp_seed is None else (dp_seed, dp_seed * 7_919)
+    )
+    generator = torch.Generator().manual_seed(sampling_seed % 2**63)  # Poisson sampling
+    torch.manual_seed(noise_seed % 2**63)  # DP noise (Opacus non-secure mode) and dropout
     result = train_dp(model, dataset, settings, step_plan, device=device, generator=generator)
     # train_dp takes exactly plan.steps_per_round steps: what the budget check projected.
     record = ledger.record_round(
-        server_round, plan.noise_multiplier, plan.sample_rate, result.steps
+        server_round, plan.noise_multiplier, plan.sample_rate, result.steps, global_digest=digest
     )
+    # No training loss: computed on the data outside the DP mechanism, it is not covered.
     metrics = {
-        "train-loss": result.loss,
-        "num-examples": result.num_examples,
-        "epsilon": record.epsilon,
+        NUM_EXAMPLES: result.num_examples,
+        EPSILON: record.epsilon,
         "delta": cfg.target_delta,
         "noise-multiplier": plan.noise_multiplier,
         "sample-rate": plan.sample_rate,
         "steps": result.steps,
     }
-    return TrainOutcome("trained", "", adapter_state(model), metrics, ledger.to_dict())
+    adapters = adapter_state(model)
+    release = Release(server_round, digest, adapters, metrics)
+    return TrainOutcome(TRAINED, "", adapters, metrics, ledger.to_dict(), release=release)
 
 
 def evaluate_round(

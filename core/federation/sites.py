@@ -1,4 +1,11 @@
-"""Which site a node is: from the SuperNode's node config, or its simulation partition id."""
+"""Which site a node is: from the SuperNode's node config, or its simulation partition id.
+
+A site's state folder (node config ``state-dir``, or ``state-root/<site>`` in simulation) holds
+what must survive a restart and never leaves the site: the privacy ledger
+(:data:`LEDGER_FILE`), the last DP release (:data:`RELEASE_FILE`, re-sent if the coordinator
+repeats that round with the same global model) and the full text of errors (:data:`ERROR_LOG`,
+replies carry only an error id).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,9 @@ from typing import Any
 from core.config import ConfigError, RunConfig
 
 DATALIST = "dataset.json"
+LEDGER_FILE = "privacy-ledger.json"
+RELEASE_FILE = "last-release.safetensors"
+ERROR_LOG = "errors.log"
 
 
 @dataclass(frozen=True)

@@ -187,6 +187,12 @@ class RoundRecord:
     A refused round took no steps, so its noise and sample rate are ``None``. A round whose
     steps mixed several ``(noise, rate)`` pairs is summarised by the weakest (smallest noise,
     largest rate); the ledger history keeps the exact segments either way.
+
+    ``global_digest`` is the sha256 (``core.model.checkpoint.fingerprint``) of the global
+    adapters the round trained from, or was asked to train from. ``replay`` marks a round
+    number the site had already trained: re-sent with the same global model it is served from
+    the kept release at no privacy cost (``refused`` False, 0 steps), with another model it is
+    refused.
     """
 
     server_round: int
@@ -196,6 +202,26 @@ class RoundRecord:
     sample_rate: float | None
     refused: bool = False
     reason: str = ""
+    global_digest: str = ""
+    replay: bool = False
+
+    @property
+    def trained(self) -> bool:
+        """True when this record charged DP-SGD steps (not a refusal, not a served replay)."""
+        return not self.refused and not self.replay
+
+
+@dataclass(frozen=True)
+class RoundCheck:
+    """What a site does with a server round, decided from its ledger before any training.
+
+    ``verdict``: ``"train"`` (a round number the ledger has not trained), ``"replay"`` (the
+    same round and global model as a trained round: re-send that release, no new cost) or
+    ``"refuse"`` (a trained round number with another global model, or an earlier round).
+    """
+
+    verdict: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -386,13 +412,20 @@ def _record_to_dict(record: RoundRecord) -> dict[str, Any]:
         "sample_rate": record.sample_rate,
         "refused": record.refused,
         "reason": record.reason,
+        "global_digest": record.global_digest,
+        "replay": record.replay,
     }
 
 
 def _record_from_dict(data: Mapping[str, Any], where: str) -> RoundRecord:
     refused = _field(data, "refused", where)
-    if not isinstance(refused, bool):
-        raise LedgerFormatError(f"{where}.refused: expected true or false, got {refused!r}")
+    replay = data.get("replay", False)
+    for key, flag in (("refused", refused), ("replay", replay)):
+        if not isinstance(flag, bool):
+            raise LedgerFormatError(f"{where}.{key}: expected true or false, got {flag!r}")
+    digest = data.get("global_digest", "")
+    if not isinstance(digest, str):
+        raise LedgerFormatError(f"{where}.global_digest: expected a string, got {digest!r}")
     return RoundRecord(
         server_round=_int_field(data, "round", where),
         epsilon=_float_field(data, "epsilon", where),
@@ -401,6 +434,8 @@ def _record_from_dict(data: Mapping[str, Any], where: str) -> RoundRecord:
         sample_rate=_optional_float_field(data, "sample_rate", where),
         refused=refused,
         reason=_str_field(data, "reason", where),
+        global_digest=digest,
+        replay=replay,
     )
 
 
@@ -531,9 +566,16 @@ class PrivacyLedger:
     # -- recording -----------------------------------------------------------------------------
 
     def record_round(
-        self, server_round: int, noise_multiplier: float, sample_rate: float, steps: int
+        self,
+        server_round: int,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        *,
+        global_digest: str = "",
     ) -> RoundRecord:
-        """Charge a round that trained ``steps`` DP-SGD steps with these parameters."""
+        """Charge a round that trained ``steps`` DP-SGD steps with these parameters, from the
+        global adapters whose sha256 is ``global_digest``."""
         _check_count(server_round, "server_round")
         noise, rate, count = self._checked_step(noise_multiplier, sample_rate, steps)
         self._history = _compose(self._history, noise, rate, count)
@@ -543,12 +585,16 @@ class PrivacyLedger:
             steps=count,
             noise_multiplier=noise,
             sample_rate=rate,
+            global_digest=global_digest,
         )
         self._records.append(record)
         return record
 
-    def record_refusal(self, server_round: int, reason: str) -> RoundRecord:
-        """Note a round the site refused to train; its budget is unchanged."""
+    def record_refusal(
+        self, server_round: int, reason: str, *, global_digest: str = "", replay: bool = False
+    ) -> RoundRecord:
+        """Note a round the site refused to train (``replay``: a re-sent round number it
+        refused); its budget is unchanged."""
         _check_count(server_round, "server_round")
         record = RoundRecord(
             server_round=server_round,
@@ -558,9 +604,74 @@ class PrivacyLedger:
             sample_rate=None,
             refused=True,
             reason=str(reason),
+            global_digest=global_digest,
+            replay=replay,
         )
         self._records.append(record)
         return record
+
+    def record_replay(self, server_round: int, global_digest: str, reason: str) -> RoundRecord:
+        """Note a re-sent round served from the kept release: no steps, epsilon unchanged."""
+        _check_count(server_round, "server_round")
+        record = RoundRecord(
+            server_round=server_round,
+            epsilon=self.epsilon(),
+            steps=0,
+            noise_multiplier=None,
+            sample_rate=None,
+            reason=str(reason),
+            global_digest=global_digest,
+            replay=True,
+        )
+        self._records.append(record)
+        return record
+
+    # -- replays -------------------------------------------------------------------------------
+
+    def trained_record(self, server_round: int) -> RoundRecord | None:
+        """The record of ``server_round`` if the site trained that round, else None."""
+        for record in self._records:
+            if record.trained and record.server_round == server_round:
+                return record
+        return None
+
+    @property
+    def last_trained_round(self) -> int:
+        """The highest server round this ledger trained (0 before the first)."""
+        return max((r.server_round for r in self._records if r.trained), default=0)
+
+    def check_round(self, server_round: int, global_digest: str) -> RoundCheck:
+        """Decide before training whether ``server_round`` is new, a replay, or refused.
+
+        Server rounds must increase: training twice under one round number would give the
+        coordinator two releases it could compare, and the number it chooses must not make
+        the site spend budget on a round it already answered.
+        """
+        _check_count(server_round, "server_round")
+        done = self.trained_record(server_round)
+        if done is not None and done.global_digest == global_digest:
+            return RoundCheck(
+                "replay",
+                f"round {server_round} was already trained from this global model (sha256 "
+                f"{global_digest[:12]}...); the site re-sends the update it released then, at "
+                "no new privacy cost",
+            )
+        if done is not None:
+            return RoundCheck(
+                "refuse",
+                f"replay refused: round {server_round} was already trained from global model "
+                f"{done.global_digest[:12]}..., and the coordinator now sends another model "
+                f"({global_digest[:12]}...) under the same round number; a site trains each "
+                "round number once. Continue the federation with the next round number",
+            )
+        last = self.last_trained_round
+        if server_round < last:
+            return RoundCheck(
+                "refuse",
+                f"replay refused: round {server_round} is earlier than round {last}, which this "
+                "site already trained; server rounds must increase",
+            )
+        return RoundCheck("train", "")
 
     # -- Opacus accountant bridge ----------------------------------------------------------------
 

@@ -9,7 +9,8 @@ the path of ``report.md``. Re-running it re-renders from the JSON files alone.
 ``privacy.json`` (written by :func:`write_privacy_json` from the sites' ledgers)::
 
     {"format": "fedmedvit.privacy-report", "version": 1,
-     "sites": {"site-a": {<PrivacyLedger.to_dict()>, "epsilon_spent": 2.99, "total_steps": 24}}}
+     "sites": {"site-a": {<PrivacyLedger.to_dict()>, "epsilon_spent": 2.99, "total_steps": 24,
+                          "policy": {...}, "released": [...]}}}
 
   where a ledger's dict is::
 
@@ -21,10 +22,17 @@ the path of ``report.md``. Re-running it re-renders from the JSON files alone.
               "planned_rounds": 3} | null,
      "history": [[noise_multiplier, sample_rate, steps], ...],          # Opacus accountant
      "rounds": [{"round": 1, "epsilon": 1.82, "steps": 8, "noise_multiplier": 2.19,
-                 "sample_rate": 0.25, "refused": false, "reason": ""}, ...]}
+                 "sample_rate": 0.25, "refused": false, "reason": "",
+                 "global_digest": "<sha256 of the global adapters>", "replay": false}, ...]}
 
   ``epsilon`` of a round is cumulative (everything spent up to and including that round) at the
-  site's target delta; a refused round has ``steps`` 0, null noise and rate, and a reason.
+  site's target delta; a refused round has ``steps`` 0, null noise and rate, and a reason. A
+  ``replay`` record is a round number the site had already trained: served again from the kept
+  release (not refused, no cost) or refused (another global model under that number).
+  ``policy`` (optional) is the site's own policy (``core.federation.policy.SitePolicy``) and
+  ``released`` (optional) what its replies carry, each item
+  ``{"item", "reply", "covered", "note"}`` with ``covered`` true only for what the epsilon
+  guarantee covers.
   ``epsilon_spent`` and ``total_steps`` are conveniences for other readers; the report uses
   the rounds.
 
@@ -87,6 +95,8 @@ class SiteBudget:
     plan: DPPlan | None
     total_steps: int
     rounds: tuple[RoundRecord, ...]
+    policy: Mapping[str, Any] | None = None
+    released: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def epsilon_spent(self) -> float:
@@ -95,6 +105,15 @@ class SiteBudget:
     @property
     def refused_rounds(self) -> tuple[RoundRecord, ...]:
         return tuple(record for record in self.rounds if record.refused)
+
+    @property
+    def trained_rounds(self) -> tuple[RoundRecord, ...]:
+        return tuple(record for record in self.rounds if record.trained)
+
+    @property
+    def replays(self) -> tuple[RoundRecord, ...]:
+        """Re-sent round numbers, served from the kept release or refused."""
+        return tuple(record for record in self.rounds if record.replay)
 
 
 @dataclass(frozen=True)
@@ -110,26 +129,36 @@ class RoundMetrics:
 # -- writing the inputs ----------------------------------------------------------------------
 
 
-def build_privacy_summary(ledgers: Mapping[str, PrivacyLedger]) -> dict[str, Any]:
-    """The ``privacy.json`` document for a run, from each site's ledger."""
+def build_privacy_summary(
+    ledgers: Mapping[str, PrivacyLedger],
+    disclosures: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The ``privacy.json`` document for a run, from each site's ledger and, when given, the
+    ``policy`` and ``released`` a site's reply stated (passed through as they came)."""
     sites: dict[str, Any] = {}
     for name, ledger in ledgers.items():
         if not isinstance(name, str) or not name:
             raise ReportInputError(f"site names must be non-empty strings, got {name!r}")
         records = ledger.records
+        stated = (disclosures or {}).get(name, {})
         sites[name] = {
             **ledger.to_dict(),
             "epsilon_spent": records[-1].epsilon if records else 0.0,
             "total_steps": ledger.total_steps,
+            **{key: stated[key] for key in ("policy", "released") if key in stated},
         }
     return {"format": REPORT_FORMAT, "version": REPORT_VERSION, "sites": sites}
 
 
 def write_privacy_json(
-    run_dir: str | os.PathLike[str], ledgers: Mapping[str, PrivacyLedger]
+    run_dir: str | os.PathLike[str],
+    ledgers: Mapping[str, PrivacyLedger],
+    disclosures: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Atomically write ``RUN_DIR/privacy.json`` from the sites' ledgers."""
-    return write_json_atomic(Path(run_dir) / PRIVACY_FILE, build_privacy_summary(ledgers))
+    """Atomically write ``RUN_DIR/privacy.json`` from the sites' ledgers (and statements)."""
+    document = build_privacy_summary(ledgers, disclosures)
+    parse_privacy(document, source=PRIVACY_FILE)
+    return write_json_atomic(Path(run_dir) / PRIVACY_FILE, document)
 
 
 def write_metrics_json(run_dir: str | os.PathLike[str], metrics: Mapping[str, Any]) -> Path:
@@ -213,6 +242,18 @@ def parse_privacy(data: Any, *, source: str = PRIVACY_FILE) -> tuple[SiteBudget,
             ledger = PrivacyLedger.from_dict(entry, source=f"sites.{name}")
         except LedgerFormatError as err:
             raise ReportInputError(f"{source}: {err}") from err
+        where = f"{source}: sites.{name}"
+        policy = entry.get("policy")
+        if policy is not None and not isinstance(policy, Mapping):
+            raise ReportInputError(f"{where}.policy: expected an object, got {policy!r}")
+        released = entry.get("released", [])
+        if not isinstance(released, list) or not all(
+            isinstance(item, Mapping) and isinstance(item.get("item"), str) for item in released
+        ):
+            raise ReportInputError(
+                f"{where}.released: expected a list of {{'item': ..., 'covered': ...}} objects, "
+                f"got {released!r}"
+            )
         budgets.append(
             SiteBudget(
                 name=str(name),
@@ -221,6 +262,8 @@ def parse_privacy(data: Any, *, source: str = PRIVACY_FILE) -> tuple[SiteBudget,
                 plan=ledger.plan,
                 total_steps=ledger.total_steps,
                 rounds=ledger.records,
+                policy=policy,
+                released=tuple(released),
             )
         )
     return tuple(budgets)
@@ -298,8 +341,14 @@ def _site_status(site: SiteBudget) -> str:
     if site.epsilon_spent > site.settings.target_epsilon:
         return "OVER BUDGET"
     if site.refused_rounds:
-        return f"stopped: refused {len(site.refused_rounds)} round(s) to stay within budget"
+        return f"within budget; refused {len(site.refused_rounds)} round(s), reasons below"
     return "within budget"
+
+
+def _round_status(record: RoundRecord) -> str:
+    if record.replay:
+        return "replay refused" if record.refused else "replay served (no new cost)"
+    return "refused" if record.refused else "trained"
 
 
 DPO_EXPLANATION = """\
@@ -324,22 +373,35 @@ This section is for a hospital's data-protection officer.
   rate"), limits every image's influence to the clipping norm and adds Gaussian noise of that
   many times the clipping norm. Each site chooses its noise once, at the start, so that its
   target is reached after the planned number of rounds and not before.
-- **Refused** means the site computed, *before* training, the epsilon it would reach after
-  that round; it was above the site's target, so the site did not train and sent nothing
-  derived from its data. The federation carried on with the other sites.
+- **Refused** means the site did not train that round and sent nothing derived from its
+  data, for the reason listed: the epsilon it would reach was above its target (checked
+  *before* training), the run config broke the site's own policy, its update could not be
+  encrypted, or the round was a replay (below). The federation carried on with the others.
+- **Replays.** A site trains each round number once, from the global model whose digest its
+  ledger records. If the coordinator re-sends that round with the same model (e.g. after a
+  crash), the site re-sends the update it already released: no new privacy cost. Another
+  model under a trained round number is refused, so the coordinator can never obtain two
+  releases it could compare.
 
-Assumptions behind the guarantee:
+Who decides: each site. Its policy (shown per site below: require DP or HE, maximum epsilon,
+minimum noise, maximum rounds, which metrics may leave) is checked against the coordinator's
+run config before the site touches any data, and a weaker run is refused. Sampling and noise
+are drawn fresh from the operating system's cryptographic random source for every release,
+never from anything the coordinator sends.
+
+What the guarantee covers, and what it does not:
 
 - **Sample-level privacy.** The guarantee protects each training image. A patient with k
   images in the data set is protected at roughly k times the epsilon shown (group privacy).
-- **Honest-but-curious server.** The coordinator follows the protocol but may inspect what it
-  receives. The guarantee covers everything derived from the training data that leaves a
-  site, so it also holds against the server and against the other sites.
+- **The coordinator and the other sites** may be curious or careless: the guarantee covers
+  every DP-trained update a site sent, whatever the coordinator sends or repeats.
 - **Trusted local code.** Each site runs the training code as written (clipping, noise,
   random sampling, accounting) on its own machines; the guarantee is about what leaves the
   site, not about access to the site's systems.
-- Evaluation results a site reports (accuracy, AUC, loss on its own data) and the number of
-  training images are not covered by the epsilon above.
+- **Not covered:** everything else a site sends, listed per site under "What left this site"
+  (the example count, evaluation metrics its policy allows, the ledger's figures, which reveal
+  the dataset size). Training loss is never sent under DP. Error replies carry only a category
+  and an error id; the full text stays in the site's log.
 """
 
 
@@ -363,7 +425,7 @@ def render_markdown(
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for site in sites:
-        trained = sum(1 for record in site.rounds if not record.refused)
+        trained = len(site.trained_rounds)
         lines.append(
             f"| {_cell(site.name)} | {format_epsilon(site.epsilon_spent)} "
             f"| {format_epsilon(site.settings.target_epsilon)} "
@@ -397,7 +459,7 @@ def _site_section(site: SiteBudget) -> list[str]:
         "|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for record in site.rounds:
-        status = "refused" if record.refused else "trained"
+        status = _round_status(record)
         lines.append(
             f"| {record.server_round} | {format_epsilon(record.epsilon)} "
             f"| {format_epsilon(settings.target_epsilon)} | {format_delta(settings.target_delta)} "
@@ -410,6 +472,57 @@ def _site_section(site: SiteBudget) -> list[str]:
             f"- Round {record.server_round}: {_cell(record.reason)}"
             for record in site.refused_rounds
         ]
+    served = [record for record in site.replays if not record.refused]
+    if served:
+        lines += ["", "Re-sent rounds served from the kept release (no new privacy cost):", ""]
+        lines += [f"- Round {record.server_round}: {_cell(record.reason)}" for record in served]
+    return [*lines, "", *_policy_lines(site), *_released_lines(site)]
+
+
+_POLICY_LABELS = (
+    ("require_dp", "Require DP"),
+    ("require_he", "Require HE"),
+    ("max_epsilon", "Maximum epsilon"),
+    ("min_noise_multiplier", "Minimum noise multiplier"),
+    ("max_rounds", "Maximum rounds"),
+    ("allowed_metrics", "Metrics allowed to leave"),
+)
+
+
+def _policy_lines(site: SiteBudget) -> list[str]:
+    if site.policy is None:
+        return []
+    source = site.policy.get("source", "")
+    lines = [f"Site policy (source: {_cell(source)}):", "", "| Requirement | Value |", "|---|---|"]
+    for key, label in _POLICY_LABELS:
+        value = site.policy.get(key)
+        if value is None:
+            text = "default for the run's mode" if key == "allowed_metrics" else "none"
+        elif isinstance(value, bool):
+            text = "yes" if value else "no"
+        elif isinstance(value, list):
+            text = ", ".join(str(item) for item in value) or "none"
+        else:
+            text = str(value)
+        lines.append(f"| {label} | {_cell(text)} |")
+    return [*lines, ""]
+
+
+def _released_lines(site: SiteBudget) -> list[str]:
+    if not site.released:
+        return []
+    lines = [
+        "What left this site (its policy decides the metrics):",
+        "",
+        "| Item | Reply | Covered by epsilon | Note |",
+        "|---|---|---|---|",
+    ]
+    for item in site.released:
+        covered = "yes" if item.get("covered") else "NO"
+        lines.append(
+            f"| {_cell(item['item'])} | {_cell(item.get('reply', ''))} | {covered} "
+            f"| {_cell(item.get('note', ''))} |"
+        )
     return [*lines, ""]
 
 

@@ -70,6 +70,7 @@ class DPStepPlan:
     max_grad_norm: float
     sample_rate: float
     steps: int
+    secure_mode: bool = False  # Opacus secure_mode: noise from torchcsprng (must be installed)
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,8 @@ def train_dp(
         max_grad_norm=plan.max_grad_norm,
         expected_batch_size=max(1, round(plan.sample_rate * len(dataset))),
         loss_reduction="mean",
-        generator=None,  # Opacus's default RNG; pass secure_mode in deployment via opacus itself
+        generator=None,  # torch's global RNG, seeded per release by the caller
+        secure_mode=plan.secure_mode,
     )
     criterion = loss_function(settings.multi_label)
     sampler = PoissonDABatchSampler(

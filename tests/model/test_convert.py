@@ -613,7 +613,7 @@ def test_a_site_fine_tunes_an_imported_pumit_backbone_under_dp(tmp_path):
         server_round=1,
         expected_fingerprint=digest,
         ledger_state=None,
-        site_secret=7,
+        dp_seed=7,
     )
     assert outcome.status == "trained" and outcome.adapters is not None
     assert "blocks.0.mlp.fc1_g.lora_B.weight" in outcome.adapters

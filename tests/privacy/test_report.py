@@ -97,9 +97,40 @@ def test_report_tables_carry_the_exact_epsilons(run_dir, ledgers):
             in text
         )
     assert "## Site site\\|b" in text  # a pipe in a site name cannot break the table
-    assert "Epsilon is cumulative" in text and "honest-but-curious" in text.lower()
+    assert "Epsilon is cumulative" in text and "Who decides: each site" in text
+    assert "**Not covered:**" in text
     assert "| Round | AUC | Accuracy | Loss |" in text
     assert "| 3 | 0.6000 | 0.8000 | — |" in text  # global AUC, accuracy, loss per round
+
+
+def test_report_shows_each_sites_policy_replays_and_what_left_it(tmp_path):
+    """Policy and release list as a site stated them, and a served and a refused replay."""
+    from core.config import RunConfig
+    from core.federation.policy import SitePolicy, release_manifest
+
+    ledger = PrivacyLedger(
+        DPSettings(target_epsilon=8.0, target_delta=1e-5, max_grad_norm=1.0), dataset_size=500
+    )
+    ledger.record_round(1, NOISE, RATE, STEPS, global_digest="a" * 64)
+    ledger.record_replay(1, "a" * 64, "re-sent after a crash")
+    ledger.record_refusal(1, ledger.check_round(1, "b" * 64).reason, replay=True)
+    policy = SitePolicy(require_dp=True, max_epsilon=8.0, source="policy.toml")
+    cfg = RunConfig.from_flat({"he": True, "he-secret-context": "s", "he-public-context": "p"})
+    stated = {"site-a": {"policy": policy.to_dict(), "released": release_manifest(cfg, policy)}}
+    write_privacy_json(tmp_path, {"site-a": ledger}, disclosures=stated)
+    write_metrics_json(tmp_path, {"rounds": [{"round": 1}]})
+    text = render_report(tmp_path).read_text(encoding="utf-8")
+    assert "| 1 | " in text and "| replay served (no new cost) |" in text
+    assert "| replay refused |" in text and "- Round 1: replay refused: round 1" in text
+    assert "Site policy (source: policy.toml):" in text and "| Require DP | yes |" in text
+    assert "| Maximum epsilon | 8.0 |" in text
+    assert "| adapter update | train | yes | CKKS ciphertexts, DP-SGD |" in text
+    assert "| metric num-examples | evaluate | NO |" in text
+    assert "metric auc" not in text  # HE default: evaluation metrics stay at the site
+    summary = next(line for line in text.splitlines() if line.startswith("| site-a |"))
+    assert "| 1 | 1 |" in summary  # one round trained, one refused (the replay)
+    site = load_privacy(tmp_path / PRIVACY_FILE)[0]
+    assert site.policy["source"] == "policy.toml" and len(site.replays) == 2
 
 
 def test_plot_is_a_png_image(run_dir):
