@@ -222,9 +222,10 @@ def test_an_update_he_cannot_carry_is_refused_before_any_budget_is_spent(site_cf
 
 
 def test_a_missing_patient_file_leaves_the_site_as_an_error_id_only(site_cfg, tmp_path):
-    """A real ClientApp handler, a real Flower message, the real strategy and run folder: the
-    patient-named file appears in the site's own error log and in no file the server writes."""
-    from client.app import train
+    """The real ClientApp (with its mods), a real Flower message, the real strategy and run
+    folder: the patient-named file appears in the site's own error log and in no file the
+    server writes."""
+    from client.app import app
     from core.federation.rounds import initial_adapters as initial
     from server.run_files import RunFolder
     from server.strategy import AdapterFedAvg
@@ -251,7 +252,7 @@ def test_a_missing_patient_file_leaves_the_site_as_an_error_id_only(site_cfg, tm
         message_type="train",
     )
     context = Context(1, 1, {"partition-id": 0, "num-partitions": 1}, RecordDict(), run_config)
-    answer = train(instruction, context)
+    answer = app(instruction, context)
     assert answer.has_error() and "error id" in answer.error.reason
     assert "DOE_JOHN" not in answer.error.reason and str(data_root) not in answer.error.reason
 
