@@ -1,7 +1,9 @@
 """Phantom hospitals: simulated sites written to disk as real NIfTI and PNG files.
 
-Each site is a folder with ``images/`` and a Decathlon-style ``dataset.json`` (training,
-validation and test splits) that :func:`core.data.open_site` reads like any real site. The task
+Each site is a folder with ``images/``, ``masks/`` (each case's lesion mask, same geometry and
+format as its image, empty for lesion-free cases; the item's ``"mask"`` field) and a
+Decathlon-style ``dataset.json`` (training, validation and test splits) that
+:func:`core.data.open_site` reads like any real site. The task
 is binary, *lesion present* (label 1) or not (label 0), on region-of-interest crops:
 
 * ``ct3d``: CT in HU (int16 NIfTI): air -1000, subcutaneous fat, muscle, an organ with
@@ -250,8 +252,11 @@ def _point_in_ellipsoid(
             return [float(m + shrink * r * v) for m, r, v in zip(centre, radii, u, strict=True)]
 
 
-def _render_3d(site: PhantomSite, rng: np.random.Generator, lesion: bool) -> np.ndarray:
-    """(D, H, W) canonical (S, R, A) volume in the site's units: HU for CT, a.u. for MR."""
+def _render_3d(
+    site: PhantomSite, rng: np.random.Generator, lesion: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(D, H, W) canonical (S, R, A) volume in the site's units (HU for CT, a.u. for MR) and
+    the lesion mask on the same grid (uint8, 1 where at least half a voxel is lesion)."""
     s_d, s_h, s_w = site.spacing
     height, width = site.size
     # Thick slices integrate the anatomy over their thickness: render sub-slices, average.
@@ -321,11 +326,18 @@ def _render_3d(site: PhantomSite, rng: np.random.Generator, lesion: bool) -> np.
         real = value + sigma * _white(rng, value.shape)
         imag = sigma * _white(rng, value.shape)
         value = np.sqrt(real**2 + imag**2) * site.gain  # magnitude image: Rician noise
-    return value.reshape(site.slices, sub, height, width).mean(axis=1)
+    volume = value.reshape(site.slices, sub, height, width).mean(axis=1)
+    lesion_voxels = np.broadcast_to(lesion_map, value.shape).reshape(
+        site.slices, sub, height, width
+    )
+    return volume, (lesion_voxels.mean(axis=1) >= 0.5).astype(np.uint8)
 
 
-def _render_2d(site: PhantomSite, rng: np.random.Generator, lesion: bool) -> np.ndarray:
-    """(H, W) X-ray-like projection of a lung region, intensity in [0, 1] (bright = dense)."""
+def _render_2d(
+    site: PhantomSite, rng: np.random.Generator, lesion: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) X-ray-like projection of a lung region, intensity in [0, 1] (bright = dense), and
+    the nodule mask (uint8, 1 inside the nodule's half-maximum)."""
     height, width = site.size
     _, s_h, s_w = site.spacing
     x = (np.arange(height, dtype=np.float32) + 0.5 - height / 2)[
@@ -355,17 +367,19 @@ def _render_2d(site: PhantomSite, rng: np.random.Generator, lesion: bool) -> np.
     for _ in range(int(rng.integers(0, 3))):
         c = _point_in_ellipsoid(rng, lung_c, lung_r, 0.8)
         attenuation = attenuation + 0.15 * _inside((x, y), c, (1.6, 1.6), 0.2)
+    mask = np.zeros((height, width), dtype=np.uint8)
     if lesion:
         c = _point_in_ellipsoid(rng, lung_c, lung_r, 0.7)
         radius = float(rng.uniform(*site.lesion_radius_mm))
         contrast = float(rng.uniform(*site.lesion_contrast)) * 0.16
         nodule = _inside((x, y), c, (radius, radius), 0.25)
         attenuation = attenuation + contrast * nodule
+        mask = (nodule >= 0.5).astype(np.uint8)
     attenuation = attenuation + 0.05 * _smooth_noise(rng, (height, width), 5)
     signal = 1.0 - np.exp(-attenuation)  # detector response: dense is bright
     signal = signal + 0.02 * site.noise * _white(rng, signal.shape)
     low, high = 1.0 - math.exp(-0.3), 1.0 - math.exp(-2.2)
-    return np.clip((signal - low) / (high - low), 0.0, 1.0) ** (1.0 / site.gain)
+    return np.clip((signal - low) / (high - low), 0.0, 1.0) ** (1.0 / site.gain), mask
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -424,22 +438,27 @@ def _splits(labels: np.ndarray, rng: np.random.Generator) -> dict[str, list[int]
 def _write_site(site: PhantomSite, index: int, root: Path, seed: int, alpha: float | None) -> Path:
     folder = root / site.name
     (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
     labels = _labels(site, np.random.default_rng([seed, index, 1]), alpha)
     entries: list[dict[str, object]] = []
     for case, label in enumerate(labels.tolist()):
         rng = np.random.default_rng([seed, index, 2, case])
         if site.kind == "xr2d":
-            pixels = _render_2d(site, rng, bool(label))
+            pixels, mask = _render_2d(site, rng, bool(label))
             top = 255 if site.bit_depth == 8 else 4095  # 16-bit PNG holding a 12-bit detector
             dtype = np.uint8 if site.bit_depth == 8 else np.uint16
-            name = f"images/case_{case:04d}.png"
+            name, mask_name = f"images/case_{case:04d}.png", f"masks/case_{case:04d}.png"
             Image.fromarray(np.rint(pixels * top).astype(dtype)).save(folder / name)
-            entries.append({"image": name, "label": label, "spacing": list(site.spacing[1:])})
+            Image.fromarray(mask).save(folder / mask_name)
+            spacing = list(site.spacing[1:])
+            entries.append({"image": name, "label": label, "spacing": spacing, "mask": mask_name})
         else:
-            volume = _render_3d(site, rng, bool(label))
-            name = f"images/case_{case:04d}.nii" + (".gz" if site.compress else "")
+            volume, mask = _render_3d(site, rng, bool(label))
+            suffix = ".nii" + (".gz" if site.compress else "")
+            name, mask_name = f"images/case_{case:04d}{suffix}", f"masks/case_{case:04d}{suffix}"
             nib.save(_nifti(site, volume), folder / name)
-            entries.append({"image": name, "label": label})
+            nib.save(_nifti(site, mask.astype(np.float32)), folder / mask_name)
+            entries.append({"image": name, "label": label, "mask": mask_name})
     splits = _splits(labels, np.random.default_rng([seed, index, 3]))
     document: dict[str, object] = {
         "name": site.name,

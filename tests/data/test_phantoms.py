@@ -46,11 +46,12 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
     generate_hospitals(tmp_path / "b", SMALL, seed=3)
     generate_hospitals(tmp_path / "c", SMALL, seed=4)
     first = digest(tmp_path / "a")
-    assert len(first) == 3 * 13 + 1  # 12 images + dataset.json per site, hospitals.json
+    # 12 images, 12 masks and dataset.json per site, hospitals.json
+    assert len(first) == 3 * 25 + 1
     assert first == digest(tmp_path / "b")
     other = digest(tmp_path / "c")
     assert other.keys() == first.keys()
-    assert sum(first[k] != other[k] for k in first) > 30
+    assert sum(first[k] != other[k] for k in first if "/images/" in k) > 30
 
 
 def test_default_preset_sites_differ_like_real_ones(default_hospitals: list[Path]) -> None:
@@ -168,3 +169,39 @@ def test_bad_presets() -> None:
         preset("default", n_sites=7)
     with pytest.raises(ValueError, match="alpha"):
         HospitalSpec(SMALL.sites, alpha=0.0)
+
+
+def test_lesion_masks_mark_the_lesion_in_the_image_geometry(tmp_path):
+    """Each case has a mask with its image's geometry; lesion-free cases have empty masks, and
+    inside a lesion's mask the image is darker (CT, hypodense) or brighter (MR, X-ray) than in
+    a ring around it: the mask is where the generator put the lesion."""
+    import nibabel as nib
+    from PIL import Image
+    from scipy import ndimage
+
+    paths = generate_hospitals(tmp_path, "default", seed=5)
+    for path in paths:
+        document = json.loads(path.read_text())
+        kind = document["phantom"]["kind"]
+        contrasts = []
+        for entry in document["training"]:
+            image_path, mask_path = path.parent / entry["image"], path.parent / entry["mask"]
+            if kind == "xr2d":
+                image = np.asarray(Image.open(image_path), dtype=np.float64)
+                mask = np.asarray(Image.open(mask_path)) > 0
+            else:
+                image_nii, mask_nii = nib.load(image_path), nib.load(mask_path)
+                assert np.allclose(image_nii.affine, mask_nii.affine)
+                image = np.asarray(image_nii.dataobj, dtype=np.float64)
+                mask = np.asarray(mask_nii.dataobj) > 0
+            assert mask.shape == image.shape
+            if entry["label"] == 0:
+                assert not mask.any()
+                continue
+            if not mask.any():  # a small lesion averaged away in a thick slice
+                continue
+            ring = ndimage.binary_dilation(mask, iterations=3) & ~mask
+            contrasts.append(image[mask].mean() - image[ring].mean())
+        assert contrasts, f"{path.parent.name}: no lesion mask at all"
+        sign = -1 if kind == "ct3d" else 1
+        assert sum(sign * c > 0 for c in contrasts) >= 0.8 * len(contrasts), (kind, contrasts)
