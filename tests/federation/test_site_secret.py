@@ -46,7 +46,7 @@ def test_dp_noise_follows_the_site_secret_not_the_run_config(site_cfg):
     again = one_round(cfg, site_dir, secret=11)
     other = one_round(cfg, site_dir, secret=12)
     assert all(torch.equal(first[k], again[k]) for k in first)  # a restarted site repeats
-    assert not torch.equal(first["head.weight"], other["head.weight"])  # the secret decides
+    assert not torch.equal(first["head.fc.weight"], other["head.fc.weight"])  # the secret decides
 
 
 def test_the_secret_is_drawn_once_kept_private_and_survives_a_restart(tmp_path):
