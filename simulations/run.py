@@ -8,10 +8,10 @@
 A scenario (``simulations/scenarios/NAME.toml``) names phantom hospitals to generate, an
 optional ``[pretrain]`` backbone (steps of masked image modelling on unlabeled phantoms), and run
 config values; ``--set key=value`` overrides any run-config key. The runner generates the
-hospitals (cached by preset and seed) unless ``--data DIR`` (or ``--set data-root=DIR``) points
-at your own sites, one sub-folder with a dataset.json per site, starts its own local SuperLink, runs ``flwr run`` with
-one simulated SuperNode per hospital, prints progress per round, checks that the run really
-completed, and prints the run folder and the privacy report.
+hospitals (cached by preset and seed) unless ``--data DIR`` (or ``--set data-root=DIR``)
+points at your own sites (one sub-folder with a dataset.json per site), starts its own local
+SuperLink, runs ``flwr run`` with one simulated SuperNode per hospital, prints progress per
+round, checks that the run really completed, and prints the run folder and the privacy report.
 """
 
 from __future__ import annotations
