@@ -2,14 +2,16 @@
 
     python -m simulations.run default
     python -m simulations.run strict-privacy --set num-server-rounds=5 --set target-epsilon=2
+    python -m simulations.run default --data /my/sites   # your own site folders
     python -m simulations.run --list
 
 A scenario (``simulations/scenarios/NAME.toml``) names phantom hospitals to generate, an
 optional ``[pretrain]`` backbone (steps of masked image modelling on unlabeled phantoms), and run
 config values; ``--set key=value`` overrides any run-config key. The runner generates the
-hospitals (cached by preset and seed), starts its own local SuperLink, runs ``flwr run`` with
-one simulated SuperNode per hospital, prints progress per round, checks that the run really
-completed, and prints the run folder and the privacy report.
+hospitals (cached by preset and seed) unless ``--data DIR`` (or ``--set data-root=DIR``)
+points at your own sites (one sub-folder with a dataset.json per site), starts its own local
+SuperLink, runs ``flwr run`` with one simulated SuperNode per hospital, prints progress per
+round, checks that the run really completed, and prints the run folder and the privacy report.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from core.config import RunConfig
+from core.config import ConfigError, RunConfig
 from core.data.phantoms import generate_hospitals
+from core.federation.sites import list_sites
 from core.pretrain import demo_backbone
 from simulations.flower_cli import RunFailed, flwr_run, local_superlink
 
@@ -77,6 +80,20 @@ def prepare_data(scenario: dict[str, Any], cache: Path) -> Path:
     return root
 
 
+def resolve_data_root(scenario: dict[str, Any], overrides: dict[str, Any], cache: Path) -> Path:
+    """The sites to run on: the user's own folder when ``data-root`` is given (one sub-folder
+    per site with a dataset.json; checked here), else the scenario's phantom hospitals.
+
+    Raises ConfigError naming the folder when it holds no site.
+    """
+    given = str(overrides.get("data-root", ""))
+    if not given:
+        return prepare_data(scenario, cache)
+    root = Path(given).expanduser().resolve()
+    list_sites(RunConfig.from_flat({"data-root": str(root), "sites": overrides.get("sites", "")}))
+    return root
+
+
 def prepare_backbone(scenario: dict[str, Any], values: dict[str, Any], cache: Path) -> None:
     """A scenario with a ``[pretrain]`` table starts from the demo backbone: the model size
     pretrained (once, then cached) on the unlabeled phantom archive. An explicit ``backbone``
@@ -112,7 +129,7 @@ def run_scenario(
     data_cache: Path,
     quiet: bool = False,
 ) -> Path:
-    data_root = prepare_data(scenario, data_cache)
+    data_root = resolve_data_root(scenario, overrides, data_cache)
     values = dict(scenario.get("run-config", {})) | overrides
     values |= {"data-root": str(data_root.resolve()), "out-dir": str(out_dir.resolve())}
     # Each simulated site keeps its ledger and last release in the run folder by default, so a
@@ -189,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("scenario", nargs="?", default="default")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, help="run folder (default runs/<scenario>-<time>)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="your own sites (one folder per site with a dataset.json) instead of phantoms; "
+        "the same as --set data-root=DIR",
+    )
     parser.add_argument("--data-cache", type=Path, default=ROOT / "phantom_data")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = parser.parse_args(argv)
@@ -198,10 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     scenario = load_scenario(args.scenario)
     out = args.out or ROOT / "runs" / f"{scenario['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    overrides = parse_set(args.set)
+    if args.data is not None:
+        overrides["data-root"] = str(args.data)
     try:
-        run_scenario(
-            scenario, overrides=parse_set(args.set), out_dir=out, data_cache=args.data_cache
-        )
+        run_scenario(scenario, overrides=overrides, out_dir=out, data_cache=args.data_cache)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except RunFailed as err:
         print(f"FAILED: {err}", file=sys.stderr)
         return 1

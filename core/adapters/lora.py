@@ -10,7 +10,7 @@ Two aggregation modes:
 
 The wire format is a flat ``{key: float32 tensor}`` of the LoRA tensors that travel (B only in
 FFA) plus the task head, with keys relative to the model (``blocks.0.attn.q_proj.lora_B.weight``,
-``head.weight``): no peft, Opacus (``_module.``) or ``torch.compile`` prefixes.
+``head.fc.weight``): no peft, Opacus (``_module.``) or ``torch.compile`` prefixes.
 """
 
 from __future__ import annotations

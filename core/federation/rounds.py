@@ -30,7 +30,17 @@ from core.federation.protocol import EPSILON, NUM_EXAMPLES, REFUSED, TRAIN_LOSS,
 from core.model.checkpoint import BackboneError, backbone_state, fingerprint, load_backbone
 from core.model.vit import UniversalViT, create_vit
 from core.privacy.ledger import PrivacyLedger, plan_dp
-from core.training.loops import DPStepPlan, evaluate, pick_device, train_dp, train_plain
+from core.training.loops import (
+    DPStepPlan,
+    binary_scores,
+    calibrate_threshold,
+    metrics_from_logits,
+    pick_device,
+    predict,
+    rates_at_threshold,
+    train_dp,
+    train_plain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +59,7 @@ def build_backbone(cfg: RunConfig) -> tuple[UniversalViT, str]:
         else:
             model = create_vit(cfg.model_size, in_channels=cfg.in_channels)
             digest = fingerprint(backbone_state(model))
-        model.reset_head(cfg.num_classes)
+        model.reset_head(cfg.num_classes, pool=cfg.head_pool, head_norm=cfg.head_norm)
     return model, digest
 
 
@@ -338,17 +348,41 @@ def evaluate_round(
     global_adapters: Mapping[str, Tensor],
     expected_fingerprint: str,
     split: str = "validation",
+    calibration_split: str = "validation",
     cache_dir: str | Path | None = None,
 ) -> dict[str, float]:
-    """Evaluate the global adapters on the site's held-out split (``cache_dir``: see
-    :func:`open_split`)."""
+    """Evaluate the global adapters on the site's held-out ``split``.
+
+    For a binary single-label task the site picks its own decision threshold on
+    ``calibration_split`` (the one maximising balanced accuracy there; sites differ in
+    prevalence, so one shared head bias cannot serve them all) and reports balanced accuracy,
+    sensitivity and specificity at that threshold. The threshold itself stays at the site:
+    only these rates are returned. Other tasks report the argmax / 0.5 rates of ``evaluate``.
+    """
     model = _checked_model(cfg, expected_fingerprint)
     load_adapter_state(model, global_adapters)
-    dataset = open_split(cfg, site_dir, split, cache_dir)
-    return evaluate(
+    device = pick_device(cfg.device)
+    logits, labels = predict(
         model,
-        dataset,
+        open_split(cfg, site_dir, split, cache_dir),
         batch_size=cfg.max_physical_batch,
-        device=pick_device(cfg.device),
-        multi_label=cfg.multi_label,
+        device=device,
     )
+    metrics = metrics_from_logits(logits, labels, multi_label=cfg.multi_label)
+    if cfg.multi_label or cfg.num_classes != 2:
+        return metrics
+    if calibration_split == split:
+        calibration = (logits, labels)
+    else:
+        calibration = predict(
+            model,
+            open_split(cfg, site_dir, calibration_split, cache_dir),
+            batch_size=cfg.max_physical_batch,
+            device=device,
+        )
+    try:
+        threshold = calibrate_threshold(binary_scores(calibration[0]), calibration[1])
+    except ValueError as err:  # one class only in the calibration split: keep argmax rates
+        log.warning("site %s: no calibrated threshold (%s)", Path(site_dir).name, err)
+        return metrics
+    return metrics | rates_at_threshold(binary_scores(logits), labels, threshold)

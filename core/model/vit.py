@@ -25,6 +25,9 @@ from torch import Tensor, nn
 
 from core.model.sac import SACConv3d, SpatialState, batch_degree_of_anisotropy
 
+POOLS = ("mean", "mean-max", "contrast", "cls")
+_WIDE_POOLS = ("mean-max", "contrast")  # pools that return 2E features
+
 
 @dataclass(frozen=True)
 class ViTConfig:
@@ -45,13 +48,21 @@ class ViTConfig:
     mlp: str = "gelu"  # "gelu": fc1-GELU-fc2; "swiglu": fc2(SiLU(fc1_g x) * fc1_x x)
     mlp_norm: bool = False  # sub-LN: a LayerNorm on the hidden features before fc2
     norm_eps: float = 1e-6  # every LayerNorm (timm 1e-6, PUMIT 1e-5)
-    # What the head reads: "mean" of the patch tokens (as MAE/BEiT fine-tune; a local lesion
-    # moves the mean, and MIM pretraining trains patch tokens, never the CLS token) or "cls".
+    # What the head reads: "mean" of the patch tokens (as MAE/BEiT fine-tune; MIM pretraining
+    # trains patch tokens, never the CLS token), "mean-max" (the mean and the per-channel max
+    # of the patch tokens, concatenated: a small lesion moves the max far more than the mean),
+    # "contrast" (per channel, how far the highest and the lowest patch token stand out from
+    # the case's own token mean, in units of its token std: a lesion is an outlier patch, and
+    # a site's offset or scale cancels) or "cls".
     pool: str = "mean"
+    # Standardise the pooled features (a LayerNorm without affine parameters) before the linear
+    # head: the final LayerNorm leaves pooled features that differ between cases by a few
+    # hundredths on a common offset, which a linear head trained by (noisy) SGD barely resolves.
+    head_norm: bool = False
 
     def __post_init__(self) -> None:
-        if self.pool not in ("mean", "cls"):
-            raise ValueError(f"pool must be 'mean' or 'cls', got {self.pool!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         if self.mlp not in ("gelu", "swiglu"):
             raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
         if self.rope_style not in ("universal", "pumit"):
@@ -290,6 +301,27 @@ class PatchEmbed(nn.Module):
         return tokens
 
 
+class ClassifierHead(nn.Module):
+    """Linear classifier on pooled features, optionally standardised first.
+
+    The standardisation is a LayerNorm without parameters (per example, over the features):
+    it has nothing to train, so Opacus needs no per-sample gradient for it, and unlike
+    BatchNorm it mixes no examples, which DP-SGD forbids. (N, F) -> (N, num_classes).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, *, norm: bool) -> None:
+        super().__init__()
+        self.norm: nn.Module = (
+            nn.LayerNorm(in_features, elementwise_affine=False) if norm else nn.Identity()
+        )
+        self.fc = nn.Linear(in_features, num_classes)
+        nn.init.trunc_normal_(self.fc.weight, std=0.02)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.fc(self.norm(pooled))
+
+
 class UniversalViT(nn.Module):
     """Universal ViT with a classification head on the pooled tokens (``config.pool``).
 
@@ -322,12 +354,19 @@ class UniversalViT(nn.Module):
     def _make_head(self, num_classes: int) -> nn.Module:
         if not num_classes:
             return nn.Identity()
-        head = nn.Linear(self.config.embed_dim, num_classes)
-        nn.init.trunc_normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
-        return head
+        width = self.config.embed_dim * (2 if self.config.pool in _WIDE_POOLS else 1)
+        return ClassifierHead(width, num_classes, norm=self.config.head_norm)
 
-    def reset_head(self, num_classes: int) -> None:
+    def reset_head(
+        self, num_classes: int, *, pool: str | None = None, head_norm: bool | None = None
+    ) -> None:
+        """A fresh head for ``num_classes``, optionally reading another pooling (``pool``)
+        or with(out) standardised features (``head_norm``); the backbone is untouched."""
+        self.config = dataclasses.replace(
+            self.config,
+            pool=self.config.pool if pool is None else pool,
+            head_norm=self.config.head_norm if head_norm is None else head_norm,
+        )
         self.num_classes = num_classes
         self.head = self._make_head(num_classes)
 
@@ -372,10 +411,25 @@ class UniversalViT(nn.Module):
             tokens = block(tokens, rope)
         return self.norm(tokens)
 
+    def pool(self, features: Tensor) -> Tensor:
+        """(N, 1 + T, E) -> (N, E), or (N, 2E) for "mean-max" (mean, then max) and "contrast"
+        ((max - mean) / std, then (mean - min) / std, over the patch tokens per channel)."""
+        if self.config.pool == "cls":
+            return features[:, 0]
+        patches = features[:, 1:]  # (N, T, E)
+        mean = patches.mean(dim=1)
+        if self.config.pool == "mean":
+            return mean
+        if self.config.pool == "mean-max":
+            return torch.cat([mean, patches.amax(dim=1)], dim=1)
+        std = (patches.var(dim=1, unbiased=False) + self.config.norm_eps).sqrt()  # (N, E)
+        high = (patches.amax(dim=1) - mean) / std
+        low = (mean - patches.amin(dim=1)) / std
+        return torch.cat([high, low], dim=1)
+
     def forward_head(self, features: Tensor) -> Tensor:
-        """(N, 1 + T, E) -> (N, num_classes) from the mean patch token or the CLS token."""
-        pooled = features[:, 1:].mean(dim=1) if self.config.pool == "mean" else features[:, 0]
-        return self.head(pooled)  # pooled: (N, E)
+        """(N, 1 + T, E) -> (N, num_classes) from the pooled tokens (``config.pool``)."""
+        return self.head(self.pool(features))
 
     def forward(self, x: Tensor, spacing: Tensor | Sequence[float]) -> Tensor:
         return self.forward_head(self.forward_features(x, spacing))

@@ -209,6 +209,21 @@ def train_dp(
 
 
 @torch.no_grad()
+def predict(
+    model: nn.Module, dataset: SiteData, *, batch_size: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Logits (N, K) float32 and labels ((N,) or (N, K)) of every item, on the CPU, in the
+    order of a non-shuffled DA-bucketed pass (the same pairing for both)."""
+    model.to(device).eval()
+    logits_all, labels_all = [], []
+    for indices in DABatchSampler(dataset.das, batch_size=batch_size, shuffle=False):
+        batch = _batch(dataset, indices, device)
+        logits_all.append(model(batch["image"], batch["spacing"]).float().cpu())
+        labels_all.append(batch["label"].cpu())
+    return torch.cat(logits_all), torch.cat(labels_all)
+
+
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     dataset: SiteData,
@@ -223,21 +238,17 @@ def evaluate(
     multi-label) does not reward predicting the majority class, which plain accuracy does on a
     site with 70% negatives.
     """
+    logits, labels = predict(model, dataset, batch_size=batch_size, device=device)
+    return metrics_from_logits(logits, labels, multi_label=multi_label)
+
+
+def metrics_from_logits(logits: Tensor, labels: Tensor, *, multi_label: bool) -> dict[str, float]:
+    """The metrics of :func:`evaluate` from logits (N, K) and labels ((N,) or (N, K))."""
     from monai.metrics import compute_roc_auc
 
-    model.to(device).eval()
     criterion = loss_function(multi_label)
-    logits_all, labels_all, loss_sum = [], [], 0.0
-    sampler = DABatchSampler(dataset.das, batch_size=batch_size, shuffle=False)
-    for indices in sampler:
-        batch = _batch(dataset, indices, device)
-        logits = model(batch["image"], batch["spacing"]).float()
-        loss_sum += float(criterion(logits, batch["label"])) * len(indices)
-        logits_all.append(logits.cpu())
-        labels_all.append(batch["label"].cpu())
-    logits = torch.cat(logits_all)
-    labels = torch.cat(labels_all)
     n = len(labels)
+    loss = float(criterion(logits, labels)) if n else float("nan")
     if multi_label:
         probs = torch.sigmoid(logits)
         accuracy = float(((probs > 0.5).float() == labels).float().mean())
@@ -255,12 +266,65 @@ def evaluate(
         else float("nan")
     )
     return {
-        "loss": loss_sum / max(n, 1),
+        "loss": loss,
         "accuracy": accuracy,
         "balanced-accuracy": balanced,
         "auc": auc,
         "num-examples": n,
     }
+
+
+def binary_scores(logits: Tensor) -> Tensor:
+    """The positive-class score of a binary classifier: logit(1) - logit(0) for (N, 2) logits
+    (monotone in softmax p(1)), the logit itself for (N, 1). -> (N,) float64."""
+    if logits.dim() != 2 or logits.shape[1] not in (1, 2):
+        raise ValueError(f"binary scores need (N, 1) or (N, 2) logits, got {tuple(logits.shape)}")
+    scores = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
+    return scores.double()
+
+
+def rates_at_threshold(scores: Tensor, labels: Tensor, threshold: float) -> dict[str, float]:
+    """Sensitivity, specificity and balanced accuracy of "positive when score >= threshold".
+
+    scores (N,), labels (N,) in {0, 1}. A rate whose class is absent is NaN, and so is the
+    balanced accuracy then.
+    """
+    positive = labels.bool()
+    decided = scores >= threshold
+    sensitivity = float(decided[positive].double().mean()) if positive.any() else float("nan")
+    specificity = float((~decided[~positive]).double().mean()) if (~positive).any() else math.nan
+    return {
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "balanced-accuracy": (sensitivity + specificity) / 2,
+    }
+
+
+def calibrate_threshold(scores: Tensor, labels: Tensor) -> float:
+    """The decision threshold on ``scores`` (N,) that maximises balanced accuracy (Youden's J)
+    on these labels (N,) in {0, 1}: a site picks it on its own validation split.
+
+    Candidates are the midpoints between consecutive distinct scores (and one below/above
+    all); among tied candidates the middle one is taken. Raises ValueError when the
+    labels do not hold both classes (no threshold is identifiable then).
+    """
+    positive = labels.bool()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(
+            f"threshold calibration needs both classes, got {n_pos} positive and {n_neg} "
+            "negative examples; use a validation split that holds both"
+        )
+    values = torch.unique(scores.double())  # sorted ascending
+    candidates = torch.cat(
+        [values[:1] - 1.0, (values[1:] + values[:-1]) / 2, values[-1:] + 1.0]
+    )  # (U + 1,)
+    decided = scores.double()[None, :] >= candidates[:, None]  # (U + 1, N)
+    tpr = decided[:, positive].double().mean(dim=1)
+    tnr = (~decided[:, ~positive]).double().mean(dim=1)
+    balanced = (tpr + tnr) / 2
+    best = torch.nonzero(balanced >= balanced.max() - 1e-12).flatten()
+    return float(candidates[best[len(best) // 2]])
 
 
 def balanced_accuracy(probs: Tensor, labels: Tensor, *, multi_label: bool) -> float:
@@ -282,7 +346,8 @@ def balanced_accuracy(probs: Tensor, labels: Tensor, *, multi_label: bool) -> fl
 
 
 # The evaluation metrics sites report and the server averages (weighted by examples).
-EVAL_METRICS = ("loss", "accuracy", "balanced-accuracy", "auc")
+# Binary sites report balanced accuracy, sensitivity and specificity at their own threshold.
+EVAL_METRICS = ("loss", "accuracy", "balanced-accuracy", "auc", "sensitivity", "specificity")
 
 
 def mean_metrics(per_site: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:

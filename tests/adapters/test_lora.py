@@ -76,7 +76,7 @@ def test_wire_format_keys_and_shapes_are_pinned():
     expected_ffa = {
         k.replace(".q.", ".q_proj.").replace(".v.", ".v_proj."): v for k, v in expected_ffa.items()
     }
-    expected_ffa |= {"head.weight": (2, 96), "head.bias": (2,)}
+    expected_ffa |= {"head.fc.weight": (2, 96), "head.fc.bias": (2,)}
     assert {k: tuple(v.shape) for k, v in ffa.items()} == expected_ffa
     expected_a = {k.replace("lora_B", "lora_A"): (4, 96) for k in expected_ffa if "lora_B" in k}
     assert {k: tuple(v.shape) for k, v in vanilla.items()} == expected_ffa | expected_a
@@ -102,10 +102,10 @@ def test_loading_is_strict():
     model = lora_model("ffa")
     state = adapter_state(model)
     with pytest.raises(AdapterStateError, match="missing"):
-        load_adapter_state(model, {k: v for k, v in state.items() if k != "head.bias"})
+        load_adapter_state(model, {k: v for k, v in state.items() if k != "head.fc.bias"})
     with pytest.raises(AdapterStateError, match="unexpected"):
         load_adapter_state(model, state | {"blocks.0.attn.k_proj.lora_B.weight": torch.zeros(1)})
-    key = "head.weight"
+    key = "head.fc.weight"
     with pytest.raises(AdapterStateError, match="shape"):
         load_adapter_state(model, state | {key: torch.zeros(3, 96)})
     with pytest.raises(AdapterStateError, match="NaN"):

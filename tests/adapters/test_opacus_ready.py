@@ -12,6 +12,8 @@ from core.model.vit import create_vit
 ARCHITECTURES = {
     "vit-qv": ({}, "qv"),
     "swiglu-attn-mlp": ({"mlp": "swiglu", "mlp_norm": True, "rope_style": "pumit"}, "attn-mlp"),
+    # the fine-tuning recipe's head: mean+max pooling, standardised (parameter-free LayerNorm)
+    "mean-max-norm-attn-mlp": ({"pool": "mean-max", "head_norm": True}, "attn-mlp"),
 }
 
 

@@ -23,7 +23,7 @@ INPUTS = {
 
 @pytest.mark.parametrize("kind", sorted(INPUTS))
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("pool", ["mean", "cls"])
+@pytest.mark.parametrize("pool", ["mean", "cls", "contrast"])
 def test_maps_have_the_input_grid_and_are_scaled_to_one(kind, method, pool):
     shape, spacing = INPUTS[kind]
     torch.manual_seed(0)
@@ -80,9 +80,9 @@ def _one_token_model(*, routed: bool) -> UniversalViT:
             block.attn.k_proj.weight[1, 0] = 10.0  # only a token with signal has a key
             block.attn.v_proj.weight[2, 0] = 1.0  # its value lands in channel 2
             block.attn.out_proj.weight.copy_(torch.eye(8))
-            model.head.weight[1, 2] = 1.0
+            model.head.fc.weight[1, 2] = 1.0
         else:
-            model.head.weight[1, 0] = 1.0
+            model.head.fc.weight[1, 0] = 1.0
     return model
 
 

@@ -64,7 +64,7 @@ def test_every_release_draws_fresh_noise_the_server_cannot_choose(site_cfg):
     first = one_round(cfg, site_dir)
     second = one_round(cfg, site_dir)
     assert first.status == second.status == "trained"
-    assert not torch.equal(first.adapters["head.weight"], second.adapters["head.weight"])
+    assert not torch.equal(first.adapters["head.fc.weight"], second.adapters["head.fc.weight"])
 
 
 def test_a_trained_round_number_is_refused_with_another_global_and_replayed_with_the_same(
