@@ -595,23 +595,19 @@ class PrivacyLedger:
     ) -> RoundRecord:
         """Note a round the site refused to train (``replay``: a re-sent round number it
         refused); its budget is unchanged."""
-        _check_count(server_round, "server_round")
-        record = RoundRecord(
-            server_round=server_round,
-            epsilon=self.epsilon(),
-            steps=0,
-            noise_multiplier=None,
-            sample_rate=None,
-            refused=True,
-            reason=str(reason),
-            global_digest=global_digest,
-            replay=replay,
+        return self._record_without_steps(
+            server_round, reason, global_digest=global_digest, replay=replay, refused=True
         )
-        self._records.append(record)
-        return record
 
     def record_replay(self, server_round: int, global_digest: str, reason: str) -> RoundRecord:
         """Note a re-sent round served from the kept release: no steps, epsilon unchanged."""
+        return self._record_without_steps(
+            server_round, reason, global_digest=global_digest, replay=True, refused=False
+        )
+
+    def _record_without_steps(
+        self, server_round: int, reason: str, *, global_digest: str, replay: bool, refused: bool
+    ) -> RoundRecord:
         _check_count(server_round, "server_round")
         record = RoundRecord(
             server_round=server_round,
@@ -619,9 +615,10 @@ class PrivacyLedger:
             steps=0,
             noise_multiplier=None,
             sample_rate=None,
+            refused=refused,
             reason=str(reason),
             global_digest=global_digest,
-            replay=True,
+            replay=replay,
         )
         self._records.append(record)
         return record
