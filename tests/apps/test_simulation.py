@@ -107,11 +107,9 @@ def test_sites_refuse_a_round_past_their_budget_and_the_server_carries_on(tmp_pa
 def test_encrypted_run_matches_the_plaintext_run_without_dp_noise(tmp_path, data_cache):
     """Same seed, no DP noise: the HE run ends with the plaintext run's adapters (CKKS error
     ~1e-11 relative), and a site can decrypt the server's encrypted result."""
-    from peft import PeftModel
-
     from client.decrypt import decrypt_run
-    from core.adapters.lora import adapter_state
-    from core.federation.rounds import build_backbone
+    from core.adapters.lora import adapter_state, load_adapter_folder
+    from core.federation.rounds import build_lora_model
 
     sgd = {"dp": False, "optimizer": "sgd", "learning-rate": 0.05}  # linear in the gradients
     plain = run(tmp_path / "plain", data_cache, **sgd)
@@ -127,11 +125,11 @@ def test_encrypted_run_matches_the_plaintext_run_without_dp_noise(tmp_path, data
         encrypted, encrypted / "he-keys" / "site_secret.ctx", tmp_path / "d"
     )
     cfg = RunConfig.from_flat(json.loads((plain / "config.json").read_text()))
-    backbone, _ = build_backbone(cfg)
-    he_model = PeftModel.from_pretrained(backbone, str(decrypted_dir))
+    he_model, _ = build_lora_model(cfg)
+    load_adapter_folder(he_model, decrypted_dir)  # peft's folder, loaded strictly
     he_state = adapter_state(he_model)
     plain_state = load_file(str(plain / "checkpoints" / "round-002.safetensors"))
-    assert set(plain_state) <= set(he_state)  # peft's files also hold the frozen A
+    assert set(plain_state) == set(he_state)  # the wire format: FFA ships no A
     for key, value in plain_state.items():
         torch.testing.assert_close(he_state[key], value, rtol=1e-4, atol=1e-6)
 
