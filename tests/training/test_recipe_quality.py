@@ -6,12 +6,12 @@ import dataclasses
 
 import pytest
 import torch
-from core.pretrain import demo_backbone
 
 from benchmarks.federated import Pooled
 from core.config import RunConfig
 from core.data.phantoms import HospitalSpec, generate_hospitals, preset
 from core.federation.rounds import build_lora_model, open_split
+from core.pretrain import demo_backbone
 from core.training.loops import evaluate, train_plain
 
 CPU = torch.device("cpu")
