@@ -72,12 +72,16 @@ def intensity_map(image: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tens
 
 def score(
     token_map: torch.Tensor, footprints: torch.Tensor, image_map: torch.Tensor, mask: torch.Tensor
-) -> tuple[bool, float]:
-    """(pointing-game hit, mean relevance inside the lesion / mean outside)."""
+) -> tuple[bool, float | None]:
+    """(pointing-game hit, mean relevance inside the lesion / mean outside; None when nothing
+    outside the lesion is relevant)."""
     hit = bool(footprints.flatten()[int(token_map.flatten().argmax())])
     inside, outside = image_map[mask].mean(), image_map[~mask].mean()
-    ratio = float(inside / outside) if float(outside) > 0 else float("inf")
-    return hit, ratio
+    return hit, (float(inside / outside) if float(outside) > 0 else None)
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def benchmark_site(
@@ -97,7 +101,7 @@ def benchmark_site(
     )
     vit = universal_vit(model)
     hits: dict[str, list[bool]] = {m: [] for m in (*METHODS, *BASELINES)}
-    ratios: dict[str, list[float]] = {m: [] for m in (*METHODS, *BASELINES)}
+    ratios: dict[str, list[float | None]] = {m: [] for m in (*METHODS, *BASELINES)}
     render_seconds: float | None = None
     used = 0
     for index, entry in enumerate(datalist.entries):
@@ -143,7 +147,7 @@ def benchmark_site(
         "methods": {
             m: {
                 "pointing_hit_rate": statistics.fmean(hits[m]) if hits[m] else None,
-                "relevance_ratio_median": statistics.median(ratios[m]) if ratios[m] else None,
+                "relevance_ratio_median": _median([r for r in ratios[m] if r is not None]),
             }
             for m in hits
         },
@@ -178,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in methods:
             entry = site["methods"][m]
             rate, ratio = entry["pointing_hit_rate"], entry["relevance_ratio_median"]
-            cells.append("-" if rate is None else f"{rate:.2f} ({ratio:.2f})")
+            shown = "-" if ratio is None else f"{ratio:.2f}"
+            cells.append("-" if rate is None else f"{rate:.2f} ({shown})")
         print(f"{name:24s} {site['cases']:5d} " + " ".join(f"{c:>16s}" for c in cells))
     print("cells: pointing-game hit rate (median relevance inside/outside the lesion)")
     write_json_atomic(
