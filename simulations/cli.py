@@ -53,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedmedvit: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
+    sys.argv[0] = f"fedmedvit {command}"  # the usage line of parsers that take their prog from it
     return int(module.main(rest) or 0)
 
 
