@@ -164,6 +164,14 @@ class RunConfig:
     @classmethod
     def from_flat(cls, values: Mapping[str, Any], *, source: str = "run config") -> RunConfig:
         """Build from kebab-case keys; unknown keys and wrong types raise ConfigError."""
+        return cls(**cls.check_keys(values, source=source))
+
+    @classmethod
+    def check_keys(cls, values: Mapping[str, Any], *, source: str = "run config") -> dict[str, Any]:
+        """Field name -> coerced value for kebab-case ``values``: every key known and every
+        value of its field's type, without the cross-field checks (so a runner can check its
+        overrides before expensive set-up). Raises ConfigError naming the key (and the closest
+        valid one)."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
@@ -174,7 +182,7 @@ class RunConfig:
                 hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {known}"
                 raise ConfigError(f"{source}: unknown key '{key}'{hint}")
             kwargs[name] = _coerce(key, value, type(fields[name].default), source)
-        return cls(**kwargs)
+        return kwargs
 
     def to_flat(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}

@@ -129,6 +129,8 @@ def run_scenario(
     data_cache: Path,
     quiet: bool = False,
 ) -> Path:
+    # Keys and types first: a typo in --set must not wait for data generation and pretraining.
+    RunConfig.check_keys(dict(scenario.get("run-config", {})) | overrides, source="run config")
     data_root = resolve_data_root(scenario, overrides, data_cache)
     values = dict(scenario.get("run-config", {})) | overrides
     values |= {"data-root": str(data_root.resolve()), "out-dir": str(out_dir.resolve())}

@@ -84,3 +84,20 @@ def test_min_nodes_above_the_number_of_sites_are_refused(values, match):
         return
     with pytest.raises(ConfigError, match=match):
         cfg.check_federation(2)
+
+
+def test_the_runner_refuses_a_typo_before_generating_data_or_pretraining(tmp_path):
+    """A misspelt --set key fails at once, naming the closest key, with nothing generated."""
+    from simulations.run import load_scenario, run_scenario
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with pytest.raises(ConfigError, match="did you mean 'num-server-rounds'"):
+        run_scenario(
+            load_scenario("default"),
+            overrides={"num-server-round": 2},
+            out_dir=tmp_path / "run",
+            data_cache=cache,
+            quiet=True,
+        )
+    assert list(cache.iterdir()) == []
