@@ -49,6 +49,11 @@ class SpatialState:
         if self.da < 0 or self.downsamples < 0:
             raise ValueError(f"da and downsamples must be >= 0, got {self}")
 
+    def detach(self) -> SpatialState:
+        """Itself: Opacus detaches every positional input of a layer it records, and the state
+        must reach the SAC grad sampler (:mod:`core.model.sac_grad_sample`) with the input."""
+        return self
+
     @property
     def pending(self) -> int:
         """In-plane 2x downsamplings still to come before depth starts being downsampled."""
@@ -88,6 +93,59 @@ def sum_depth_taps(weight: Tensor, depth: int) -> Tensor:
     return weight.reshape(o, i, depth, k_d // depth, k_h, k_w).sum(dim=3)
 
 
+@dataclass(frozen=True)
+class ConvPlan:
+    """How a SAC conv runs for one input state: the depth taps its kernel is summed down to,
+    the stride and padding of the resulting ordinary 3D conv, and the state after it."""
+
+    depth_taps: int
+    stride: tuple[int, int, int]
+    padding: tuple[int, int, int]
+    state: SpatialState
+
+
+def conv_plan(
+    kernel: Sequence[int],
+    stride: int,
+    padding: int | Sequence[int],
+    state: SpatialState,
+) -> ConvPlan:
+    """The adapted conv of :func:`adaptive_conv3d` for a kernel ``(K_d, K_h, K_w)``.
+
+    Raises ValueError for a stride that is not a power of two, or a strided kernel that is
+    neither ``stride`` in every dimension nor a cubic 3x3x3 with stride 2.
+    """
+    pad_d, pad_h, pad_w = _triple(padding, "padding")
+    kernel = _triple(tuple(kernel), "kernel")
+    if stride == 1:
+        if state.pending == 0:
+            return ConvPlan(kernel[0], (1, 1, 1), (pad_d, pad_h, pad_w), state)
+        return ConvPlan(1, (1, 1, 1), (0, pad_h, pad_w), state)
+    k = _log2_exact(stride, "stride")
+    if stride == 2 and kernel == (3, 3, 3):
+        # PUMIT's 3x3x3 stride-2 conv: a per-slice 2D conv while in-plane downsampling is
+        # pending (depth taps summed to one, depth stride 1, no depth padding), else plain 3D.
+        after = SpatialState(state.da, state.downsamples + 1)
+        if state.pending > 0:
+            return ConvPlan(1, (1, 2, 2), (0, pad_h, pad_w), after)
+        return ConvPlan(3, (2, 2, 2), (pad_d, pad_h, pad_w), after)
+    if kernel != (stride, stride, stride):
+        raise ValueError(
+            f"a strided SAC conv needs kernel == stride in every dimension, or a 3x3x3 kernel "
+            f"with stride 2 (kernel {kernel}, stride {stride}); use stride 1 or a cubic kernel "
+            f"of size {stride}"
+        )
+    depth_stride = max(stride >> state.pending, 1)
+    if depth_stride < stride:
+        pad_d = 0
+    return ConvPlan(
+        depth_stride,
+        (depth_stride, stride, stride),
+        (pad_d, pad_h, pad_w),
+        SpatialState(state.da, state.downsamples + k),
+    )
+
+
 def adaptive_conv3d(
     x: Tensor,
     weight: Tensor,
@@ -100,8 +158,10 @@ def adaptive_conv3d(
     """A 3D convolution that adapts its depth kernel to the input's anisotropy.
 
     ``stride == 1``: ordinary conv when nothing is pending, else a per-slice 2D conv (depth taps
-    summed to one, depth padding 0). ``stride == S == 2**k`` needs kernel == stride in every
+    summed to one, depth padding 0). ``stride == S == 2**k`` with kernel == stride in every
     dimension: depth stride ``max(S >> pending, 1)``, taps summed down to it, then ``n += k``.
+    A 3x3x3 kernel with stride 2 (PUMIT's downsampling conv): a per-slice 2D conv of in-plane
+    stride 2 while downsampling is pending, else an ordinary stride-2 3D conv; then ``n += 1``.
 
     x: (N, C_in, D, H, W); weight: (C_out, C_in, K_d, K_h, K_w) -> (N, C_out, D', H', W').
     """
@@ -109,27 +169,15 @@ def adaptive_conv3d(
         raise ValueError(
             f"expected 5D input and weight, got {tuple(x.shape)} and {tuple(weight.shape)}"
         )
-    pad_d, pad_h, pad_w = _triple(padding, "padding")
-    kernel = tuple(weight.shape[2:])
-    if stride == 1:
-        if state.pending == 0:
-            return F.conv3d(x, weight, bias, stride=1, padding=(pad_d, pad_h, pad_w)), state
-        flat = sum_depth_taps(weight, 1)
-        return F.conv3d(x, flat, bias, stride=1, padding=(0, pad_h, pad_w)), state
-    k = _log2_exact(stride, "stride")
-    if kernel != (stride, stride, stride):
-        raise ValueError(
-            f"a strided SAC conv needs kernel == stride in every dimension (kernel {kernel}, "
-            f"stride {stride}); use stride 1 or a cubic kernel of size {stride}"
-        )
-    depth_stride = max(stride >> state.pending, 1)
-    if depth_stride < stride:
-        weight = sum_depth_taps(weight, depth_stride)
-        pad_d = 0
-    out = F.conv3d(
-        x, weight, bias, stride=(depth_stride, stride, stride), padding=(pad_d, pad_h, pad_w)
-    )
-    return out, SpatialState(state.da, state.downsamples + k)
+    plan = conv_plan(weight.shape[2:], stride, padding, state)
+    adapted = sum_depth_taps(weight, plan.depth_taps)
+    return F.conv3d(x, adapted, bias, stride=plan.stride, padding=plan.padding), plan.state
+
+
+def transposed_depth_stride(depth_stride: int, state: SpatialState) -> int:
+    """The depth stride a SAC transposed conv with depth kernel = stride ``depth_stride`` uses:
+    depth is upsampled only as far as it was downsampled, ``min(2**remained, S_d)``."""
+    return min(2**state.remained, depth_stride)
 
 
 def adaptive_conv_transpose3d(
@@ -164,7 +212,7 @@ def adaptive_conv_transpose3d(
             f"cannot upsample by 2**{k}: the feature map was only downsampled "
             f"{state.downsamples} times"
         )
-    depth_stride = min(2**state.remained, s_d)
+    depth_stride = transposed_depth_stride(s_d, state)
     if depth_stride < s_d:
         # Transposed-conv weights are (C_in, C_out, ...): the same depth-tap grouping applies.
         weight = sum_depth_taps(weight, depth_stride)
@@ -172,12 +220,20 @@ def adaptive_conv_transpose3d(
     return out, SpatialState(state.da, state.downsamples - k)
 
 
+def _note_batch(module: nn.Module, x: Tensor) -> None:
+    """Tell Opacus the batch size: it reads it from a layer's last positional input, which for
+    a SAC layer is the state, unless the layer's forward sets ``max_batch_len`` (Opacus's
+    mechanism for such layers; it deletes the attribute after each backward)."""
+    module.max_batch_len = x.shape[0]  # type: ignore[assignment]
+
+
 class SACConv3d(nn.Module):
     """Module form of :func:`adaptive_conv3d`; ``forward(x, state) -> (y, state)``.
 
     Deliberately not a subclass of ``nn.Conv3d``: the adapted forward uses summed kernels, so
-    Opacus's Conv3d per-sample-gradient rule would be wrong for it. Kept frozen under DP, Opacus
-    never needs its per-sample gradients; trained under DP, Opacus refuses it loudly.
+    Opacus's Conv3d per-sample-gradient rule would be wrong for it. Trained under DP, its
+    per-sample gradients come from the grad sampler :mod:`core.model.sac_grad_sample`
+    registers with Opacus (import it before wrapping the model).
     """
 
     def __init__(
@@ -191,10 +247,7 @@ class SACConv3d(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        if stride != 1 and kernel_size != stride:
-            raise ValueError(
-                f"strided SAC conv needs kernel_size == stride, got {kernel_size} != {stride}"
-            )
+        conv_plan((kernel_size,) * 3, stride, padding, SpatialState(0))  # refuses what SAC cannot
         self.stride = stride
         self.padding = padding
         proto = nn.Conv3d(in_channels, out_channels, kernel_size, bias=bias)  # PyTorch's init
@@ -202,6 +255,7 @@ class SACConv3d(nn.Module):
         self.bias = nn.Parameter(proto.bias.detach().clone()) if proto.bias is not None else None
 
     def forward(self, x: Tensor, state: SpatialState) -> tuple[Tensor, SpatialState]:
+        _note_batch(self, x)
         return adaptive_conv3d(
             x, self.weight, self.bias, stride=self.stride, padding=self.padding, state=state
         )
@@ -226,6 +280,7 @@ class SACConvTranspose3d(nn.Module):
         self.bias = nn.Parameter(proto.bias.detach().clone()) if proto.bias is not None else None
 
     def forward(self, x: Tensor, state: SpatialState) -> tuple[Tensor, SpatialState]:
+        _note_batch(self, x)
         return adaptive_conv_transpose3d(x, self.weight, self.bias, stride=self.stride, state=state)
 
 

@@ -133,7 +133,11 @@ def test_unsupported_combinations_raise():
     with pytest.raises(ValueError, match="power of two"):
         adaptive_conv3d(x, randn(1, 1, 3, 3, 3), None, stride=3, padding=0, state=SpatialState(0))
     with pytest.raises(ValueError, match="kernel == stride"):
-        adaptive_conv3d(x, randn(1, 1, 3, 3, 3), None, stride=2, padding=0, state=SpatialState(0))
+        adaptive_conv3d(x, randn(1, 1, 4, 4, 4), None, stride=2, padding=0, state=SpatialState(0))
+    with pytest.raises(ValueError, match="kernel == stride"):
+        adaptive_conv3d(x, randn(1, 1, 3, 3, 3), None, stride=4, padding=0, state=SpatialState(0))
+    with pytest.raises(ValueError, match="kernel == stride"):
+        SACConv3d(1, 1, 5, stride=2)
     with pytest.raises(ValueError, match="kernel == stride"):
         adaptive_conv_transpose3d(x, randn(1, 1, 3, 2, 2), None, stride=2, state=SpatialState(0, 2))
     with pytest.raises(ValueError, match="only downsampled"):
@@ -148,3 +152,42 @@ def test_batch_must_share_one_da():
     assert batch_degree_of_anisotropy(torch.tensor([[5.0, 0.7, 0.7], [4.5, 0.8, 0.8]])) == 2
     with pytest.raises(ValueError, match="bucket"):
         batch_degree_of_anisotropy(torch.tensor([[1.0, 1.0, 1.0], [5.0, 1.0, 1.0]]))
+
+
+@pytest.mark.parametrize(("da", "downsamples"), [(1, 0), (2, 0), (2, 1), (5, 0), (5, 4)])
+def test_3x3x3_stride2_with_pending_is_a_per_slice_strided_2d_conv(da, downsamples):
+    state = SpatialState(da, downsamples)
+    assert state.pending > 0
+    x, weight, bias = randn(2, 3, 3, 9, 8), randn(5, 3, 3, 3, 3), randn(5)
+    out, new_state = adaptive_conv3d(x, weight, bias, stride=2, padding=1, state=state)
+    flat = weight.sum(dim=2)  # (O, I, 3, 3)
+    reference = torch.stack(
+        [F.conv2d(x[:, :, i], flat, bias, stride=2, padding=1) for i in range(x.shape[2])], dim=2
+    )
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    assert new_state == SpatialState(da, downsamples + 1)
+
+
+@pytest.mark.parametrize(("da", "downsamples"), [(0, 0), (1, 1), (2, 3)])
+def test_3x3x3_stride2_without_pending_is_an_ordinary_strided_3d_conv(da, downsamples):
+    state = SpatialState(da, downsamples)
+    x, weight, bias = randn(2, 3, 6, 9, 8), randn(5, 3, 3, 3, 3), randn(5)
+    conv = SACConv3d(3, 5, 3, stride=2, padding=1).double()
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+    out, new_state = conv(x, state)
+    reference = F.conv3d(x, weight, bias, stride=2, padding=1)
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    assert new_state == SpatialState(da, downsamples + 1)
+
+
+def test_thick_slice_volume_keeps_depth_until_isotropic_through_3x3x3_downsampling():
+    # DA 2 (e.g. 4 mm slices, 1 mm pixels): two stride-2 convs keep the slices, the third halves
+    conv = SACConv3d(1, 1, 3, stride=2, padding=1).double()
+    x, state = randn(1, 1, 8, 64, 64), SpatialState(2)
+    shapes = []
+    for _ in range(3):
+        x, state = conv(x, state)
+        shapes.append(tuple(x.shape[2:]))
+    assert shapes == [(8, 32, 32), (8, 16, 16), (4, 8, 8)]
