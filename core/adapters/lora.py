@@ -16,7 +16,7 @@ FFA) plus the task head, with keys relative to the model (``blocks.0.attn.q_proj
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -67,20 +67,24 @@ class LoraSettings:
             raise ValueError(f"LoRA mode {self.mode!r} unknown; choose 'ffa' or 'vanilla'")
 
 
-def add_lora(model: UniversalViT, settings: LoraSettings) -> PeftModel:
-    """Freeze the backbone, inject LoRA into the target linears, keep the head trainable.
+def add_lora(
+    model: nn.Module, settings: LoraSettings, *, trainable: Sequence[str] = ("head",)
+) -> PeftModel:
+    """Freeze the backbone, inject LoRA into the target linears, keep the task modules
+    ``trainable`` (the classifier's ``head``; a segmentation model's decoder and head).
 
     A is initialised from ``settings.seed`` (not the global RNG), so every site starts from the
     same A; in FFA mode it stays frozen there. B starts at zero: the model equals the backbone.
+    The trainable modules travel whole in the wire format, under their own names.
     """
-    if model.num_classes == 0:
+    if not getattr(model, "num_classes", 0):
         raise ValueError("add a task head first (create_vit(..., num_classes=K))")
     config = LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=list(LORA_TARGETS[settings.targets]),
-        modules_to_save=["head"],
+        modules_to_save=list(trainable),
     )
     peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(settings.seed)

@@ -376,11 +376,14 @@ class UniversalViT(nn.Module):
         spacing: Tensor | Sequence[float],
         *,
         edit_tokens: Callable[[Tensor], Tensor] | None = None,
+        hidden: list[Tensor] | None = None,
     ) -> Tensor:
         """(N, C, D, H, W) -> normalised tokens (N, 1 + d*h*w, E), CLS first.
 
         ``edit_tokens`` maps the patch tokens (N, T, E) after the embedding and before the
         position embedding: masked image modelling swaps masked tokens for a mask token there.
+        ``hidden``: when a list, every block's output (N, 1 + d*h*w, E) is appended to it (a
+        segmentation decoder reads several blocks, as UNETR does).
         """
         if x.dim() != 5:
             raise ValueError(
@@ -409,6 +412,8 @@ class UniversalViT(nn.Module):
             rope = (cos.to(x.device, x.dtype), sin.to(x.device, x.dtype))
         for block in self.blocks:
             tokens = block(tokens, rope)
+            if hidden is not None:
+                hidden.append(tokens)
         return self.norm(tokens)
 
     def pool(self, features: Tensor) -> Tensor:
