@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -142,7 +143,7 @@ class SACDecoder(nn.Module):
                 skip, _ = self.stem(image, SpatialState(da))
             else:
                 skip, skip_state = self.skip_proj[level - 1](skips[level - 1], grid), tokens_state
-                for up in self.skip_up[level - 1]:  # type: ignore[union-attr]
+                for up in cast(nn.ModuleList, self.skip_up[level - 1]):
                     skip, skip_state = up(skip, skip_state)
             y, state = self.block[level](torch.cat([y, skip], dim=1), state)
         return y
