@@ -107,7 +107,7 @@ class HospitalSpec:
             raise ValueError(f"HospitalSpec.alpha must be > 0 or None (IID), got {self.alpha}")
 
 
-PRESETS = ("default", "large", "many")
+PRESETS = ("default", "large", "many", "segmentation")
 
 
 def preset(
@@ -115,7 +115,8 @@ def preset(
 ) -> HospitalSpec:
     """``"default"``: 4 sites (thin CT, thick MR, two X-ray), 120-360 cases each. ``"large"``:
     the same sites with 3x the cases. ``"many"``: ``n_sites`` (default 100) tiny sites of all
-    kinds with spacings drawn from realistic ranges (from ``seed``)."""
+    kinds with spacings drawn from realistic ranges (from ``seed``). ``"segmentation"``: four
+    small sites of mixed spacing (lesion masks for segmentation on a CPU)."""
     if name == "large":  # the default sites with 3x the cases: what DP-SGD needs (benchmark)
         base = preset("default", n_sites=n_sites, alpha=alpha)
         sites = tuple(dataclasses.replace(s, n_cases=3 * s.n_cases) for s in base.sites)
@@ -158,6 +159,8 @@ def preset(
             ),
         )
         return HospitalSpec(sites, alpha=alpha, name="default")
+    if name == "segmentation":
+        return _segmentation_preset(n_sites, alpha)
     if name == "many":
         count = 100 if n_sites is None else n_sites
         if count < 1:
@@ -170,6 +173,25 @@ def preset(
             extra={"n_sites": count},
         )
     raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
+
+
+def _segmentation_preset(n_sites: int | None, alpha: float | None) -> HospitalSpec:
+    """Small sites of mixed spacing for lesion segmentation on a CPU: 1 mm CT, 2.5 mm CT
+    (DA 1), 5 mm MR (DA 2) and 2D X-ray, 32 x 32 in-plane (the first ``n_sites`` of them)."""
+    sites = (
+        PhantomSite("site-a-ct-1mm", "ct3d", 60, (32, 32), 16, (1.0, 1.0, 1.0),
+                    flips=(True, True, False), lesion_radius_mm=(4.0, 8.0)),
+        PhantomSite("site-b-mr-5mm", "mr3d", 60, (32, 32), 8, (5.0, 0.8, 0.8),
+                    file_axes=(0, 1, 2), compress=False, gain=3.2, lesion_radius_mm=(4.0, 8.0)),
+        PhantomSite("site-c-xr-2d", "xr2d", 60, (32, 32), spacing=(1.0, 0.8, 0.8),
+                    lesion_radius_mm=(3.0, 7.0)),
+        PhantomSite("site-d-ct-2.5mm", "ct3d", 60, (32, 32), 8, (2.5, 0.9, 0.9),
+                    lesion_radius_mm=(4.0, 8.0)),
+    )  # fmt: skip
+    count = len(sites) if n_sites is None else n_sites
+    if not 1 <= count <= len(sites):
+        raise ValueError(f"preset 'segmentation' has 1 to {len(sites)} sites, got {n_sites}")
+    return HospitalSpec(sites[:count], alpha=alpha, name="segmentation")
 
 
 _LAYOUTS: tuple[tuple[tuple[int, int, int], tuple[bool, bool, bool]], ...] = (
