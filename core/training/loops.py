@@ -118,12 +118,14 @@ def train_plain(
     device: torch.device,
     generator: torch.Generator,
     amp: bool = False,
+    criterion: nn.Module | None = None,
 ) -> TrainResult:
-    """Non-private local training: shuffled DA-bucketed batches, one step per batch."""
+    """Non-private local training: shuffled DA-bucketed batches, one step per batch.
+    ``criterion(output, label)``: the task's loss (default: the classifier's)."""
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_optimizer(params, settings)
-    criterion = loss_function(settings.multi_label)
+    criterion = criterion or loss_function(settings.multi_label)
     total_loss, seen, steps = 0.0, 0, 0
     use_amp = amp and device.type == "cuda"
     for _ in range(settings.local_epochs):
@@ -151,11 +153,14 @@ def train_dp(
     *,
     device: torch.device,
     generator: torch.Generator,
+    criterion: nn.Module | None = None,
 ) -> TrainResult:
     """DP-SGD on the trainable parameters with Poisson sampling over the whole site dataset.
 
     Runs exactly ``plan.steps`` noisy steps at ``plan.sample_rate``. Always fp32: the per-sample
     gradients that the clipping bound rests on are not computed in reduced precision.
+    ``criterion``: the task's loss (default: the classifier's); it must be a mean over the
+    batch of per-example losses (Opacus ``loss_reduction="mean"``): one example is the unit.
     """
     model.to(device).train()
     private = GradSampleModule(model, batch_first=True, loss_reduction="mean")
@@ -169,7 +174,7 @@ def train_dp(
         generator=None,  # torch's global RNG, seeded per release by the caller
         secure_mode=plan.secure_mode,
     )
-    criterion = loss_function(settings.multi_label)
+    criterion = criterion or loss_function(settings.multi_label)
     sampler = PoissonDABatchSampler(
         dataset.das,
         sample_rate=plan.sample_rate,
@@ -347,7 +352,17 @@ def balanced_accuracy(probs: Tensor, labels: Tensor, *, multi_label: bool) -> fl
 
 # The evaluation metrics sites report and the server averages (weighted by examples).
 # Binary sites report balanced accuracy, sensitivity and specificity at their own threshold.
-EVAL_METRICS = ("loss", "accuracy", "balanced-accuracy", "auc", "sensitivity", "specificity")
+# Segmentation sites report Dice and HD95 (core.training.segmentation).
+EVAL_METRICS = (
+    "loss",
+    "accuracy",
+    "balanced-accuracy",
+    "auc",
+    "sensitivity",
+    "specificity",
+    "dice",
+    "hd95",
+)
 
 
 def mean_metrics(per_site: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
