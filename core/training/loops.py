@@ -352,17 +352,9 @@ def balanced_accuracy(probs: Tensor, labels: Tensor, *, multi_label: bool) -> fl
 
 # The evaluation metrics sites report and the server averages (weighted by examples).
 # Binary sites report balanced accuracy, sensitivity and specificity at their own threshold.
-# Segmentation sites report Dice and HD95 (core.training.segmentation).
-EVAL_METRICS = (
-    "loss",
-    "accuracy",
-    "balanced-accuracy",
-    "auc",
-    "sensitivity",
-    "specificity",
-    "dice",
-    "hd95",
-)
+EVAL_METRICS = ("loss", "accuracy", "balanced-accuracy", "auc", "sensitivity", "specificity")
+# Segmentation sites report these (core.training.segmentation); averaged when reported.
+SEGMENTATION_METRICS = ("dice", "hd95", "empty-correct")
 
 
 def mean_metrics(per_site: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
@@ -370,7 +362,8 @@ def mean_metrics(per_site: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     evaluation with it; benchmarks average in-process with it)."""
     out: dict[str, float] = {}
     weights = {site: float(m["num-examples"]) for site, m in per_site.items()}
-    for key in EVAL_METRICS:
+    reported = [k for k in SEGMENTATION_METRICS if any(k in m for m in per_site.values())]
+    for key in (*EVAL_METRICS, *reported):
         pairs = [
             (float(m[key]), weights[s])
             for s, m in per_site.items()
