@@ -27,12 +27,17 @@ class ConfigError(ValueError):
 # Below this a round cannot finish: one round of the smallest model on phantom data takes
 # 10-25 s here (README), and a timed-out round is lost. Flower's own default is 3600 s.
 MIN_ROUND_TIMEOUT = 30.0
+TASKS = ("classification", "segmentation")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     num_server_rounds: int = 3
     seed: int = 0
+    # "classification" (a label per image) or "segmentation" (a mask per image: the ViT plus a
+    # SAC decoder, core.model.segmentation; num-classes counts the background)
+    task: str = "classification"
+    decoder_features: int = 16  # segmentation: the SAC decoder's channels at full resolution
     # model
     model_size: str = "micro"
     backbone: str = ""  # safetensors path; "" = a backbone built from backbone-seed
@@ -87,6 +92,10 @@ class RunConfig:
             self._fail("num-server-rounds", self.num_server_rounds, "use 1 or more rounds")
         if self.dp_planned_rounds < 0:
             self._fail("dp-planned-rounds", self.dp_planned_rounds, "use 0 (all rounds) or more")
+        if self.task not in TASKS:
+            self._fail("task", self.task, f"choose one of {list(TASKS)}")
+        if self.decoder_features < 1:
+            self._fail("decoder-features", self.decoder_features, "use 1 or more channels")
         if self.model_size not in MODEL_SIZES:
             self._fail("model-size", self.model_size, f"choose one of {sorted(MODEL_SIZES)}")
         if self.num_classes < 2:

@@ -179,13 +179,13 @@ def _segmentation_preset(n_sites: int | None, alpha: float | None) -> HospitalSp
     """Small sites of mixed spacing for lesion segmentation on a CPU: 1 mm CT, 2.5 mm CT
     (DA 1), 5 mm MR (DA 2) and 2D X-ray, 32 x 32 in-plane (the first ``n_sites`` of them)."""
     sites = (
-        PhantomSite("site-a-ct-1mm", "ct3d", 60, (32, 32), 16, (1.0, 1.0, 1.0),
+        PhantomSite("site-a-ct-1mm", "ct3d", 200, (32, 32), 16, (1.0, 1.0, 1.0),
                     flips=(True, True, False), lesion_radius_mm=(4.0, 8.0)),
-        PhantomSite("site-b-mr-5mm", "mr3d", 60, (32, 32), 8, (5.0, 0.8, 0.8),
+        PhantomSite("site-b-mr-5mm", "mr3d", 200, (32, 32), 8, (5.0, 0.8, 0.8),
                     file_axes=(0, 1, 2), compress=False, gain=3.2, lesion_radius_mm=(4.0, 8.0)),
-        PhantomSite("site-c-xr-2d", "xr2d", 60, (32, 32), spacing=(1.0, 0.8, 0.8),
+        PhantomSite("site-c-xr-2d", "xr2d", 200, (32, 32), spacing=(1.0, 0.8, 0.8),
                     lesion_radius_mm=(3.0, 7.0)),
-        PhantomSite("site-d-ct-2.5mm", "ct3d", 60, (32, 32), 8, (2.5, 0.9, 0.9),
+        PhantomSite("site-d-ct-2.5mm", "ct3d", 200, (32, 32), 8, (2.5, 0.9, 0.9),
                     lesion_radius_mm=(4.0, 8.0)),
     )  # fmt: skip
     count = len(sites) if n_sites is None else n_sites

@@ -38,7 +38,7 @@ from typing import Any
 
 from core.config import ConfigError, RunConfig
 from core.federation.protocol import EPSILON, NUM_EXAMPLES, TRAIN_LOSS
-from core.training.loops import EVAL_METRICS
+from core.training.loops import EVAL_METRICS, SEGMENTATION_METRICS
 
 POLICY_FILE = "policy.toml"
 NODE_PREFIX = "policy-"
@@ -245,7 +245,8 @@ def release_manifest(cfg: RunConfig, policy: SitePolicy) -> list[dict[str, Any]]
         }
     ]
     train_names = (NUM_EXAMPLES, *LEDGER_METRICS) if cfg.dp else (TRAIN_LOSS, NUM_EXAMPLES)
-    for reply, names in (("train", train_names), ("evaluate", (*EVAL_METRICS, NUM_EXAMPLES))):
+    evaluated = ("loss", *SEGMENTATION_METRICS) if cfg.task == "segmentation" else EVAL_METRICS
+    for reply, names in (("train", train_names), ("evaluate", (*evaluated, NUM_EXAMPLES))):
         for name in released_metrics(cfg, policy, dict.fromkeys(names, 0.0)):
             if name in LEDGER_METRICS:
                 note = "a figure of the ledger, which travels beside it"

@@ -32,6 +32,7 @@ from core.model.vit import UniversalViT, create_vit
 from core.privacy.ledger import PrivacyLedger, plan_dp
 from core.training.loops import (
     DPStepPlan,
+    SiteData,
     binary_scores,
     calibrate_threshold,
     metrics_from_logits,
@@ -64,7 +65,12 @@ def build_backbone(cfg: RunConfig) -> tuple[UniversalViT, str]:
 
 
 def build_lora_model(cfg: RunConfig) -> tuple[nn.Module, str]:
-    """Backbone + LoRA adapters + head; returns (model, backbone fingerprint)."""
+    """Backbone + LoRA adapters + head (segmentation: + decoder); returns (model, backbone
+    fingerprint)."""
+    if cfg.task == "segmentation":
+        from core.federation.segmentation import build_segmentation_model
+
+        return build_segmentation_model(cfg)
     backbone, digest = build_backbone(cfg)
     return add_lora(backbone, cfg.lora()), digest
 
@@ -143,6 +149,26 @@ def open_split(
         num_classes=cfg.num_classes,
         cache_dir=cache_dir,
     )
+
+
+def open_task_split(
+    cfg: RunConfig, site_dir: str | Path, split: str, cache_dir: str | Path | None = None
+) -> SiteData:
+    """:func:`open_split` for a classification run, the segmentation site (masks) otherwise."""
+    if cfg.task == "segmentation":
+        from core.federation.segmentation import open_segmentation_split
+
+        return open_segmentation_split(cfg, site_dir, split)
+    return open_split(cfg, site_dir, split, cache_dir)
+
+
+def task_loss(cfg: RunConfig) -> nn.Module | None:
+    """The training loss of the run's task (None: the loops' classification loss)."""
+    if cfg.task == "segmentation":
+        from core.training.segmentation import segmentation_loss
+
+        return segmentation_loss()
+    return None
 
 
 def _checked_model(cfg: RunConfig, expected_fingerprint: str) -> nn.Module:
@@ -241,7 +267,7 @@ def train_round(
 
     model = _checked_model(cfg, expected_fingerprint)
     load_adapter_state(model, global_adapters)
-    dataset = open_split(cfg, site_dir, "training", cache_dir)
+    dataset = open_task_split(cfg, site_dir, "training", cache_dir)
     settings = cfg.training()
     device = pick_device(cfg.device)
 
@@ -253,7 +279,15 @@ def train_round(
         seed = cfg.seed * 1_000_003 + server_round
         generator = torch.Generator().manual_seed(seed % 2**63)  # batch sampling
         torch.manual_seed((seed * 7_919) % 2**63)  # dropout
-        result = train_plain(model, dataset, settings, device=device, generator=generator, amp=True)
+        result = train_plain(
+            model,
+            dataset,
+            settings,
+            device=device,
+            generator=generator,
+            amp=True,
+            criterion=task_loss(cfg),
+        )
         metrics = {TRAIN_LOSS: result.loss, NUM_EXAMPLES: result.num_examples}
         return TrainOutcome(TRAINED, "", adapter_state(model), metrics)
 
@@ -322,7 +356,15 @@ def train_round(
     )
     generator = torch.Generator().manual_seed(sampling_seed % 2**63)  # Poisson sampling
     torch.manual_seed(noise_seed % 2**63)  # DP noise (Opacus non-secure mode) and dropout
-    result = train_dp(model, dataset, settings, step_plan, device=device, generator=generator)
+    result = train_dp(
+        model,
+        dataset,
+        settings,
+        step_plan,
+        device=device,
+        generator=generator,
+        criterion=task_loss(cfg),
+    )
     # train_dp takes exactly plan.steps_per_round steps: what the budget check projected.
     record = ledger.record_round(
         server_round, plan.noise_multiplier, plan.sample_rate, result.steps, global_digest=digest
@@ -358,7 +400,18 @@ def evaluate_round(
     prevalence, so one shared head bias cannot serve them all) and reports balanced accuracy,
     sensitivity and specificity at that threshold. The threshold itself stays at the site:
     only these rates are returned. Other tasks report the argmax / 0.5 rates of ``evaluate``.
+    Segmentation reports Dice and HD95 (``core.federation.segmentation``).
     """
+    if cfg.task == "segmentation":
+        from core.federation.segmentation import evaluate_segmentation_round
+
+        return evaluate_segmentation_round(
+            cfg,
+            site_dir=site_dir,
+            global_adapters=global_adapters,
+            expected_fingerprint=expected_fingerprint,
+            split=split,
+        )
     model = _checked_model(cfg, expected_fingerprint)
     load_adapter_state(model, global_adapters)
     device = pick_device(cfg.device)
