@@ -60,38 +60,60 @@ def weighted_average(updates: list[tuple[dict[str, torch.Tensor], int]]) -> dict
     }
 
 
+def federated_round(
+    cfg: RunConfig,
+    sites: list[Path],
+    global_state: dict[str, torch.Tensor],
+    fingerprint: str,
+    ledgers: dict[Path, Any],
+    server_round: int,
+    seed_base: int,
+) -> dict[str, torch.Tensor]:
+    """One round in-process: every site's ``train_round`` (its ledger kept in ``ledgers``),
+    then the server's example-weighted average; the new global (the old one if none trained)."""
+    updates = []
+    for index, site in enumerate(sites):
+        outcome = train_round(
+            cfg,
+            site_dir=site,
+            global_adapters=global_state,
+            server_round=server_round,
+            expected_fingerprint=fingerprint,
+            ledger_state=ledgers.get(site),
+            dp_seed=seed_base + index,  # distinct per site; reproducible
+        )
+        ledgers[site] = outcome.ledger
+        if outcome.adapters is not None:
+            updates.append((outcome.adapters, int(outcome.metrics["num-examples"])))
+    return weighted_average(updates) if updates else global_state
+
+
+def site_test_metrics(
+    cfg: RunConfig, sites: list[Path], global_state: dict[str, torch.Tensor], fingerprint: str
+) -> dict[str, dict[str, float]]:
+    """Every site's ``evaluate_round`` of the global adapters on its test split, by name."""
+    return {
+        site.name: evaluate_round(
+            cfg,
+            site_dir=site,
+            global_adapters=global_state,
+            expected_fingerprint=fingerprint,
+            split="test",
+        )
+        for site in sites
+    }
+
+
 def run_federated(cfg: RunConfig, sites: list[Path]) -> list[dict[str, float]]:
     """Rounds of train (every site) -> weighted average -> evaluate (every site's test split)."""
     global_state, fingerprint = initial_adapters(cfg)
     ledgers: dict[Path, Any] = {}
     history = []
     for server_round in range(1, cfg.num_server_rounds + 1):
-        updates = []
-        for index, site in enumerate(sites):
-            outcome = train_round(
-                cfg,
-                site_dir=site,
-                global_adapters=global_state,
-                server_round=server_round,
-                expected_fingerprint=fingerprint,
-                ledger_state=ledgers.get(site),
-                dp_seed=1_000 * cfg.seed + index,  # distinct per site; reproducible
-            )
-            ledgers[site] = outcome.ledger
-            if outcome.adapters is not None:
-                updates.append((outcome.adapters, int(outcome.metrics["num-examples"])))
-        if updates:
-            global_state = weighted_average(updates)
-        per_site = {
-            site.name: evaluate_round(
-                cfg,
-                site_dir=site,
-                global_adapters=global_state,
-                expected_fingerprint=fingerprint,
-                split="test",
-            )
-            for site in sites
-        }
+        global_state = federated_round(
+            cfg, sites, global_state, fingerprint, ledgers, server_round, 1_000 * cfg.seed
+        )
+        per_site = site_test_metrics(cfg, sites, global_state, fingerprint)
         summary = mean_metrics(per_site)
         epsilons = [
             ledger["rounds"][-1]["epsilon"] for ledger in ledgers.values() if ledger is not None

@@ -41,6 +41,9 @@ from core.model.vit import UniversalViT
 
 # What travels besides LoRA: the modules a segmentation model trains (peft modules_to_save).
 SEGMENTATION_TRAINABLE = ("decoder", "seg_head")
+# Initial logit of the background class over the others: lesions cover a few percent of the
+# voxels, and a head that starts at 50/50 first spends its (DP-noisy) steps unlearning that.
+BACKGROUND_PRIOR_LOGIT = 3.0
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,8 @@ class SegmentationViT(nn.Module):
         self.encoder = encoder
         self.decoder = SACDecoder(vit.in_channels, vit.embed_dim, self.levels, config)
         self.seg_head = SACConv3d(self.decoder.out_channels, num_classes, 1)
+        with torch.no_grad():  # a background prior (~5% foreground at the start, as RetinaNet)
+            self.seg_head.bias[0] = BACKGROUND_PRIOR_LOGIT  # type: ignore[index]
         self.num_classes = num_classes
         self.config = config
 
