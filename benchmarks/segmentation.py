@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cfg = RunConfig.from_flat(values)
                 per_site, global_state, _ = run_rounds(cfg, sites, seed_base=1_000 * seed)
-                if seed == args.first_seed:
+                if seed == 0:  # the README picture
                     from core.adapters.lora import load_adapter_state
 
                     model, _ = build_lora_model(cfg)
