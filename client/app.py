@@ -52,7 +52,7 @@ from core.federation.sites import LEDGER_FILE, RELEASE_FILE, SiteRef, resolve_si
 from core.io import write_bytes_atomic, write_json_atomic
 
 app = ClientApp()
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: its handler prints INFO
 LEDGER_KEY = "privacy-ledger"
 RELEASE_KEY = "last-release"
 

@@ -29,7 +29,7 @@ from core.he.ckks import (
 )
 from core.he.provenance import SumProvenance, find_bad_uploads, tag_upload, verdict_json
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: its handler prints INFO
 
 
 class UnusableGlobal(Exception):

@@ -38,7 +38,7 @@ from core.he.ckks import (
 from core.he.provenance import SumProvenance, UploadSource, parse_verdict
 from server.strategy import AdapterFedAvg
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: its handler prints INFO
 
 
 def ciphertexts_to_record(ciphertexts: list[bytes]) -> ArrayRecord:

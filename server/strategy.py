@@ -29,7 +29,7 @@ from core.federation import protocol as P
 from core.privacy.ledger import PrivacyLedger
 from core.training.loops import mean_metrics
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: its handler prints INFO
 WEIGHT_KEY = P.NUM_EXAMPLES
 
 

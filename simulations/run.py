@@ -34,6 +34,7 @@ from simulations.flower_cli import RunFailed, flwr_run, local_superlink
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 ROUND_LINE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
+SITE_LINE = re.compile(r"(round \d+ site \S+: .+)$")  # server.app.site_progress
 
 
 def load_scenario(name_or_path: str) -> dict[str, Any]:
@@ -158,6 +159,8 @@ def run_scenario(
         if match:
             elapsed = time.perf_counter() - started
             print(f"  round {match[1]}/{match[2]} started at {elapsed:.0f} s", flush=True)
+        elif site := SITE_LINE.search(line):
+            print(f"    {site[1]}", flush=True)
         elif "ERROR" in line or "Traceback" in line or "refused" in line or "rejected" in line:
             print(f"  {line}", flush=True)
 
