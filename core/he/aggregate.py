@@ -94,20 +94,25 @@ class EncryptedAggregate:
 
 
 def aggregate_encrypted(
-    updates: Mapping[SiteId, EncryptedUpdate] | Sequence[EncryptedUpdate],
+    updates: Mapping[str, EncryptedUpdate]
+    | Mapping[int, EncryptedUpdate]
+    | Sequence[EncryptedUpdate],
     public_ctx: CkksContext,
     *,
     expected_layout: CkksLayout | None = None,
 ) -> EncryptedAggregate:
     """Sum every valid update and drop the rest with a reason, so one bad site cannot stall a
     round. Without ``expected_layout`` the layout most sites sent is taken as the reference.
+    Sites are the mapping's keys (site names or node ids), else the sequence's indices.
 
     Raises:
         AggregationError: no update, or every update was rejected (the reasons are listed).
         CapacityError: more updates than the context's ``max_sites``.
     """
     items: list[tuple[SiteId, EncryptedUpdate]] = (
-        list(updates.items()) if isinstance(updates, Mapping) else list(enumerate(updates))
+        [(site, update) for site, update in updates.items()]
+        if isinstance(updates, Mapping)
+        else list(enumerate(updates))
     )
     if not items:
         raise AggregationError("no updates to aggregate")
