@@ -61,13 +61,10 @@ from pathlib import Path
 from typing import Any
 
 from core.io import write_json_atomic, write_text_atomic
-from core.privacy.ledger import (
-    DPPlan,
-    DPSettings,
-    LedgerFormatError,
-    PrivacyLedger,
-    RoundRecord,
-)
+from core.privacy.errors import LedgerFormatError
+from core.privacy.ledger import PrivacyLedger
+from core.privacy.plan import DPPlan, DPSettings
+from core.privacy.records import RoundRecord
 
 PRIVACY_FILE = "privacy.json"
 METRICS_FILE = "metrics.json"
