@@ -43,7 +43,7 @@ from core.data.phantoms import generate_hospitals
 from core.federation.rounds import build_lora_model, open_split
 from core.federation.sites import list_sites
 from core.pretrain.cli import demo_backbone
-from core.privacy.ledger import plan_dp
+from core.privacy.plan import plan_dp
 from core.training.loops import (
     DPStepPlan,
     binary_scores,

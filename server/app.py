@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TypedDict
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -107,17 +108,30 @@ def evaluate_and_settle(
         arrays = revised
 
 
+class _StrategyArgs(TypedDict):
+    """What both strategies are built with (the rest of it Flower FedAvg's own arguments)."""
+
+    backbone_fingerprint: str
+    reference: dict[str, Tensor]
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+    max_examples: int
+
+
 def build_strategy(cfg: RunConfig, adapters: dict[str, Tensor], fingerprint: str) -> AdapterFedAvg:
-    common = {
-        "backbone_fingerprint": fingerprint,
-        "reference": adapters,
-        "fraction_train": cfg.fraction_train,
-        "fraction_evaluate": cfg.fraction_evaluate,
-        "min_train_nodes": cfg.min_train_nodes,
-        "min_evaluate_nodes": cfg.min_train_nodes,
-        "min_available_nodes": cfg.min_available_nodes,
-        "max_examples": cfg.max_examples_per_site,
-    }
+    common = _StrategyArgs(
+        backbone_fingerprint=fingerprint,
+        reference=adapters,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_train_nodes,
+        min_evaluate_nodes=cfg.min_train_nodes,
+        min_available_nodes=cfg.min_available_nodes,
+        max_examples=cfg.max_examples_per_site,
+    )
     if not cfg.he:
         return AdapterFedAvg(**common)
     from core.he.ckks import load_public_context

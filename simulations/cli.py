@@ -4,7 +4,7 @@
     fedmedvit phantoms --out DIR                              (core.data.phantoms)
     fedmedvit pretrain --out backbone.safetensors             (core.pretrain)
     fedmedvit import --format pumit --in X.ckpt --out Y       (core.model.convert)
-    fedmedvit he provision --out DIR                          (core.he.ckks)
+    fedmedvit he provision --out DIR                          (core.he.cli)
     fedmedvit report RUN_DIR                                  (core.privacy.report)
     fedmedvit decrypt RUN_DIR --secret-context FILE           (client.decrypt)
     fedmedvit explain RUN_DIR --site-dir DIR --out DIR        (client.explain)
@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "phantoms": ("core.data.phantoms", "write phantom hospitals to disk"),
     "pretrain": ("core.pretrain", "masked-image-modelling pretraining of a backbone"),
     "import": ("core.model.convert", "import a timm or PUMIT checkpoint as a backbone"),
-    "he": ("core.he.ckks", "provision or inspect CKKS contexts (provision | show)"),
+    "he": ("core.he.cli", "provision or inspect CKKS contexts (provision | show)"),
     "report": ("core.privacy.report", "re-render a run folder's privacy report"),
     "decrypt": ("client.decrypt", "a site decrypts the final adapters of an encrypted run"),
     "explain": ("client.explain", "overlays of where the model looks, per case, at a site"),

@@ -46,6 +46,9 @@ the path of ``report.md``. Re-running it re-renders from the JSON files alone.
   Only ``round`` (an integer >= 1) is required. Metric values are numbers, or null when not
   measured; any metric name is allowed. String values are labels (e.g. a site's ``"status"``)
   and other keys of a round (e.g. ``"events"``) are ignored by the report.
+
+Over 500 lines: the readers of its two input files, the Markdown and the plot are one report
+for one reader (the data-protection officer), and change together.
 """
 
 from __future__ import annotations
@@ -61,13 +64,10 @@ from pathlib import Path
 from typing import Any
 
 from core.io import write_json_atomic, write_text_atomic
-from core.privacy.ledger import (
-    DPPlan,
-    DPSettings,
-    LedgerFormatError,
-    PrivacyLedger,
-    RoundRecord,
-)
+from core.privacy.errors import LedgerFormatError
+from core.privacy.ledger import PrivacyLedger
+from core.privacy.plan import DPPlan, DPSettings
+from core.privacy.records import RoundRecord
 
 PRIVACY_FILE = "privacy.json"
 METRICS_FILE = "metrics.json"

@@ -12,6 +12,8 @@ an outsider's Control API calls; a signed release goes through the app registry 
 own verification code; and (slow) ``deploy.local`` runs the whole deployment on loopback,
 with one SuperNode whose key was never registered and an outsider who tries to register a
 node and to get its own app executed in the hospitals.
+
+Over 500 lines: every deployment artefact checked against the shared fixtures defined here.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from core.privacy.ledger import DPPlan, DPSettings, PrivacyLedger, epsilon_of_history
+from core.privacy.ledger import PrivacyLedger
+from core.privacy.plan import DPPlan, DPSettings, epsilon_of_history
 from core.privacy.report import (
     METRICS_FILE,
     PLOT_FILE,
