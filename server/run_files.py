@@ -13,6 +13,7 @@ Layout (``out-dir``)::
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,11 @@ class RunFolder:
 
     def write_config(self, cfg: RunConfig) -> None:
         write_json_atomic(self.root / "config.json", cfg.to_flat())
+
+    def planned_rounds(self) -> int:
+        """The run config's ``num-server-rounds`` (0 before :meth:`write_config`)."""
+        path = self.root / "config.json"
+        return int(json.loads(path.read_text())["num-server-rounds"]) if path.is_file() else 0
 
     def save_round(
         self, server_round: int, adapters: dict[str, torch.Tensor], strategy: AdapterFedAvg
@@ -73,7 +79,13 @@ class RunFolder:
 
     def write_reports(self, strategy: AdapterFedAvg) -> None:
         rounds = [r.to_json() for _, r in sorted(strategy.rounds.items())]
-        write_metrics_json(self.root, {"rounds": rounds})
+        run = {
+            "run": self.root.name,
+            "backbone_fingerprint": strategy.backbone_fingerprint,
+            "num_server_rounds": self.planned_rounds(),
+            "updated_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        write_metrics_json(self.root, {"run": run, "rounds": rounds})
         if strategy.ledgers:
             # A site's statement is its ledger plus the policy and release list it stated;
             # the report shows them as sent (core.federation.protocol.PRIVACY_LEDGER).

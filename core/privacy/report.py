@@ -169,6 +169,7 @@ def write_metrics_json(run_dir: str | os.PathLike[str], metrics: Mapping[str, An
     path = Path(run_dir) / METRICS_FILE
     document = _finite_or_null(metrics)
     parse_metrics(document, source=str(path))
+    parse_run_facts(document, source=str(path))
     return write_json_atomic(path, document)
 
 
@@ -267,6 +268,24 @@ def parse_privacy(data: Any, *, source: str = PRIVACY_FILE) -> tuple[SiteBudget,
             )
         )
     return tuple(budgets)
+
+
+RUN_LABELS = {
+    "run": "Run folder",
+    "backbone_fingerprint": "Backbone fingerprint (SHA-256)",
+    "num_server_rounds": "Rounds planned",
+    "updated_utc": "Written (UTC)",
+}
+
+
+def parse_run_facts(data: Any, *, source: str = METRICS_FILE) -> dict[str, str]:
+    """The optional ``run`` block of a ``metrics.json`` document: names to strings/numbers."""
+    raw = data.get("run", {}) if isinstance(data, Mapping) else {}
+    if not isinstance(raw, Mapping) or not all(
+        isinstance(v, str | int | float) and not isinstance(v, bool) for v in raw.values()
+    ):
+        raise ReportInputError(f"{source}: run: expected an object of strings and numbers")
+    return {str(k): str(v) for k, v in raw.items()}
 
 
 def parse_metrics(data: Any, *, source: str = METRICS_FILE) -> tuple[RoundMetrics, ...]:
@@ -410,12 +429,17 @@ def render_markdown(
     metrics: Sequence[RoundMetrics],
     *,
     plot_name: str = PLOT_FILE,
+    run: Mapping[str, str] | None = None,
 ) -> str:
-    """The text of ``report.md``: summary, the explanation, one table per site, model quality."""
+    """The text of ``report.md``: which run, summary, the explanation, one table per site,
+    model quality. ``run``: facts identifying the run (``metrics.json``'s ``run`` block)."""
     accountants = sorted({site.settings.accountant.upper() for site in sites})
-    lines = [
-        "# Privacy-budget report",
-        "",
+    lines = ["# Privacy-budget report", ""]
+    if run:
+        lines += ["| Run | |", "|---|---|"]
+        lines += [f"| {_cell(RUN_LABELS.get(k, k))} | {_cell(v)} |" for k, v in run.items()]
+        lines.append("")
+    lines += [
         f"![Cumulative epsilon per round and model quality]({plot_name})",
         "",
         "## Summary",
@@ -526,9 +550,19 @@ def _released_lines(site: SiteBudget) -> list[str]:
     return [*lines, ""]
 
 
+METRIC_LABELS = {
+    "auc": "AUC",
+    # Rates at the threshold each site picks on its own validation split (the deployed rule).
+    "balanced-accuracy": "Balanced accuracy (site threshold)",
+    "sensitivity": "Sensitivity (site threshold)",
+    "specificity": "Specificity (site threshold)",
+    # The arg-max rule of the shared head, without the site's threshold.
+    "accuracy": "Accuracy (arg-max)",
+}
+
+
 def metric_label(name: str) -> str:
-    known = {"auc": "AUC", "balanced-accuracy": "Balanced accuracy"}
-    return known.get(name, name.replace("_", " ").capitalize())
+    return METRIC_LABELS.get(name, name.replace("_", " ").replace("-", " ").capitalize())
 
 
 def _metric_names(metrics: Sequence[RoundMetrics]) -> list[str]:
@@ -669,9 +703,10 @@ def render_report(run_dir: str | os.PathLike[str], *, metric: str | None = None)
         raise ReportInputError(f"{folder}: not a directory; pass the run folder")
     sites = load_privacy(folder / PRIVACY_FILE)
     metrics = load_metrics(folder / METRICS_FILE)
+    run = parse_run_facts(_read_json(folder / METRICS_FILE), source=str(folder / METRICS_FILE))
     render_plot(sites, metrics, folder / PLOT_FILE, metric=metric)
     return write_text_atomic(
-        folder / REPORT_FILE, render_markdown(sites, metrics, plot_name=PLOT_FILE)
+        folder / REPORT_FILE, render_markdown(sites, metrics, plot_name=PLOT_FILE, run=run)
     )
 
 

@@ -94,6 +94,9 @@ def test_two_sites_two_rounds_with_dp(tmp_path, data_cache, capsys):
     report = (out / "report.md").read_text()
     assert "Epsilon spent" in report and "data-protection officer" in report
     assert "What left this site" in report and "| metric auc | evaluate | NO |" in report
+    # The report says which run and which backbone it is about.
+    assert f"| Backbone fingerprint (SHA-256) | {load_backbone(backbone)[1]} |" in report
+    assert f"| Run folder | {out.name} |" in report and "| Rounds planned | 2 |" in report
     assert (out / "privacy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "adapters" / "adapter_model.safetensors").is_file()
 

@@ -100,7 +100,7 @@ def test_report_tables_carry_the_exact_epsilons(run_dir, ledgers):
     assert "## Site site\\|b" in text  # a pipe in a site name cannot break the table
     assert "Epsilon is cumulative" in text and "Who decides: each site" in text
     assert "**Not covered:**" in text
-    assert "| Round | AUC | Accuracy | Loss |" in text
+    assert "| Round | AUC | Accuracy (arg-max) | Loss |" in text
     assert "| 3 | 0.6000 | 0.8000 | — |" in text  # global AUC, accuracy, loss per round
 
 
@@ -259,3 +259,21 @@ def test_metric_panel_prefers_auc_then_balanced_then_plain_accuracy():
     only_accuracy = parse_metrics({"rounds": [{"round": 1, "evaluate": {"accuracy": 0.7}}]})
     assert choose_metric(only_accuracy) == "accuracy"
     assert choose_metric(parse_metrics(_metrics())) == "auc"
+
+
+def test_report_names_the_run_and_labels_threshold_metrics(tmp_path, ledgers):
+    """A DPO holding report.md alone can tell which run and backbone it is about, and which
+    rates are at the site's own threshold and which are the shared head's arg-max."""
+    write_privacy_json(tmp_path, ledgers)
+    metrics = _metrics()
+    for entry in metrics["rounds"]:
+        entry["evaluate"]["balanced-accuracy"] = 0.7
+    fingerprint = "ab" * 32
+    run = {"run": "runs/x", "backbone_fingerprint": fingerprint, "num_server_rounds": 3}
+    write_metrics_json(tmp_path, metrics | {"run": run})
+    text = (render_report(tmp_path)).read_text()
+    assert f"| Backbone fingerprint (SHA-256) | {fingerprint} |" in text
+    assert "| Rounds planned | 3 |" in text
+    assert "Balanced accuracy (site threshold)" in text and "Accuracy (arg-max)" in text
+    with pytest.raises(ReportInputError, match="run: expected an object"):
+        write_metrics_json(tmp_path, metrics | {"run": {"run": ["not", "a", "string"]}})
