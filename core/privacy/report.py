@@ -59,7 +59,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,8 @@ class RoundMetrics:
     train: Mapping[str, float | None]
     evaluate: Mapping[str, float | None]
     sites: Mapping[str, Mapping[str, float | None]]
+    status: Mapping[str, str] = field(default_factory=dict)  # site -> trained/...
+    reasons: Mapping[str, str] = field(default_factory=dict)  # site -> why not
 
 
 # -- writing the inputs ----------------------------------------------------------------------
@@ -288,6 +290,27 @@ def parse_run_facts(data: Any, *, source: str = METRICS_FILE) -> dict[str, str]:
     return {str(k): str(v) for k, v in raw.items()}
 
 
+def _text_map(value: object, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
+        raise ReportInputError(f"{where}: expected an object of strings, got {value!r:.80}")
+    return {str(k): v for k, v in value.items()}
+
+
+def _event_reasons(value: object, where: str) -> dict[str, str]:
+    """Site -> the reasons logged for it in a round (refusals, rejections, errors), joined."""
+    if value is None:
+        return {}
+    if not isinstance(value, list) or not all(isinstance(e, Mapping) for e in value):
+        raise ReportInputError(f"{where}: expected a list of objects, got {value!r:.80}")
+    reasons: dict[str, list[str]] = {}
+    for event in value:
+        site, kind, reason = (str(event.get(k, "")) for k in ("site", "kind", "reason"))
+        reasons.setdefault(site, []).append(f"{kind}: {reason}" if reason else kind)
+    return {site: "; ".join(texts) for site, texts in reasons.items()}
+
+
 def parse_metrics(data: Any, *, source: str = METRICS_FILE) -> tuple[RoundMetrics, ...]:
     """Validate a ``metrics.json`` document; errors name ``source`` and the field."""
     if not isinstance(data, Mapping) or "rounds" not in data:
@@ -319,6 +342,8 @@ def parse_metrics(data: Any, *, source: str = METRICS_FILE) -> tuple[RoundMetric
                         str(site): _metric_map(values, f"{where}.sites.{site}")
                         for site, values in raw_sites.items()
                     },
+                    status=_text_map(raw.get("status"), f"{where}.status"),
+                    reasons=_event_reasons(raw.get("events"), f"{where}.events"),
                 )
             )
         except ReportInputError as err:
@@ -460,6 +485,7 @@ def render_markdown(
     lines += ["", DPO_EXPLANATION.format(accountants=" / ".join(accountants))]
     for site in sites:
         lines += _site_section(site)
+    lines += _unledgered_section({site.name for site in sites}, metrics)
     lines += _metrics_section(metrics)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -559,6 +585,33 @@ METRIC_LABELS = {
     # The arg-max rule of the shared head, without the site's threshold.
     "accuracy": "Accuracy (arg-max)",
 }
+
+
+def _unledgered_section(ledgered: set[str], metrics: Sequence[RoundMetrics]) -> list[str]:
+    """Sites the coordinator heard from that never sent a privacy ledger (e.g. their policy
+    refused every round before training): listed so that no participant is invisible."""
+    rows = [
+        (row.server_round, name, row.status.get(name, ""), row.reasons.get(name, ""))
+        for row in metrics
+        for name in sorted((row.status.keys() | row.reasons.keys()) - ledgered)
+    ]
+    if not rows:
+        return []
+    lines = [
+        "## Sites without a privacy ledger",
+        "",
+        "These sites replied but sent no privacy ledger, so no epsilon is known for them; "
+        "a site that refuses before training (for example because the run config breaks its "
+        "policy) spends no budget and sends nothing derived from its data.",
+        "",
+        "| Round | Site | Status | Reason |",
+        "|---:|---|---|---|",
+    ]
+    lines += [
+        f"| {r} | {_cell(name)} | {_cell(status or DASH)} | {_cell(reason[:300] or DASH)} |"
+        for r, name, status, reason in rows
+    ]
+    return [*lines, ""]
 
 
 def metric_label(name: str) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from core.config import ConfigError
-from core.model.checkpoint import load_backbone
 from core.data import HospitalSpec, PhantomSite, generate_hospitals
+from core.model.checkpoint import load_backbone
 from simulations.run import load_scenario, main, prepare_backbone, resolve_data_root
 
 

@@ -277,3 +277,24 @@ def test_report_names_the_run_and_labels_threshold_metrics(tmp_path, ledgers):
     assert "Balanced accuracy (site threshold)" in text and "Accuracy (arg-max)" in text
     with pytest.raises(ReportInputError, match="run: expected an object"):
         write_metrics_json(tmp_path, metrics | {"run": {"run": ["not", "a", "string"]}})
+
+
+def test_a_site_that_refused_without_a_ledger_is_listed(tmp_path, ledgers):
+    """A site whose policy refused every round sends no ledger; the DPO still sees it, with
+    the reason it gave, and site-supplied text cannot break the table."""
+    write_privacy_json(tmp_path, ledgers)
+    metrics = _metrics()
+    for entry in metrics["rounds"]:
+        entry["status"] = {"site-a": "trained", "site|b": "trained", "site-c": "refused"}
+        entry["events"] = [
+            {"site": "site-c", "kind": "refused", "reason": "policy: he | required"},
+        ]
+    write_metrics_json(tmp_path, metrics)
+    text = render_report(tmp_path).read_text()
+    assert "## Sites without a privacy ledger" in text
+    for server_round in (1, 2, 3):
+        row = f"| {server_round} | site-c | refused | refused: policy: he \\| required |"
+        assert row in text
+    assert "| 1 | site-a |" not in text  # sites with a ledger have their own section
+    with pytest.raises(ReportInputError, match="status: expected an object of strings"):
+        write_metrics_json(tmp_path, {"rounds": [{"round": 1, "status": {"x": 1}}]})
