@@ -99,6 +99,9 @@ def test_two_sites_two_rounds_with_dp(tmp_path, data_cache, capsys):
     assert f"| Run folder | {out.name} |" in report and "| Rounds planned | 2 |" in report
     assert (out / "privacy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "adapters" / "adapter_model.safetensors").is_file()
+    card = (out / "adapters" / "README.md").read_text()
+    assert load_backbone(backbone)[1] in card and "target epsilon 8" in card
+    assert "More Information Needed" not in card  # not peft's empty template
 
 
 def test_sites_refuse_a_round_past_their_budget_and_the_server_carries_on(tmp_path, data_cache):
