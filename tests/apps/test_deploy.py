@@ -36,7 +36,10 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from core.config import RunConfig
 from deploy import local
+from deploy import processes as procs
+from deploy.outsider import attempt, write_probe_app
 from deploy.pki import make_ca, make_node_key, make_server_cert
+from simulations import flower_cli
 from simulations.flower_cli import BIN
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -498,7 +501,7 @@ def test_a_signed_release_passes_flowers_own_verification_and_nothing_else_does(
 
     from deploy import release
 
-    app = local.write_probe_app(tmp_path / "app", tmp_path / "loot")
+    app = write_probe_app(tmp_path / "app", tmp_path / "loot")
     key, public = release.keygen(tmp_path / "keys" / "consortium")
     stranger, _ = release.keygen(tmp_path / "keys" / "stranger")
     signed = release.sign(app, key, tmp_path / "releases")
@@ -555,21 +558,21 @@ def guarded_superlink(tmp_path):
     certs = tmp_path / "certs"
     make_ca(tmp_path / "ca")
     files = make_server_cert(tmp_path / "ca", certs, ["localhost", "127.0.0.1"])
-    control, fleet = f"127.0.0.1:{local.free_port()}", f"127.0.0.1:{local.free_port()}"
-    secret = local.write_secret(tmp_path / "secret")
-    with local.running(tmp_path / "logs") as processes:
+    control, fleet = f"127.0.0.1:{flower_cli.free_port()}", f"127.0.0.1:{flower_cli.free_port()}"
+    secret = procs.write_secret(tmp_path / "secret")
+    with procs.running(tmp_path / "logs") as processes:
         processes.start(
             "superlink",
             local.superlink_command(int(control.split(":")[1]), certs, tmp_path / "db", secret),
-            local.base_env(tmp_path / "homes" / "superlink"),
+            procs.base_env(tmp_path / "homes" / "superlink"),
         )
         processes.start(
             "fleet-proxy",
             local.proxy_command(fleet, control, certs),
-            local.base_env(tmp_path / "homes" / "proxy"),
+            procs.base_env(tmp_path / "homes" / "proxy"),
         )
-        local.wait_healthy("superlink", f"https://{control}/health", processes, files.ca)
-        local.wait_healthy("fleet-proxy", f"https://{fleet}/proxy-health", processes, files.ca)
+        procs.wait_healthy("superlink", f"https://{control}/health", processes, files.ca)
+        procs.wait_healthy("fleet-proxy", f"https://{fleet}/proxy-health", processes, files.ca)
         yield control, fleet, files.ca
 
 
@@ -578,23 +581,23 @@ def test_the_fleet_address_refuses_an_outsiders_registration_and_run(guarded_sup
     register` and `flwr run` at the address the hospitals dial. Before the proxy, that
     address was the SuperLink's and both succeeded."""
     control, fleet, ca = guarded_superlink
-    outsider = local.write_cli_config(tmp_path / "outsider", fleet, ca)
-    coordinator = local.write_cli_config(tmp_path / "coordinator", control, ca)
+    outsider = procs.write_cli_config(tmp_path / "outsider", fleet, ca)
+    coordinator = procs.write_cli_config(tmp_path / "coordinator", control, ca)
     public = make_node_key(tmp_path / "keys" / "outsider")
-    app = local.write_probe_app(tmp_path / "app", tmp_path / "loot")
+    app = write_probe_app(tmp_path / "app", tmp_path / "loot")
     with ThreadPoolExecutor(max_workers=2) as pool:
         register, run = pool.map(
-            lambda args: local.attempt(outsider, *args),
+            lambda args: attempt(outsider, *args),
             [
-                ("supernode", "register", str(public), local.CONNECTION),
-                ("run", str(app), local.CONNECTION),
+                ("supernode", "register", str(public), procs.CONNECTION),
+                ("run", str(app), procs.CONNECTION),
             ],
         )
     assert register.exit_code != 0 and "registered" not in register.output, register.output
     assert run.exit_code != 0 and "Successfully started run" not in run.output, run.output
     # Nothing reached the SuperLink: no node, no run (asked on the coordinator's side).
-    assert local.list_supernodes(coordinator, local.CONNECTION) == []
-    assert local.list_runs(coordinator, local.CONNECTION) == []
+    assert flower_cli.list_supernodes(coordinator, procs.CONNECTION) == []
+    assert flower_cli.list_runs(coordinator, procs.CONNECTION) == []
 
     # Route by route: Control, Runtime and docs are not served at the Fleet address; Fleet
     # routes reach the SuperLink (which answers with its own node-auth refusal).
@@ -620,7 +623,7 @@ def deployment(tmp_path_factory):
     out = tmp_path_factory.mktemp("deploy")
     try:
         return local.run_deployment(out, sites=3, rounds=2, intruder=True, quiet=True, timeout=600)
-    except (local.DeploymentError, local.RunFailed) as err:
+    except (procs.DeploymentError, flower_cli.RunFailed) as err:
         logs = "\n".join(
             f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:])
             for p in sorted((out / "logs").glob("*.log"))
@@ -694,7 +697,7 @@ def test_every_process_the_deployment_started_is_gone(deployment):
     # registry, superlink, fleet proxy, serverapp, 3 x (supernode, clientapp), intruder
     started = 1 + 1 + 1 + 1 + 3 * 2 + 1
     assert len(deployment.processes) >= started
-    alive = [pid for pid, at in deployment.processes.items() if local.is_running(pid, at)]
+    alive = [pid for pid, at in deployment.processes.items() if procs.is_running(pid, at)]
     assert not alive, f"still running: {alive}"
 
 
