@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -39,7 +39,10 @@ from deploy.outsider import ANSI_CODE, OutsiderOutcome, outsider_checks
 from deploy.pki import make_ca, make_node_key, make_server_cert
 from deploy.processes import (
     CONNECTION,
+    HOSPITAL,
     DeploymentError,
+    Launcher,
+    Mount,
     Processes,
     base_env,
     running,
@@ -99,6 +102,8 @@ class DeploymentResult:
     intruder: IntruderOutcome | None = None
     outsider: OutsiderOutcome | None = None
     processes: dict[int, int] = field(default_factory=dict)  # PID -> start time; all stopped
+    # Seconds until the coordinator's services answered, and until every hospital connected.
+    startup: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -305,6 +310,20 @@ def prepare_sites(out: Path, count: int, seed: int) -> list[Site]:
     return sites
 
 
+def supernode_mounts(site: Site, ca: Path, trusted: Path) -> list[Mount]:
+    """What a hospital's SuperNode reads: the CA certificate, its own node key, the release
+    keys it trusts and its SuperExec secret. Never the data: its ClientApp reads that."""
+    return [Mount(ca), Mount(site.private_key), Mount(trusted), Mount(site.superexec_secret)]
+
+
+def clientapp_mounts(site: Site, he_secret: Path | None) -> list[Mount]:
+    """What a hospital's ClientApp reads and writes: its SuperExec secret, its own data
+    (read-only), its own state (the privacy ledger; writable) and the sites' secret HE
+    context (HE only)."""
+    mounts = [Mount(site.superexec_secret), Mount(site.data_dir), Mount(site.state_dir, True)]
+    return mounts + ([Mount(he_secret)] if he_secret is not None else [])
+
+
 def start_hospital(
     processes: Processes,
     site: Site,
@@ -313,16 +332,22 @@ def start_hospital(
     trusted: Path,
     homes: Path,
     app_threads: int,
+    he_secret: Path | None = None,
 ) -> None:
+    site.state_dir.mkdir(parents=True, exist_ok=True)
     processes.start(
         f"supernode-{site.name}",
         supernode_command(site, superlink, ca, trusted),
         base_env(homes / f"supernode-{site.name}"),
+        role=HOSPITAL,
+        mounts=supernode_mounts(site, ca, trusted),
     )
     processes.start(
         f"clientapp-{site.name}",
         superexec_command(f"127.0.0.1:{site.runtime_port}", site.superexec_secret, None),
         base_env(homes / f"clientapp-{site.name}", app_threads=app_threads),
+        role=HOSPITAL,
+        mounts=clientapp_mounts(site, he_secret),
     )
 
 
@@ -343,7 +368,13 @@ def start_intruder(
     )
     name = f"supernode-{site.name}"
     command = supernode_command(site, superlink, ca, trusted)
-    processes.start(name, command, base_env(out / "homes" / name))
+    processes.start(
+        name,
+        command,
+        base_env(out / "homes" / name),
+        role=HOSPITAL,
+        mounts=supernode_mounts(site, ca, trusted),
+    )
     return name
 
 
@@ -392,9 +423,15 @@ def run_deployment(
     app_threads: int = 1,
     timeout: float = 900,
     quiet: bool = False,
+    launcher: Launcher | None = None,
+    inspect: Callable[[DeploymentResult, Processes], None] | None = None,
 ) -> DeploymentResult:
     """Set up certificates, keys, data and the signed release under ``out``, start every
     process, run, check, let the outsider try (``outsider``), stop.
+
+    With a ``launcher`` every component runs in a container (``deploy.containers``) that
+    gets only the files it declares (:class:`Mount`). ``inspect`` is called after the run,
+    while everything is still up.
 
     Raises:
         DeploymentError: a process failed to start or a check failed.
@@ -428,6 +465,8 @@ def run_deployment(
         secret, public = provision(out / "he", overwrite=True)
         values |= {"he": True, "he-secret-context": str(secret), "he-public-context": str(public)}
     values |= dict(run_config or {})
+    he_secret = Path(values["he-secret-context"]) if values.get("he") else None
+    he_public = [Mount(Path(values["he-public-context"]))] if values.get("he") else []
     from core.config import RunConfig
 
     RunConfig.from_flat(values)  # fail before any process starts
@@ -444,37 +483,54 @@ def run_deployment(
         control_address=control,
         release=release,
     )
-    with running(out / "logs") as processes:
+    database = out / "superlink" / "superlink.db"  # a folder of its own: mounted writable
+    database.parent.mkdir(parents=True, exist_ok=True)
+    result.run_dir.mkdir(parents=True, exist_ok=True)
+    with running(out / "logs", launcher) as processes:
+        coordinator_started = time.perf_counter()
         processes.start(
-            "registry", registry_command(releases, registry_port), base_env(homes / "registry")
+            "registry",
+            registry_command(releases, registry_port),
+            base_env(homes / "registry"),
+            mounts=[Mount(releases)],
         )
         coordinator_secret = write_secret(out / "secrets" / "coordinator.superexec")
         processes.start(
             "superlink",
-            superlink_command(
-                int(control.rsplit(":", 1)[1]), certs, out / "superlink.db", coordinator_secret
-            ),
+            superlink_command(int(control.rsplit(":", 1)[1]), certs, database, coordinator_secret),
             base_env(homes / "superlink")
             | {"FLWR_SUPERGRID_API_URL": f"http://127.0.0.1:{registry_port}"},
+            mounts=[Mount(certs), Mount(coordinator_secret), Mount(database.parent, True)],
         )
         processes.start(
-            "fleet-proxy", proxy_command(fleet, control, certs), base_env(homes / "fleet-proxy")
+            "fleet-proxy",
+            proxy_command(fleet, control, certs),
+            base_env(homes / "fleet-proxy"),
+            mounts=[Mount(certs)],
         )
         wait_healthy("registry", f"http://127.0.0.1:{registry_port}/health", processes)
         wait_healthy("superlink", f"https://{control}/health", processes, files.ca)
         wait_healthy("fleet-proxy", f"https://{fleet}/proxy-health", processes, files.ca)
+        result.startup["coordinator"] = time.perf_counter() - coordinator_started
         processes.start(
             "serverapp",
             superexec_command(control, coordinator_secret, files.ca),
             base_env(homes / "serverapp", app_threads=app_threads),
+            mounts=[
+                Mount(files.ca),
+                Mount(coordinator_secret),
+                Mount(result.run_dir, True),
+                *he_public,
+            ],
         )
         result.node_ids = register_nodes(cli_env, {s.name: s.public_key for s in hospitals})
         say(
             f"SuperLink on {control} (TLS, node auth), Fleet-only proxy on {fleet}; "
             f"registered {result.node_ids}; release {release.spec} signed by {release.signers}"
         )
+        hospitals_started = time.perf_counter()
         for site in hospitals:
-            start_hospital(processes, site, fleet, files.ca, trusted, homes, app_threads)
+            start_hospital(processes, site, fleet, files.ca, trusted, homes, app_threads, he_secret)
         intruder_name = ""
         if intruder:
             intruder_name = start_intruder(
@@ -483,6 +539,7 @@ def run_deployment(
         wait_nodes_connected(
             processes, {f"supernode-{name}": i for name, i in result.node_ids.items()}, timeout=120
         )
+        result.startup["hospitals"] = time.perf_counter() - hospitals_started
         intruder_check = None
         if intruder:  # observed while the run goes on, so it costs no wall time
             watcher = ThreadPoolExecutor(max_workers=1)
@@ -509,6 +566,8 @@ def run_deployment(
             )
         if intruder_check is not None:
             result.intruder = intruder_check.result(timeout=180)
+        if inspect is not None:
+            inspect(result, processes)
         if outsider:
             say("the outsider tries both doors")
             result.outsider = outsider_checks(

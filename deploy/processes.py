@@ -15,10 +15,11 @@ import signal
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 
@@ -31,18 +32,62 @@ class DeploymentError(RuntimeError):
     """A deployment process failed to start, or a check on it failed."""
 
 
+@dataclass(frozen=True)
+class Mount:
+    """A host file or folder a component needs (read-only unless ``writable``)."""
+
+    path: Path
+    writable: bool = False
+
+
+# Which image runs a component in a container: the coordinator's or a hospital's.
+COORDINATOR = "coordinator"
+HOSPITAL = "hospital"
+
+
+class Launcher(Protocol):
+    """Runs components somewhere else than as local processes (``deploy.containers``)."""
+
+    def wrap(
+        self,
+        name: str,
+        role: str,
+        command: list[str],
+        env: Mapping[str, str],
+        mounts: Sequence[Mount],
+    ) -> list[str]:
+        """The local command that runs ``command`` there (in the foreground, logging to
+        stdout, stopped by SIGTERM), given exactly ``mounts``."""
+        ...
+
+    def stop(self) -> None:
+        """Remove whatever :meth:`wrap` started that is still there."""
+        ...
+
+
 @dataclass
 class Processes:
     """Processes this module started, each in its own session so it can be stopped by PID
-    together with whatever it spawned (SuperExecs start ServerApp/ClientApp processes)."""
+    together with whatever it spawned (SuperExecs start ServerApp/ClientApp processes).
+    With a ``launcher``, each component runs in a container through it."""
 
     log_dir: Path
+    launcher: Launcher | None = None
     started: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     tracked: dict[int, int] = field(default_factory=dict)  # PID -> start time, incl. children
 
     def start(
-        self, name: str, command: list[str], env: Mapping[str, str]
+        self,
+        name: str,
+        command: list[str],
+        env: Mapping[str, str],
+        *,
+        role: str = COORDINATOR,
+        mounts: Sequence[Mount] = (),
     ) -> subprocess.Popen[bytes]:
+        """Start one component; ``role`` and ``mounts`` matter only with a launcher."""
+        if self.launcher is not None:
+            command = self.launcher.wrap(name, role, command, env, mounts)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "wb") as log:
             process = subprocess.Popen(
@@ -86,6 +131,8 @@ class Processes:
                 with suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
         self.tracked |= descendants
+        if self.launcher is not None:
+            self.launcher.stop()
 
 
 def _proc_stat(pid: int | str) -> tuple[int, int] | None:
@@ -123,8 +170,8 @@ def _descendants(roots: set[int]) -> dict[int, int]:
 
 
 @contextmanager
-def running(log_dir: Path) -> Iterator[Processes]:
-    processes = Processes(log_dir)
+def running(log_dir: Path, launcher: Launcher | None = None) -> Iterator[Processes]:
+    processes = Processes(log_dir, launcher)
     try:
         yield processes
     finally:
