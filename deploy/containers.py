@@ -133,6 +133,18 @@ def make_base(name: str = LOCAL_BASE, work: Path | None = None) -> float:
     return time.perf_counter() - started
 
 
+def dockerfile_entrypoints() -> dict[str, list[str]]:
+    """Each build target of the Dockerfile -> its ENTRYPOINT (what compose services run
+    unless they set ``entrypoint:``)."""
+    found, stage = {}, ""
+    for line in (ROOT / DOCKERFILE).read_text().splitlines():
+        if match := re.match(r"FROM \S+ AS (\w+)$", line):
+            stage = match[1]
+        elif line.startswith("ENTRYPOINT "):
+            found[stage] = json.loads(line.split(" ", 1)[1])
+    return found
+
+
 def context_entries() -> list[str]:
     """What the images are built from: the allow-list of the Dockerfile's ignore file."""
     lines = [line.strip() for line in IGNORE_FILE.read_text().splitlines()]
@@ -343,13 +355,15 @@ class PodmanLauncher:
             path = mount.path.resolve()
             if not path.exists():
                 raise DeploymentError(f"{name}: {path} does not exist, cannot mount it")
-            hand_to_app_user(path)
+            if os.geteuid() == 0:  # rootful Podman (podman_missing() insists on it)
+                hand_to_app_user(path)
             volumes += ["-v", f"{path}:{path}:{'rw' if mount.writable else 'ro'}"]
         environment = [f"--env={key}={env[key]}" for key in CONTAINER_ENV if key in env]
         self.containers[name] = Container(container, role, list(mounts), time.perf_counter())
         return podman(
             "run",
             "--rm",
+            "--init",  # PID 1 forwards SIGTERM and reaps the SuperExecs' app processes
             "--name",
             container,
             "--label",
@@ -436,6 +450,7 @@ class Isolation:
     """What one container saw: its bind mounts below the deployment folder, which of the
     other sites' and the coordinator's files it could read, and where it could write."""
 
+    component: str
     container: str
     uid: int
     binds: list[str]
@@ -484,6 +499,7 @@ def check_isolation(
         )
         seen.append(
             Isolation(
+                component=component,
                 container=container.name,
                 uid=answer["uid"],
                 binds=answer["binds"],
@@ -584,7 +600,7 @@ def describe(study: StudyOutcome) -> Iterator[str]:
     for seen in study.isolation:
         verdict = "ok" if seen.ok else "NOT ISOLATED"
         yield (
-            f"  {seen.container.rsplit('-', 2)[-2:]!s:>28}: uid {seen.uid}, "
+            f"  {seen.component:>22}: uid {seen.uid}, "
             f"{len(seen.binds)} mounts (declared {len(seen.declared)}), "
             f"{len(seen.foreign_readable)}/{seen.foreign_tried} foreign paths readable, "
             f"root fs writable at {seen.root_writable or 'none'}: {verdict}"
@@ -596,7 +612,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("step", choices=["base", "build", "scan", "run", "all"])
     parser.add_argument("--base", default=LOCAL_BASE, help="base image (Python 3.11 + venv)")
@@ -605,7 +621,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1200, help="seconds for each run")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
     if (missing := podman_missing()) is not None:
         print(f"cannot run containers: {missing}", file=sys.stderr)
         return 2

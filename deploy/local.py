@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.outsider import ANSI_CODE, OutsiderOutcome, outsider_checks
-from deploy.pki import make_ca, make_node_key, make_server_cert
+from deploy.pki import CA_CERT, make_ca, make_node_key, make_server_cert
 from deploy.processes import (
     CONNECTION,
     HOSPITAL,
@@ -310,6 +310,56 @@ def prepare_sites(out: Path, count: int, seed: int) -> list[Site]:
     return sites
 
 
+@dataclass(frozen=True)
+class Coordinator:
+    """The coordinator's side: its addresses and the files its components use."""
+
+    control: str  # the SuperLink (Control, Fleet and Runtime API): coordinator only
+    fleet: str  # the Fleet-only proxy: what the hospitals dial
+    registry_port: int
+    certs: Path  # ca.pem, server.pem, server.key
+    database: Path  # the SuperLink's, in a folder of its own
+    secret: Path  # shared by the SuperLink and the ServerApp's SuperExec
+    releases: Path  # signed app releases, served by the registry
+    run_dir: Path  # the ServerApp's out-dir
+    he_public: Path | None = None  # the public HE context (HE runs)
+
+
+def start_coordinator(processes: Processes, c: Coordinator, homes: Path) -> None:
+    """The app registry, the SuperLink and the Fleet-only proxy, each with only its files."""
+    processes.start(
+        "registry",
+        registry_command(c.releases, c.registry_port),
+        base_env(homes / "registry"),
+        mounts=[Mount(c.releases)],
+    )
+    processes.start(
+        "superlink",
+        superlink_command(int(c.control.rsplit(":", 1)[1]), c.certs, c.database, c.secret),
+        base_env(homes / "superlink")
+        | {"FLWR_SUPERGRID_API_URL": f"http://127.0.0.1:{c.registry_port}"},
+        mounts=[Mount(c.certs), Mount(c.secret), Mount(c.database.parent, True)],
+    )
+    processes.start(
+        "fleet-proxy",
+        proxy_command(c.fleet, c.control, c.certs),
+        base_env(homes / "fleet-proxy"),
+        mounts=[Mount(c.certs)],
+    )
+
+
+def start_serverapp(processes: Processes, c: Coordinator, homes: Path, app_threads: int) -> None:
+    """The ServerApp's SuperExec: the CA, its secret, the run folder and the public context."""
+    ca = c.certs / CA_CERT
+    he = [Mount(c.he_public)] if c.he_public is not None else []
+    processes.start(
+        "serverapp",
+        superexec_command(c.control, c.secret, ca),
+        base_env(homes / "serverapp", app_threads=app_threads),
+        mounts=[Mount(ca), Mount(c.secret), Mount(c.run_dir, True), *he],
+    )
+
+
 def supernode_mounts(site: Site, ca: Path, trusted: Path) -> list[Mount]:
     """What a hospital's SuperNode reads: the CA certificate, its own node key, the release
     keys it trusts and its SuperExec secret. Never the data: its ClientApp reads that."""
@@ -466,7 +516,6 @@ def run_deployment(
         values |= {"he": True, "he-secret-context": str(secret), "he-public-context": str(public)}
     values |= dict(run_config or {})
     he_secret = Path(values["he-secret-context"]) if values.get("he") else None
-    he_public = [Mount(Path(values["he-public-context"]))] if values.get("he") else []
     from core.config import RunConfig
 
     RunConfig.from_flat(values)  # fail before any process starts
@@ -486,43 +535,25 @@ def run_deployment(
     database = out / "superlink" / "superlink.db"  # a folder of its own: mounted writable
     database.parent.mkdir(parents=True, exist_ok=True)
     result.run_dir.mkdir(parents=True, exist_ok=True)
+    coordinator = Coordinator(
+        control=control,
+        fleet=fleet,
+        registry_port=registry_port,
+        certs=certs,
+        database=database,
+        secret=write_secret(out / "secrets" / "coordinator.superexec"),
+        releases=releases,
+        run_dir=result.run_dir,
+        he_public=Path(values["he-public-context"]) if values.get("he") else None,
+    )
     with running(out / "logs", launcher) as processes:
         coordinator_started = time.perf_counter()
-        processes.start(
-            "registry",
-            registry_command(releases, registry_port),
-            base_env(homes / "registry"),
-            mounts=[Mount(releases)],
-        )
-        coordinator_secret = write_secret(out / "secrets" / "coordinator.superexec")
-        processes.start(
-            "superlink",
-            superlink_command(int(control.rsplit(":", 1)[1]), certs, database, coordinator_secret),
-            base_env(homes / "superlink")
-            | {"FLWR_SUPERGRID_API_URL": f"http://127.0.0.1:{registry_port}"},
-            mounts=[Mount(certs), Mount(coordinator_secret), Mount(database.parent, True)],
-        )
-        processes.start(
-            "fleet-proxy",
-            proxy_command(fleet, control, certs),
-            base_env(homes / "fleet-proxy"),
-            mounts=[Mount(certs)],
-        )
+        start_coordinator(processes, coordinator, homes)
         wait_healthy("registry", f"http://127.0.0.1:{registry_port}/health", processes)
         wait_healthy("superlink", f"https://{control}/health", processes, files.ca)
         wait_healthy("fleet-proxy", f"https://{fleet}/proxy-health", processes, files.ca)
         result.startup["coordinator"] = time.perf_counter() - coordinator_started
-        processes.start(
-            "serverapp",
-            superexec_command(control, coordinator_secret, files.ca),
-            base_env(homes / "serverapp", app_threads=app_threads),
-            mounts=[
-                Mount(files.ca),
-                Mount(coordinator_secret),
-                Mount(result.run_dir, True),
-                *he_public,
-            ],
-        )
+        start_serverapp(processes, coordinator, homes, app_threads)
         result.node_ids = register_nodes(cli_env, {s.name: s.public_key for s in hospitals})
         say(
             f"SuperLink on {control} (TLS, node auth), Fleet-only proxy on {fleet}; "
