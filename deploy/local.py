@@ -11,9 +11,11 @@ with TLS and ``--enable-supernode-auth`` on an internal port, reachable from the
 only through the Fleet-only proxy (``deploy.fleet_proxy``); one SuperExec for the
 ServerApp; per hospital a ``flower-supernode`` (its key, the CA, its ``--node-config``,
 ``--trusted-entities`` with the consortium's key) and a SuperExec for its ClientApp; then
-``flwr run @fedmedvit/fedmedvit==VERSION`` over TLS, checked with ``flwr list``.
+``flwr run @fedmedvit/fedmedvit==VERSION`` over TLS, checked with ``flwr list``. Each
+component declares the files it needs (``Mount``); ``deploy.containers`` passes a launcher
+that runs each one in its own container with exactly those files mounted.
 
-Then an outsider who holds only ``ca.pem`` tries both doors (:func:`outsider_checks`):
+Then an outsider who holds only ``ca.pem`` tries both doors (``deploy.outsider``):
 registering its own node key and starting its own app through the address the hospitals
 dial; and, as if the Control API had been reached anyway, its unsigned app and an app signed
 with its own key, run through the coordinator's Control API. Every process started here is
