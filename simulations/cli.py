@@ -9,7 +9,7 @@
     fedmedvit decrypt RUN_DIR --secret-context FILE           (client.decrypt)
     fedmedvit explain RUN_DIR --site-dir DIR --out DIR        (client.explain)
     fedmedvit pki ca --out DIR / fedmedvit deploy-local ...   (deploy.pki / deploy.local, from
-                                                               a source checkout)
+    fedmedvit containers all                                   a source checkout; deploy.containers)
 
 Each module stays runnable as ``python -m MODULE`` too. Modules are imported only when their
 subcommand runs, so ``fedmedvit --help`` starts in well under a second.
@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "explain": ("client.explain", "overlays of where the model looks, per case, at a site"),
     "pki": ("deploy.pki", "certificates and SuperNode keys for a deployment"),
     "deploy-local": ("deploy.local", "the deployment as local processes (TLS, node auth)"),
+    "containers": ("deploy.containers", "build the images and run the deployment in containers"),
 }
 
 
