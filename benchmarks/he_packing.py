@@ -1,7 +1,7 @@
 """HE packing benchmark: ciphertext size, time and error of encrypted FedAvg.
 
 Compares TenSEAL's default packing (N = 8192, [60, 40, 40, 60], scale 2^40, public-key
-encryption, one CKKSVector per update) with the parameters chosen in ``core.he.ckks`` and a few
+encryption, one CKKSVector per update) with the parameters chosen in ``core.he.params`` and a few
 alternatives, for updates of the tiny and base adapter sizes, and checks the precision at both
 ends of the promised range (100 sites at the largest magnitudes, 2 sites at the smallest).
 

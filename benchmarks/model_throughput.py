@@ -36,6 +36,9 @@ through the DP step and through the plain step (same batch, alternating order), 
 Peak memory: one subprocess per configuration (tiny), the RSS high-water mark (``VmHWM``) after
 a few training steps; reported absolute and as the delta over the same process after imports and
 input creation.
+
+Over 500 lines: a benchmark script, each configuration's set-up next to the interleaved
+timer that runs them all.
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from core.pretrain.mim import demo_backbone
 from torch import Tensor, nn
 
 from benchmarks.federated import Pooled, weighted_average
@@ -43,7 +42,8 @@ from core.data import DABatchSampler, SiteDataset, collate
 from core.data.phantoms import generate_hospitals
 from core.federation.rounds import build_lora_model, open_split
 from core.federation.sites import list_sites
-from core.privacy.ledger import plan_dp
+from core.pretrain.cli import demo_backbone
+from core.privacy.plan import plan_dp
 from core.training.loops import (
     DPStepPlan,
     binary_scores,

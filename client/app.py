@@ -46,13 +46,14 @@ from core.federation.protocol import (
     SITE_NAME,
     SITE_REASON,
     SITE_STATUS,
+    int_of,
 )
 from core.federation.rounds import Release, evaluate_round, train_round
 from core.federation.sites import LEDGER_FILE, RELEASE_FILE, SiteRef, resolve_site
 from core.io import write_bytes_atomic, write_json_atomic
 
 app = ClientApp()
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: its handler prints INFO
 LEDGER_KEY = "privacy-ledger"
 RELEASE_KEY = "last-release"
 
@@ -115,12 +116,12 @@ def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
     site = resolve_site(cfg, context.node_config)
     policy = load_policy(site.data_dir, context.node_config)
-    config = msg.content[CONFIG]
+    config = msg.content.config_records[CONFIG]
     outcome = train_round(
         cfg,
         site_dir=site.data_dir,
-        global_adapters=msg.content[ARRAYS].to_torch_state_dict(),
-        server_round=int(config[SERVER_ROUND]),
+        global_adapters=msg.content.array_records[ARRAYS].to_torch_state_dict(),
+        server_round=int_of(config, SERVER_ROUND),
         expected_fingerprint=str(config.get(BACKBONE_FINGERPRINT, "")),
         ledger_state=_load_ledger(context, site),
         policy=policy,
@@ -134,7 +135,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = released_metrics(cfg, policy, outcome.metrics)
     content = RecordDict(
         {
-            METRICS: MetricRecord(metrics),
+            METRICS: MetricRecord(dict(metrics)),
             SITE: ConfigRecord(
                 {
                     SITE_NAME: site.name,
@@ -160,15 +161,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     if refusal:
         info[SITE_STATUS], info[SITE_REASON] = REFUSED, refusal
         return Message(content=RecordDict({SITE: info}), reply_to=msg)
-    config = msg.content[CONFIG]
+    config = msg.content.config_records[CONFIG]
     metrics = evaluate_round(
         cfg,
         site_dir=site.data_dir,
-        global_adapters=msg.content[ARRAYS].to_torch_state_dict(),
+        global_adapters=msg.content.array_records[ARRAYS].to_torch_state_dict(),
         expected_fingerprint=str(config.get(BACKBONE_FINGERPRINT, "")),
         cache_dir=_cache_dir(site),
     )
     content = RecordDict(
-        {METRICS: MetricRecord(released_metrics(cfg, policy, metrics)), SITE: info}
+        {METRICS: MetricRecord(dict(released_metrics(cfg, policy, metrics))), SITE: info}
     )
     return Message(content=content, reply_to=msg)

@@ -16,6 +16,7 @@ import html
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -27,6 +28,18 @@ from core.federation.rounds import build_lora_model, open_split
 from core.io import write_text_atomic
 
 INDEX = "index.html"
+
+
+def class_label(label: Any, names: tuple[str, ...] | None) -> str:
+    """A label (class index, multi-hot tensor or None) in the site's class names when it has
+    them: ``1`` -> ``"lesion"``; without names the index itself."""
+    if label is None:
+        return "the predicted class"
+    value = label.tolist() if hasattr(label, "tolist") else label
+    if isinstance(value, list):  # multi-label: the classes present
+        present = [i for i, flag in enumerate(value) if flag]
+        return ", ".join(names[i] if names else str(i) for i in present) or "none"
+    return names[int(value)] if names and 0 <= int(value) < len(names) else str(value)
 
 
 def explain_site(
@@ -47,30 +60,32 @@ def explain_site(
     model, _ = build_lora_model(cfg)
     load_adapter_folder(model, adapters or run_dir / "adapters")
     dataset = open_split(cfg, site_dir, split)
+    names = dataset.info.class_names
     count = len(dataset) if limit is None else min(limit, len(dataset))
     rows = []
     for index in tqdm(range(count), desc=f"explaining {split}", unit="case", file=sys.stderr):
         item = dataset[index]
         result = explain(model, item["image"], item["spacing"], method=method)
-        label = item.get("label")
-        label_text = (
-            "" if label is None else str(label.tolist() if hasattr(label, "tolist") else label)
-        )
+        label_text = class_label(item.get("label"), names)
+        explained = class_label(result.target, names)
         name = f"case-{index:05d}.png"
         render_overlay(
             item["image"],
             result.image_map,
             out / name,
             spacing=item["spacing"].tolist(),
-            title=f"case {index}: score {result.score:.3f}, label {label_text}",
+            title=f"case {index}: P({explained}) {result.score:.3f}, label {label_text}",
         )
         rows.append((result.score, index, label_text, name))
+    explained = class_label(1 if cfg.num_classes <= 2 else None, names)
     rows.sort(key=lambda row: (-row[0], row[1]))
     lines = [
         "<!doctype html><meta charset='utf-8'>",
         f"<title>Explanations: {html.escape(split)} split, {html.escape(method)}</title>",
         f"<h1>{html.escape(split)} split: {count} cases, method {html.escape(method)}</h1>",
-        "<p>Score: the model's probability of the explained class. Sorted by score.</p>",
+        f"<p>Score: the model's probability of <b>{html.escape(explained)}</b>; each overlay "
+        "shows where that score comes from (colour bar: relevance, 1 = the case's maximum). "
+        "Sorted by score.</p>",
         "<table><tr><th>rank</th><th>case</th><th>score</th><th>label</th><th>overlay</th></tr>",
     ]
     for rank, (score, index, label_text, name) in enumerate(rows, start=1):

@@ -29,7 +29,7 @@ from core.he.ckks import (
 )
 from core.he.provenance import SumProvenance, find_bad_uploads, tag_upload, verdict_json
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: its handler prints INFO
 
 
 class UnusableGlobal(Exception):
@@ -48,13 +48,13 @@ def open_global(content: RecordDict, secret_ctx: CkksContext) -> ArrayRecord | N
     """The plaintext global adapters of a server message, or None when they travel in the
     clear (round 1). Raises UnusableGlobal when an upload of the sum fails its tag or count
     slot, or the sum does not decrypt."""
-    config = content[P.CONFIG]
+    config = content.config_records[P.CONFIG]
     if P.HE_TOTAL not in config:
         return None
-    server_round = int(config.get(P.SERVER_ROUND, 0))
+    server_round = P.int_of(config, P.SERVER_ROUND, default=0)
     try:
         layout = CkksLayout.from_json(str(config[P.HE_LAYOUT]))
-        total = int(config[P.HE_TOTAL])
+        total = P.int_of(config, P.HE_TOTAL)
         provenance = SumProvenance.from_json(str(config.get(P.HE_SOURCES, "")))
         if provenance.total_examples != total:
             raise UnusableGlobal(
@@ -68,7 +68,9 @@ def open_global(content: RecordDict, secret_ctx: CkksContext) -> ArrayRecord | N
         bad = find_bad_uploads(provenance, probes, layout, secret_ctx)
         if bad:
             raise UnusableGlobal(verdict_json(provenance.round, bad))
-        adapters = decrypt_average(_ciphertexts(content[P.ARRAYS]), total, layout, secret_ctx)
+        adapters = decrypt_average(
+            _ciphertexts(content.array_records[P.ARRAYS]), total, layout, secret_ctx
+        )
     except (CkksError, KeyError, ValueError) as err:  # IntegrityError, malformed records
         raise UnusableGlobal(verdict_json(server_round, {}, str(err)[:2000])) from err
     return ArrayRecord(adapters)
@@ -79,8 +81,8 @@ def seal_upload(
 ) -> None:
     """Replace a train reply's plaintext ``ARRAYS`` by the weighted, encrypted update, and add
     its layout and tag to ``SITE`` (in place)."""
-    adapters = content[P.ARRAYS].to_torch_state_dict()
-    count = int(content[P.METRICS][P.NUM_EXAMPLES])
+    adapters = content.array_records[P.ARRAYS].to_torch_state_dict()
+    count = P.int_of(content.metric_records[P.METRICS], P.NUM_EXAMPLES)
     update = encrypt_update(adapters, count, secret_ctx)
     tag = tag_upload(
         update.ciphertexts,
@@ -92,8 +94,9 @@ def seal_upload(
     )
     arrays = P.ciphertexts_to_arrays(update.ciphertexts)
     content[P.ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-    content[P.SITE][P.HE_LAYOUT] = update.layout.to_json()
-    content[P.SITE][P.HE_TAG] = tag
+    site_record = content.config_records[P.SITE]
+    site_record[P.HE_LAYOUT] = update.layout.to_json()
+    site_record[P.HE_TAG] = tag
 
 
 def he_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -114,6 +117,6 @@ def he_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Mess
     reply = call_next(msg, context)
     is_update = reply.has_content() and P.ARRAYS in reply.content
     if msg.metadata.message_type == "train" and is_update:
-        server_round = int(msg.content[P.CONFIG][P.SERVER_ROUND])
+        server_round = P.int_of(msg.content.config_records[P.CONFIG], P.SERVER_ROUND)
         seal_upload(reply.content, secret, site=site.name, server_round=server_round)
     return reply

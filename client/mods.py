@@ -30,9 +30,9 @@ from core.data.errors import DatasetError
 from core.federation import protocol as P
 from core.federation.sites import ERROR_LOG, resolve_site
 from core.model.checkpoint import BackboneError
-from core.privacy.ledger import PrivacyError
+from core.privacy.errors import PrivacyError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: its handler prints INFO
 FAULT_ENV = "FEDMEDVIT_FAULT"
 
 

@@ -11,9 +11,11 @@ with TLS and ``--enable-supernode-auth`` on an internal port, reachable from the
 only through the Fleet-only proxy (``deploy.fleet_proxy``); one SuperExec for the
 ServerApp; per hospital a ``flower-supernode`` (its key, the CA, its ``--node-config``,
 ``--trusted-entities`` with the consortium's key) and a SuperExec for its ClientApp; then
-``flwr run @fedmedvit/fedmedvit==VERSION`` over TLS, checked with ``flwr list``.
+``flwr run @fedmedvit/fedmedvit==VERSION`` over TLS, checked with ``flwr list``. Each
+component declares the files it needs (``Mount``); ``deploy.containers`` passes a launcher
+that runs each one in its own container with exactly those files mounted.
 
-Then an outsider who holds only ``ca.pem`` tries both doors (:func:`outsider_checks`):
+Then an outsider who holds only ``ca.pem`` tries both doors (``deploy.outsider``):
 registering its own node key and starting its own app through the address the hospitals
 dial; and, as if the Control API had been reached anyway, its unsigned app and an app signed
 with its own key, run through the coordinator's Control API. Every process started here is
@@ -23,48 +25,49 @@ stopped by its PID (process group) on exit.
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import secrets
 import shutil
-import signal
-import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from deploy.pki import make_ca, make_node_key, make_server_cert
+from deploy.outsider import ANSI_CODE, OutsiderOutcome, outsider_checks
+from deploy.pki import CA_CERT, make_ca, make_node_key, make_server_cert
+from deploy.processes import (
+    CONNECTION,
+    HOSPITAL,
+    DeploymentError,
+    Launcher,
+    Mount,
+    Processes,
+    base_env,
+    running,
+    wait_healthy,
+    write_cli_config,
+    write_secret,
+)
 from deploy.release import Release, keygen, sign, trusted_entities
 from simulations.flower_cli import (
     BIN,
     RunFailed,
     flwr_run,
     free_port,
-    list_runs,
     list_supernodes,
     overrides_string,
-    stop_process_group,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_PACKAGES = ("core", "client", "server")  # what the ServerApp and ClientApp import
-CONNECTION = "deploy"
 # What the SuperLink logs when a SuperNode offers a key nobody registered (flwr 1.41).
 REFUSAL_MARK = "No SuperNode found with the given public key"
-# What a SuperNode started with --trusted-entities logs when it refuses an app: unsigned
-# (no signatures at all) or signed by no key it trusts (flwr 1.41, supernode).
-FAB_REFUSAL = re.compile(r"The FAB could not be verified|FAB verification failed")
 # Worth echoing from the ServerApp log stream: each round's phases and any failure.
 PROGRESS_LINE = re.compile(r"^\d\d/\d\d/\d{4} \S+:INFO:configure_|ERROR|Traceback")
-ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
 # Small enough for a few minutes on 2 cores; every key is a run-config key.
 DEMO_RUN_CONFIG: dict[str, Any] = {
     "model-size": "micro",
@@ -75,110 +78,6 @@ DEMO_RUN_CONFIG: dict[str, Any] = {
     "target-epsilon": 8.0,
     "round-timeout": 600.0,
 }
-
-
-class DeploymentError(RuntimeError):
-    """A deployment process failed to start, or a check on it failed."""
-
-
-@dataclass
-class Processes:
-    """Processes this module started, each in its own session so it can be stopped by PID
-    together with whatever it spawned (SuperExecs start ServerApp/ClientApp processes)."""
-
-    log_dir: Path
-    started: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
-    tracked: dict[int, int] = field(default_factory=dict)  # PID -> start time, incl. children
-
-    def start(
-        self, name: str, command: list[str], env: Mapping[str, str]
-    ) -> subprocess.Popen[bytes]:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / f"{name}.log", "wb") as log:
-            process = subprocess.Popen(
-                command,
-                env=dict(env),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.started.append((name, process))
-        if (stat := _proc_stat(process.pid)) is not None:
-            self.tracked[process.pid] = stat[1]
-        return process
-
-    def log(self, name: str) -> str:
-        path = self.log_dir / f"{name}.log"
-        return path.read_text(errors="replace") if path.is_file() else ""
-
-    def check_alive(self, names: list[str]) -> None:
-        for name, process in self.started:
-            if name in names and process.poll() is not None:
-                tail = "\n".join(self.log(name).splitlines()[-30:])
-                raise DeploymentError(f"{name} exited with code {process.returncode}:\n{tail}")
-
-    def stop_all(self, grace: float = 15.0) -> None:
-        """SIGTERM every process group at once (SuperNodes deactivate in parallel), then
-        wait; whatever is still alive after ``grace`` seconds is killed by PID, including
-        any descendant that left its group (collected before the first signal)."""
-        descendants = _descendants({process.pid for _, process in self.started})
-        for _, process in reversed(self.started):
-            if process.poll() is None:
-                with suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for _, process in reversed(self.started):
-            with suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            stop_process_group(process, grace=1.0)
-        for pid, started_at in descendants.items():
-            if is_running(pid, started_at):
-                with suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-        self.tracked |= descendants
-
-
-def _proc_stat(pid: int | str) -> tuple[int, int] | None:
-    """(parent pid, start time) of a live process, from /proc; None if it is gone, a zombie
-    (dead, waiting to be reaped) or this is not Linux."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        if fields[0] == "Z":
-            return None
-        return int(fields[1]), int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def is_running(pid: int, started_at: int) -> bool:
-    """Is this very process (not a later one that reused its PID) still alive?"""
-    stat = _proc_stat(pid)
-    return stat is not None and stat[1] == started_at
-
-
-def _descendants(roots: set[int]) -> dict[int, int]:
-    """Live descendants of ``roots``: PID -> start time (to never signal a reused PID)."""
-    children: dict[int, list[tuple[int, int]]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        if (stat := _proc_stat(entry.name)) is not None:
-            children.setdefault(stat[0], []).append((int(entry.name), stat[1]))
-    found: dict[int, int] = {}
-    todo = list(roots)
-    while todo:
-        for child, started in children.get(todo.pop(), []):
-            if child not in found:
-                found[child] = started
-                todo.append(child)
-    return found
-
-
-@contextmanager
-def running(log_dir: Path) -> Iterator[Processes]:
-    processes = Processes(log_dir)
-    try:
-        yield processes
-    finally:
-        processes.stop_all()
 
 
 @dataclass(frozen=True)
@@ -205,6 +104,8 @@ class DeploymentResult:
     intruder: IntruderOutcome | None = None
     outsider: OutsiderOutcome | None = None
     processes: dict[int, int] = field(default_factory=dict)  # PID -> start time; all stopped
+    # Seconds until the coordinator's services answered, and until every hospital connected.
+    startup: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -219,96 +120,6 @@ class IntruderOutcome:
     @property
     def refused(self) -> bool:
         return self.exit_code not in (None, 0) and bool(self.superlink_refusals) and not self.listed
-
-
-@dataclass
-class Attempt:
-    """One ``flwr`` command the outsider ran: its exit code and output."""
-
-    command: str
-    exit_code: int
-    output: str
-
-    @property
-    def gist(self) -> str:
-        """The CLI's error box (or its last line) as one line."""
-        boxed = [line.strip("│ ") for line in self.output.splitlines() if line.startswith("│")]
-        lines = boxed or self.output.strip().splitlines()[-1:]
-        return " ".join(" ".join(lines).split())
-
-
-@dataclass
-class OutsiderOutcome:
-    """What an outsider holding only ``ca.pem`` achieved.
-
-    ``register`` and ``run``: ``flwr supernode register`` and ``flwr run`` against the
-    address the hospitals dial. ``unsigned_run`` and ``foreign_run``: run ids of the
-    outsider's app started through the coordinator's own Control API (as if that door had
-    been reached), unsigned and signed with the outsider's key. ``refusals``: per hospital,
-    the SuperNode log lines refusing an app. ``loot``: files the outsider's ClientApp wrote
-    (it writes one per node it runs on). ``listed``: node ids the SuperLink knows beyond the
-    registered hospitals."""
-
-    register: Attempt
-    run: Attempt
-    unsigned_run: int
-    foreign_run: int
-    refusals: dict[str, list[str]]
-    loot: list[str]
-    listed: list[int]
-
-    @property
-    def refused(self) -> bool:
-        """Both doors held: nothing registered, nothing started through the Fleet address,
-        every hospital refused both apps, and the outsider's code ran nowhere."""
-        return (
-            self.register.exit_code != 0
-            and self.run.exit_code != 0
-            and all(len(lines) >= 2 for lines in self.refusals.values())
-            and not self.loot
-            and not self.listed
-        )
-
-
-def base_env(home: Path, *, app_threads: int | None = None) -> dict[str, str]:
-    """Environment for one component: its own FLWR_HOME, no update checks, no pip at run time.
-    ``app_threads`` caps torch threads for a SuperExec's apps: on one small machine several
-    hospitals share the cores, and oversubscribed threads make every round slower."""
-    home.mkdir(parents=True, exist_ok=True)
-    threads = {"OMP_NUM_THREADS": str(app_threads)} if app_threads else {}
-    return (
-        os.environ
-        | threads
-        | {
-            "FLWR_HOME": str(home),
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-
-
-def write_cli_config(home: Path, address: str, ca: Path) -> dict[str, str]:
-    """A FLWR_HOME whose default connection reaches the SuperLink over TLS, trusting our CA."""
-    env = base_env(home)
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "{address}"\n'
-        f'root-certificates = "{ca.resolve()}"\n'
-    )
-    return env
-
-
-def write_secret(path: Path) -> Path:
-    """A shared secret that lets a SuperExec talk to its SuperLink/SuperNode (process mode)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, secrets.token_hex(32).encode())
-    finally:
-        os.close(fd)
-    return path
 
 
 def superlink_command(port: int, certs: Path, database: Path, secret: Path) -> list[str]:
@@ -415,23 +226,6 @@ def proxy_command(listen: str, upstream: str, certs: Path) -> list[str]:
     ]
 
 
-def wait_healthy(
-    name: str, url: str, processes: Processes, ca: Path | None = None, timeout: float = 60
-) -> None:
-    """Poll ``url`` (HTTPS trusting ``ca`` when given) until it answers 2xx."""
-    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca)) if ca else False
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        processes.check_alive([name])
-        try:
-            if httpx.get(url, verify=verify, timeout=1).is_success:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise DeploymentError(f"{name} was not healthy at {url} within {timeout:.0f} s")
-
-
 def register_nodes(env: Mapping[str, str], public_keys: Mapping[str, Path]) -> dict[str, int]:
     """``flwr supernode register KEY.pub deploy --name NAME`` for each hospital (concurrently:
     each CLI start costs seconds); returns the node id the SuperLink gave each name."""
@@ -518,6 +312,70 @@ def prepare_sites(out: Path, count: int, seed: int) -> list[Site]:
     return sites
 
 
+@dataclass(frozen=True)
+class Coordinator:
+    """The coordinator's side: its addresses and the files its components use."""
+
+    control: str  # the SuperLink (Control, Fleet and Runtime API): coordinator only
+    fleet: str  # the Fleet-only proxy: what the hospitals dial
+    registry_port: int
+    certs: Path  # ca.pem, server.pem, server.key
+    database: Path  # the SuperLink's, in a folder of its own
+    secret: Path  # shared by the SuperLink and the ServerApp's SuperExec
+    releases: Path  # signed app releases, served by the registry
+    run_dir: Path  # the ServerApp's out-dir
+    he_public: Path | None = None  # the public HE context (HE runs)
+
+
+def start_coordinator(processes: Processes, c: Coordinator, homes: Path) -> None:
+    """The app registry, the SuperLink and the Fleet-only proxy, each with only its files."""
+    processes.start(
+        "registry",
+        registry_command(c.releases, c.registry_port),
+        base_env(homes / "registry"),
+        mounts=[Mount(c.releases)],
+    )
+    processes.start(
+        "superlink",
+        superlink_command(int(c.control.rsplit(":", 1)[1]), c.certs, c.database, c.secret),
+        base_env(homes / "superlink")
+        | {"FLWR_SUPERGRID_API_URL": f"http://127.0.0.1:{c.registry_port}"},
+        mounts=[Mount(c.certs), Mount(c.secret), Mount(c.database.parent, True)],
+    )
+    processes.start(
+        "fleet-proxy",
+        proxy_command(c.fleet, c.control, c.certs),
+        base_env(homes / "fleet-proxy"),
+        mounts=[Mount(c.certs)],
+    )
+
+
+def start_serverapp(processes: Processes, c: Coordinator, homes: Path, app_threads: int) -> None:
+    """The ServerApp's SuperExec: the CA, its secret, the run folder and the public context."""
+    ca = c.certs / CA_CERT
+    he = [Mount(c.he_public)] if c.he_public is not None else []
+    processes.start(
+        "serverapp",
+        superexec_command(c.control, c.secret, ca),
+        base_env(homes / "serverapp", app_threads=app_threads),
+        mounts=[Mount(ca), Mount(c.secret), Mount(c.run_dir, True), *he],
+    )
+
+
+def supernode_mounts(site: Site, ca: Path, trusted: Path) -> list[Mount]:
+    """What a hospital's SuperNode reads: the CA certificate, its own node key, the release
+    keys it trusts and its SuperExec secret. Never the data: its ClientApp reads that."""
+    return [Mount(ca), Mount(site.private_key), Mount(trusted), Mount(site.superexec_secret)]
+
+
+def clientapp_mounts(site: Site, he_secret: Path | None) -> list[Mount]:
+    """What a hospital's ClientApp reads and writes: its SuperExec secret, its own data
+    (read-only), its own state (the privacy ledger; writable) and the sites' secret HE
+    context (HE only)."""
+    mounts = [Mount(site.superexec_secret), Mount(site.data_dir), Mount(site.state_dir, True)]
+    return mounts + ([Mount(he_secret)] if he_secret is not None else [])
+
+
 def start_hospital(
     processes: Processes,
     site: Site,
@@ -526,16 +384,22 @@ def start_hospital(
     trusted: Path,
     homes: Path,
     app_threads: int,
+    he_secret: Path | None = None,
 ) -> None:
+    site.state_dir.mkdir(parents=True, exist_ok=True)
     processes.start(
         f"supernode-{site.name}",
         supernode_command(site, superlink, ca, trusted),
         base_env(homes / f"supernode-{site.name}"),
+        role=HOSPITAL,
+        mounts=supernode_mounts(site, ca, trusted),
     )
     processes.start(
         f"clientapp-{site.name}",
         superexec_command(f"127.0.0.1:{site.runtime_port}", site.superexec_secret, None),
         base_env(homes / f"clientapp-{site.name}", app_threads=app_threads),
+        role=HOSPITAL,
+        mounts=clientapp_mounts(site, he_secret),
     )
 
 
@@ -556,7 +420,13 @@ def start_intruder(
     )
     name = f"supernode-{site.name}"
     command = supernode_command(site, superlink, ca, trusted)
-    processes.start(name, command, base_env(out / "homes" / name))
+    processes.start(
+        name,
+        command,
+        base_env(out / "homes" / name),
+        role=HOSPITAL,
+        mounts=supernode_mounts(site, ca, trusted),
+    )
     return name
 
 
@@ -576,161 +446,6 @@ def observe_intruder(
             line for line in processes.log("superlink").splitlines() if REFUSAL_MARK in line
         ],
         listed=bool(listed - registered),
-    )
-
-
-# --- the outsider: only ca.pem, its own key, its own app -------------------------------------
-
-PROBE_PYPROJECT = """\
-[build-system]
-requires = ["setuptools>=68"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "probe"
-version = "1.0.0"
-
-[tool.flwr.app]
-publisher = "outsider"
-
-[tool.flwr.app.components]
-serverapp = "probe:server"
-clientapp = "probe:client"
-
-[tool.flwr.app.config]
-loot-dir = "{loot}"
-"""
-PROBE_CODE = """\
-import json
-import os
-from pathlib import Path
-
-from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
-
-server = ServerApp()
-client = ClientApp()
-
-
-@server.main()
-def main(grid, context):
-    nodes = list(grid.get_node_ids())
-    ask = [
-        Message(RecordDict({"probe": ConfigRecord({"x": 1})}), dst_node_id=n, message_type="train")
-        for n in nodes
-    ]
-    for reply in grid.send_and_receive(ask, timeout=90):
-        print("probe reply from", reply.metadata.src_node_id, reply.has_error())
-
-
-@client.train()
-def steal(msg, context):
-    loot = Path(context.run_config["loot-dir"])
-    loot.mkdir(parents=True, exist_ok=True)
-    seen = {k: str(v) for k, v in context.node_config.items()}
-    data = context.node_config.get("data-dir", "")
-    seen["files"] = sorted(os.listdir(data)) if data and os.path.isdir(data) else []
-    (loot / f"node-{context.node_id}.json").write_text(json.dumps(seen))
-    return Message(RecordDict(), reply_to=msg)
-"""
-
-
-def write_probe_app(target: Path, loot: Path) -> Path:
-    """The outsider's app: its ClientApp writes what it can see in a hospital (node config,
-    the names of the data files) to ``loot``, so any execution leaves evidence."""
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "pyproject.toml").write_text(PROBE_PYPROJECT.format(loot=loot))
-    (target / "probe.py").write_text(PROBE_CODE)
-    return target
-
-
-def attempt(env: Mapping[str, str], *args: str, timeout: float = 120) -> Attempt:
-    """Run ``flwr ARGS`` and keep its exit code and output (a hang counts as failure)."""
-    command = [str(BIN / "flwr"), *args]
-    try:
-        done = subprocess.run(
-            command, env=dict(env), capture_output=True, text=True, timeout=timeout, check=False
-        )
-        code, output = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as err:
-        code, output = -1, f"timed out after {timeout:.0f} s: {err.output or ''}"
-    return Attempt(" ".join(["flwr", *args]), code, ANSI_CODE.sub("", output))
-
-
-def started_run_id(output: str) -> int:
-    match = re.search(r"Successfully started run (\d+)", output)
-    if not match:
-        raise DeploymentError(f"the outsider's run did not start:\n{output[-2000:]}")
-    return int(match[1])
-
-
-def wait_run_finished(env: Mapping[str, str], run_id: int, timeout: float = 240) -> None:
-    """Poll ``flwr list`` until ``run_id`` has finished (any outcome)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = {int(r["run-id"]): r["status"] for r in list_runs(env, CONNECTION)}
-        if status.get(run_id, "").startswith("finished"):
-            return
-        time.sleep(2)
-    raise DeploymentError(f"the outsider's run {run_id} did not finish in {timeout:.0f} s")
-
-
-def outsider_checks(
-    out: Path,
-    fleet_address: str,
-    ca: Path,
-    coordinator_env: Mapping[str, str],
-    releases: Path,
-    processes: Processes,
-    node_ids: Mapping[str, int],
-) -> OutsiderOutcome:
-    """An outsider holding only ``ca.pem`` (plus its own node key and signing key) tries:
-
-    1. ``flwr supernode register`` with its own key and ``flwr run`` of its own app,
-       against ``fleet_address`` (the address the hospitals dial): the proxy must refuse.
-    2. As if it had reached the Control API anyway: its unsigned app via ``flwr run DIR``,
-       and the same app signed with its own key and served by the coordinator's registry
-       (as if it had also planted a release there): every SuperNode must refuse both, and
-       the app's ClientApp must leave no file in ``loot``.
-    """
-    home = out / "outsider"
-    loot = home / "loot"
-    env = write_cli_config(home / "flwr-home", fleet_address, ca)
-    public = make_node_key(home / "node.key")
-    app = write_probe_app(home / "app", loot)
-    register = attempt(env, "supernode", "register", str(public), CONNECTION)
-    run = attempt(env, "run", str(app), CONNECTION)
-    (home / "attempts.log").write_text(
-        "".join(f"$ {a.command}\nexit {a.exit_code}\n{a.output}\n" for a in (register, run))
-    )
-
-    unsigned = started_run_id(attempt(coordinator_env, "run", str(app), CONNECTION).output)
-    wait_run_finished(coordinator_env, unsigned)
-    signing_key = home / "release.key"
-    if not signing_key.exists():
-        keygen(signing_key)
-    planted = sign(app, signing_key, releases)
-    foreign_run = attempt(coordinator_env, "run", planted.spec, CONNECTION)
-    foreign = started_run_id(foreign_run.output)
-    wait_run_finished(coordinator_env, foreign)
-
-    listed = {int(n["node-id"]) for n in list_supernodes(coordinator_env, CONNECTION)}
-    return OutsiderOutcome(
-        register=register,
-        run=run,
-        unsigned_run=unsigned,
-        foreign_run=foreign,
-        refusals={
-            name: [
-                line.strip()
-                for line in processes.log(f"supernode-{name}").splitlines()
-                if FAB_REFUSAL.search(line)
-            ]
-            for name in node_ids
-        },
-        loot=sorted(p.name for p in loot.glob("*")) if loot.is_dir() else [],
-        listed=sorted(listed - set(node_ids.values())),
     )
 
 
@@ -760,9 +475,15 @@ def run_deployment(
     app_threads: int = 1,
     timeout: float = 900,
     quiet: bool = False,
+    launcher: Launcher | None = None,
+    inspect: Callable[[DeploymentResult, Processes], None] | None = None,
 ) -> DeploymentResult:
     """Set up certificates, keys, data and the signed release under ``out``, start every
     process, run, check, let the outsider try (``outsider``), stop.
+
+    With a ``launcher`` every component runs in a container (``deploy.containers``) that
+    gets only the files it declares (:class:`Mount`). ``inspect`` is called after the run,
+    while everything is still up.
 
     Raises:
         DeploymentError: a process failed to start or a check failed.
@@ -796,6 +517,7 @@ def run_deployment(
         secret, public = provision(out / "he", overwrite=True)
         values |= {"he": True, "he-secret-context": str(secret), "he-public-context": str(public)}
     values |= dict(run_config or {})
+    he_secret = Path(values["he-secret-context"]) if values.get("he") else None
     from core.config import RunConfig
 
     RunConfig.from_flat(values)  # fail before any process starts
@@ -812,37 +534,36 @@ def run_deployment(
         control_address=control,
         release=release,
     )
-    with running(out / "logs") as processes:
-        processes.start(
-            "registry", registry_command(releases, registry_port), base_env(homes / "registry")
-        )
-        coordinator_secret = write_secret(out / "secrets" / "coordinator.superexec")
-        processes.start(
-            "superlink",
-            superlink_command(
-                int(control.rsplit(":", 1)[1]), certs, out / "superlink.db", coordinator_secret
-            ),
-            base_env(homes / "superlink")
-            | {"FLWR_SUPERGRID_API_URL": f"http://127.0.0.1:{registry_port}"},
-        )
-        processes.start(
-            "fleet-proxy", proxy_command(fleet, control, certs), base_env(homes / "fleet-proxy")
-        )
+    database = out / "superlink" / "superlink.db"  # a folder of its own: mounted writable
+    database.parent.mkdir(parents=True, exist_ok=True)
+    result.run_dir.mkdir(parents=True, exist_ok=True)
+    coordinator = Coordinator(
+        control=control,
+        fleet=fleet,
+        registry_port=registry_port,
+        certs=certs,
+        database=database,
+        secret=write_secret(out / "secrets" / "coordinator.superexec"),
+        releases=releases,
+        run_dir=result.run_dir,
+        he_public=Path(values["he-public-context"]) if values.get("he") else None,
+    )
+    with running(out / "logs", launcher) as processes:
+        coordinator_started = time.perf_counter()
+        start_coordinator(processes, coordinator, homes)
         wait_healthy("registry", f"http://127.0.0.1:{registry_port}/health", processes)
         wait_healthy("superlink", f"https://{control}/health", processes, files.ca)
         wait_healthy("fleet-proxy", f"https://{fleet}/proxy-health", processes, files.ca)
-        processes.start(
-            "serverapp",
-            superexec_command(control, coordinator_secret, files.ca),
-            base_env(homes / "serverapp", app_threads=app_threads),
-        )
+        result.startup["coordinator"] = time.perf_counter() - coordinator_started
+        start_serverapp(processes, coordinator, homes, app_threads)
         result.node_ids = register_nodes(cli_env, {s.name: s.public_key for s in hospitals})
         say(
             f"SuperLink on {control} (TLS, node auth), Fleet-only proxy on {fleet}; "
             f"registered {result.node_ids}; release {release.spec} signed by {release.signers}"
         )
+        hospitals_started = time.perf_counter()
         for site in hospitals:
-            start_hospital(processes, site, fleet, files.ca, trusted, homes, app_threads)
+            start_hospital(processes, site, fleet, files.ca, trusted, homes, app_threads, he_secret)
         intruder_name = ""
         if intruder:
             intruder_name = start_intruder(
@@ -851,6 +572,7 @@ def run_deployment(
         wait_nodes_connected(
             processes, {f"supernode-{name}": i for name, i in result.node_ids.items()}, timeout=120
         )
+        result.startup["hospitals"] = time.perf_counter() - hospitals_started
         intruder_check = None
         if intruder:  # observed while the run goes on, so it costs no wall time
             watcher = ThreadPoolExecutor(max_workers=1)
@@ -877,6 +599,8 @@ def run_deployment(
             )
         if intruder_check is not None:
             result.intruder = intruder_check.result(timeout=180)
+        if inspect is not None:
+            inspect(result, processes)
         if outsider:
             say("the outsider tries both doors")
             result.outsider = outsider_checks(

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TypedDict
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -20,10 +21,10 @@ from core.config import RunConfig
 from core.federation.rounds import initial_adapters
 from core.federation.sites import list_sites
 from server.run_files import RunFolder
-from server.strategy import AdapterFedAvg
+from server.strategy import AdapterFedAvg, RoundLog
 
 app = ServerApp()
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: its handler prints INFO
 # Fault injection for crash-recovery tests: the process exits right after this round's checkpoint.
 FAULT_EXIT_AFTER_ROUND = "FEDMEDVIT_FAULT_EXIT_AFTER_ROUND"
 
@@ -57,10 +58,36 @@ def run_rounds(
         arrays, metrics = evaluate_and_settle(strategy, grid, server_round, arrays, timeout)
         folder.save_round(server_round, arrays.to_torch_state_dict(), strategy)
         log.info("round %d evaluation: %s", server_round, dict(metrics or {}))
+        for line in site_progress(strategy.round_log(server_round)):
+            log.info("%s", line)
         if os.environ.get(FAULT_EXIT_AFTER_ROUND) == str(server_round):
             log.error("fault injection: the ServerApp process dies after round %d", server_round)
             os._exit(70)
     return arrays
+
+
+def site_progress(record: RoundLog) -> list[str]:
+    """One line per site: test AUC and the rates at the site's own calibrated threshold (the
+    threshold picked on its validation split), the site's epsilon so far, or its status."""
+    lines = []
+    for site in sorted(record.sites.keys() | record.status.keys()):
+        values = record.sites.get(site, {})
+        parts = [f"round {record.round} site {site}:"]
+        for key, label in (
+            ("auc", "AUC"),
+            ("balanced-accuracy", "balanced accuracy"),
+            ("sensitivity", "sensitivity"),
+            ("specificity", "specificity"),
+            ("epsilon", "epsilon"),
+        ):
+            value = values.get(key)
+            if value is not None:
+                parts.append(f"{label} {value:.3f}" if key != "epsilon" else f"{label} {value:.2f}")
+        status = record.status.get(site)
+        if status and status != "trained":
+            parts.append(f"({status})")
+        lines.append(" ".join(parts))
+    return lines
 
 
 def evaluate_and_settle(
@@ -81,17 +108,30 @@ def evaluate_and_settle(
         arrays = revised
 
 
+class _StrategyArgs(TypedDict):
+    """What both strategies are built with (the rest of it Flower FedAvg's own arguments)."""
+
+    backbone_fingerprint: str
+    reference: dict[str, Tensor]
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+    max_examples: int
+
+
 def build_strategy(cfg: RunConfig, adapters: dict[str, Tensor], fingerprint: str) -> AdapterFedAvg:
-    common = {
-        "backbone_fingerprint": fingerprint,
-        "reference": adapters,
-        "fraction_train": cfg.fraction_train,
-        "fraction_evaluate": cfg.fraction_evaluate,
-        "min_train_nodes": cfg.min_train_nodes,
-        "min_evaluate_nodes": cfg.min_train_nodes,
-        "min_available_nodes": cfg.min_available_nodes,
-        "max_examples": cfg.max_examples_per_site,
-    }
+    common = _StrategyArgs(
+        backbone_fingerprint=fingerprint,
+        reference=adapters,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_train_nodes,
+        min_evaluate_nodes=cfg.min_train_nodes,
+        min_available_nodes=cfg.min_available_nodes,
+        max_examples=cfg.max_examples_per_site,
+    )
     if not cfg.he:
         return AdapterFedAvg(**common)
     from core.he.ckks import load_public_context

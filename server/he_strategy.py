@@ -38,7 +38,7 @@ from core.he.ckks import (
 from core.he.provenance import SumProvenance, UploadSource, parse_verdict
 from server.strategy import AdapterFedAvg
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: its handler prints INFO
 
 
 def ciphertexts_to_record(ciphertexts: list[bytes]) -> ArrayRecord:
@@ -128,11 +128,11 @@ class EncryptedAdapterFedAvg(AdapterFedAvg):
         self.uploads, self.excluded = {}, {}
         contents: dict[str, RecordDict] = {}
         for name, content in self.triage(server_round, replies):
-            count = int(content[P.METRICS][P.NUM_EXAMPLES])
+            count = P.int_of(content.metric_records[P.METRICS], P.NUM_EXAMPLES)
             tag = str(content[P.SITE][P.HE_TAG])
             try:
                 layout = CkksLayout.from_json(str(content[P.SITE][P.HE_LAYOUT]))
-                ciphertexts = record_to_ciphertexts(content[P.ARRAYS])
+                ciphertexts = record_to_ciphertexts(content.array_records[P.ARRAYS])
                 source = UploadSource.of(ciphertexts, site=name, num_examples=count, tag=tag)
             except (KeyError, ValueError, TypeError, CkksError) as err:
                 self.reject(server_round, name, f"malformed encrypted upload: {err}")
@@ -161,10 +161,10 @@ class EncryptedAdapterFedAvg(AdapterFedAvg):
             for name in items:
                 self.reject(server_round, name, str(err))
             return None
-        for name, reason in aggregate.rejected.items():
-            self.reject(server_round, str(name), reason)
-        for name in aggregate.included:
-            record.status[str(name)] = "trained"
+        for site, reason in aggregate.rejected.items():
+            self.reject(server_round, str(site), reason)
+        for site in aggregate.included:
+            record.status[str(site)] = "trained"
         sources = tuple(self.uploads[str(n)][1] for n in aggregate.included)
         self.global_total = aggregate.total_examples
         self.provenance = SumProvenance(server_round, sources)

@@ -13,6 +13,7 @@ Layout (``out-dir``)::
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,39 @@ from safetensors.torch import load_file, save_file
 from core.adapters.lora import load_adapter_state, save_adapters
 from core.config import RunConfig
 from core.federation.rounds import build_lora_model
-from core.io import atomic_path, write_json_atomic
+from core.io import atomic_path, write_json_atomic, write_text_atomic
 from core.privacy.ledger import PrivacyLedger
 from core.privacy.report import render_report, write_metrics_json, write_privacy_json
 from server.strategy import AdapterFedAvg, RoundLog
 
 LATEST = "latest.json"
+
+
+def adapters_readme(cfg: RunConfig, fingerprint: str) -> str:
+    """What a final adapters folder holds and how to use it, for whoever receives it."""
+    privacy = (
+        f"DP-SGD at each site (target epsilon {cfg.target_epsilon:g}, delta {cfg.target_delta:g}; "
+        "the epsilon each site spent is in ../report.md)"
+        if cfg.dp
+        else "without differential privacy"
+    )
+    return f"""# Federated LoRA adapters (fedmedvit)
+
+LoRA adapters ({cfg.lora_mode} mode, rank {cfg.lora_rank}, targets {cfg.lora_targets!r}) and a
+{cfg.num_classes}-class head for the `{cfg.model_size}` universal ViT, averaged over the sites
+with FedAvg for {cfg.num_server_rounds} rounds, trained {privacy}.
+
+They only work on the backbone with SHA-256 fingerprint
+
+    {fingerprint}
+
+(run config `backbone` = `{cfg.backbone or "<seeded>"}`); the run's `config.json` has every
+setting. Files: `adapter_model.safetensors` and `adapter_config.json` (peft's format).
+
+Use at a site: `fedmedvit explain RUN_DIR --site-dir SITE --out DIR` (overlays of where the model
+looks), or in Python `core.federation.rounds.build_lora_model(cfg)` then
+`core.adapters.lora.load_adapter_folder(model, this_folder)`.
+"""
 
 
 class RunFolder:
@@ -38,6 +66,11 @@ class RunFolder:
 
     def write_config(self, cfg: RunConfig) -> None:
         write_json_atomic(self.root / "config.json", cfg.to_flat())
+
+    def planned_rounds(self) -> int:
+        """The run config's ``num-server-rounds`` (0 before :meth:`write_config`)."""
+        path = self.root / "config.json"
+        return int(json.loads(path.read_text())["num-server-rounds"]) if path.is_file() else 0
 
     def save_round(
         self, server_round: int, adapters: dict[str, torch.Tensor], strategy: AdapterFedAvg
@@ -73,7 +106,13 @@ class RunFolder:
 
     def write_reports(self, strategy: AdapterFedAvg) -> None:
         rounds = [r.to_json() for _, r in sorted(strategy.rounds.items())]
-        write_metrics_json(self.root, {"rounds": rounds})
+        run = {
+            "run": self.root.name,
+            "backbone_fingerprint": strategy.backbone_fingerprint,
+            "num_server_rounds": self.planned_rounds(),
+            "updated_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        write_metrics_json(self.root, {"run": run, "rounds": rounds})
         if strategy.ledgers:
             # A site's statement is its ledger plus the policy and release list it stated;
             # the report shows them as sent (core.federation.protocol.PRIVACY_LEDGER).
@@ -85,6 +124,10 @@ class RunFolder:
             render_report(self.root)
 
     def save_final_adapters(self, cfg: RunConfig, adapters: dict[str, torch.Tensor]) -> Path:
-        model, _ = build_lora_model(cfg)
+        """The final adapters in peft's folder format, with a README saying what they are
+        (in place of peft's empty model-card template)."""
+        model, fingerprint = build_lora_model(cfg)
         load_adapter_state(model, adapters)
-        return save_adapters(model, self.root / "adapters")
+        folder = save_adapters(model, self.root / "adapters")
+        write_text_atomic(folder / "README.md", adapters_readme(cfg, fingerprint))
+        return folder

@@ -29,7 +29,7 @@ from core.federation import protocol as P
 from core.privacy.ledger import PrivacyLedger
 from core.training.loops import mean_metrics
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: its handler prints INFO
 WEIGHT_KEY = P.NUM_EXAMPLES
 
 
@@ -259,13 +259,13 @@ class AdapterFedAvg(FedAvg):
             return self.site_of_node[node]
         site = content.config_records.get(P.SITE) if content is not None else None
         name = site.get(P.SITE_NAME) if site is not None else None
-        valid = isinstance(name, str) and name.isprintable()
         if (
-            valid
+            isinstance(name, str)
+            and name.isprintable()
             and 0 < len(name) <= P.MAX_SITE_NAME_CHARS
             and self.node_of_site.get(name, node) == node
         ):
-            return str(name)
+            return name
         return f"node-{node}"
 
     def identify(
@@ -368,7 +368,7 @@ class AdapterFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted: list[RecordDict] = []
         for name, content in self.triage(server_round, replies):
-            problems = self.check_arrays(content[P.ARRAYS])
+            problems = self.check_arrays(content.array_records[P.ARRAYS])
             if problems:
                 self.reject(server_round, name, "; ".join(problems))
             else:
@@ -383,13 +383,14 @@ class AdapterFedAvg(FedAvg):
 
     def train_summary(self, server_round: int, accepted: list[RecordDict]) -> MetricRecord:
         record = self.round_log(server_round)
+        metrics = [c.metric_records[P.METRICS] for c in accepted]
         loss_pairs = [
-            (float(c[P.METRICS][P.TRAIN_LOSS]), float(c[P.METRICS][P.NUM_EXAMPLES]))
-            for c in accepted
-            if P.TRAIN_LOSS in c[P.METRICS]
+            (P.float_of(m, P.TRAIN_LOSS), P.float_of(m, P.NUM_EXAMPLES))
+            for m in metrics
+            if P.TRAIN_LOSS in m
         ]
         record.train = {"loss": _weighted_mean(loss_pairs), "sites": float(len(accepted))}
-        return MetricRecord(record.train)
+        return MetricRecord(dict(record.train))
 
     def evaluate_replies(self, server_round: int, replies: Iterable[Message]) -> list[SiteReply]:
         """The valid evaluate replies; HE verdicts are logged (the HE strategy acts on them)."""
@@ -421,7 +422,7 @@ class AdapterFedAvg(FedAvg):
         if not per_site:
             return None
         record.evaluate = mean_metrics(per_site)
-        return MetricRecord(record.evaluate)
+        return MetricRecord(dict(record.evaluate))
 
     def revise(self, server_round: int) -> ArrayRecord | None:
         """A replacement for the global just evaluated, when the sites found it unusable

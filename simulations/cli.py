@@ -4,12 +4,12 @@
     fedmedvit phantoms --out DIR                              (core.data.phantoms)
     fedmedvit pretrain --out backbone.safetensors             (core.pretrain)
     fedmedvit import --format pumit --in X.ckpt --out Y       (core.model.convert)
-    fedmedvit he provision --out DIR                          (core.he.ckks)
+    fedmedvit he provision --out DIR                          (core.he.cli)
     fedmedvit report RUN_DIR                                  (core.privacy.report)
     fedmedvit decrypt RUN_DIR --secret-context FILE           (client.decrypt)
     fedmedvit explain RUN_DIR --site-dir DIR --out DIR        (client.explain)
     fedmedvit pki ca --out DIR / fedmedvit deploy-local ...   (deploy.pki / deploy.local, from
-                                                               a source checkout)
+    fedmedvit containers all                                   a source checkout; deploy.containers)
 
 Each module stays runnable as ``python -m MODULE`` too. Modules are imported only when their
 subcommand runs, so ``fedmedvit --help`` starts in well under a second.
@@ -26,12 +26,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "phantoms": ("core.data.phantoms", "write phantom hospitals to disk"),
     "pretrain": ("core.pretrain", "masked-image-modelling pretraining of a backbone"),
     "import": ("core.model.convert", "import a timm or PUMIT checkpoint as a backbone"),
-    "he": ("core.he.ckks", "provision or inspect CKKS contexts (provision | show)"),
+    "he": ("core.he.cli", "provision or inspect CKKS contexts (provision | show)"),
     "report": ("core.privacy.report", "re-render a run folder's privacy report"),
     "decrypt": ("client.decrypt", "a site decrypts the final adapters of an encrypted run"),
     "explain": ("client.explain", "overlays of where the model looks, per case, at a site"),
     "pki": ("deploy.pki", "certificates and SuperNode keys for a deployment"),
     "deploy-local": ("deploy.local", "the deployment as local processes (TLS, node auth)"),
+    "containers": ("deploy.containers", "build the images and run the deployment in containers"),
 }
 
 

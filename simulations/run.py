@@ -22,6 +22,7 @@ import re
 import sys
 import time
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from simulations.flower_cli import RunFailed, flwr_run, local_superlink
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 ROUND_LINE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
+SITE_LINE = re.compile(r"(round \d+ site \S+: .+)$")  # server.app.site_progress
 
 
 def load_scenario(name_or_path: str) -> dict[str, Any]:
@@ -94,10 +96,17 @@ def resolve_data_root(scenario: dict[str, Any], overrides: dict[str, Any], cache
     return root
 
 
-def prepare_backbone(scenario: dict[str, Any], values: dict[str, Any], cache: Path) -> None:
+def prepare_backbone(
+    scenario: dict[str, Any],
+    values: dict[str, Any],
+    cache: Path,
+    own_sites: Sequence[Path] = (),
+) -> None:
     """A scenario with a ``[pretrain]`` table starts from the demo backbone: the model size
-    pretrained (once, then cached) on the unlabeled phantom archive. An explicit ``backbone``
-    key wins. The ServerApp announces the file's fingerprint and every site checks it."""
+    pretrained (once, then cached) on the unlabeled phantom archive, or, with ``own_sites``
+    (the user's site folders), on their training images, labels ignored. An explicit
+    ``backbone`` key wins. The ServerApp announces the file's fingerprint and every site
+    checks it."""
     spec = scenario.get("pretrain")
     if not spec or values.get("backbone"):
         return
@@ -106,7 +115,11 @@ def prepare_backbone(scenario: dict[str, Any], values: dict[str, Any], cache: Pa
         raise SystemExit(f"scenario {scenario['name']}: unknown [pretrain] keys {sorted(unknown)}")
     size = str(values.get("model-size", RunConfig.model_size))
     path, digest = demo_backbone(
-        cache, size=size, steps=int(spec.get("steps", 1000)), seed=int(spec.get("seed", 0))
+        cache,
+        size=size,
+        steps=int(spec.get("steps", 1000)),
+        seed=int(spec.get("seed", 0)),
+        data=own_sites,
     )
     values["backbone"] = str(path.resolve())
     print(f"backbone {path} (fingerprint {digest[:12]}...)")
@@ -138,7 +151,11 @@ def run_scenario(
     # resumed run (resume=true, same out-dir) finds them; in deployment it is the site's disk.
     if not values.get("state-root"):
         values["state-root"] = str((out_dir / "state").resolve())
-    prepare_backbone(scenario, values, data_cache)
+    own_sites: list[Path] = []
+    if overrides.get("data-root"):  # the user's hospitals: pretrain on their unlabeled images
+        chosen = {k: values[k] for k in ("data-root", "sites") if k in values}
+        own_sites = [data_root / name for name in list_sites(RunConfig.from_flat(chosen))]
+    prepare_backbone(scenario, values, data_cache, own_sites)
     if values.get("he") and not values.get("he-secret-context"):
         values |= provision_keys(out_dir / "he-keys")
     cfg = RunConfig.from_flat(values)  # fail here, before any process starts
@@ -158,6 +175,8 @@ def run_scenario(
         if match:
             elapsed = time.perf_counter() - started
             print(f"  round {match[1]}/{match[2]} started at {elapsed:.0f} s", flush=True)
+        elif site := SITE_LINE.search(line):
+            print(f"    {site[1]}", flush=True)
         elif "ERROR" in line or "Traceback" in line or "refused" in line or "rejected" in line:
             print(f"  {line}", flush=True)
 

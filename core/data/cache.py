@@ -14,9 +14,9 @@ Layout (everything is written inside ``folder`` and nowhere else, each file thro
 
 Keys. An entry's key is the SHA-256 of the source's *content* hash, the preprocessing settings
 (``GridConfig`` and ``IntensityConfig`` field by field, the format version) and the item's own
-settings (modality, datalist spacing). Hashing a 60 MB ``.nii.gz`` costs about 0.1 s against
-about 2 s to decode and resample it, and it still costs a read of every byte, so it is not done
-on every open: a ``sources/`` record maps the file's stat signature (resolved path, size,
+settings (modality, datalist spacing). Hashing a source is cheap next to decoding and
+resampling it (``benchmarks/README.md``), but it still costs a read of every byte, so it is not
+done on every open: a ``sources/`` record maps the file's stat signature (resolved path, size,
 ``st_mtime_ns``, ``st_ctime_ns``, inode, device) to its content hash. When the signature is
 unchanged the recorded hash is trusted without reading the file; ``st_ctime_ns`` is set by the
 kernel on every write and cannot be set back by ``touch -d`` or ``rsync -t``, so an in-place

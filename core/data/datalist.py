@@ -36,6 +36,9 @@ facts come from :func:`~core.data.open_site`'s arguments or are inferred.
 
 A MedMNIST-style ``.npz`` (``train_images``, ``train_labels``, ``val_*``, ``test_*``) is a site
 on its own: see :func:`read_npz_datalist`.
+
+Over 500 lines: the three datalist sources resolve to one :class:`Datalist` through shared
+field checks, so they stay in one module.
 """
 
 from __future__ import annotations

@@ -18,11 +18,13 @@ from core.io import atomic_path
 
 HEAT_ALPHA = 0.45
 MONTAGE_SLICES = 8
+HEAT_CMAP = "inferno"
+COLORBAR_LABEL = "relevance (1 = this case's maximum)"
 
 
 def _panel(axis: Any, image: np.ndarray, heat: np.ndarray, title: str, aspect: float) -> None:
     axis.imshow(image, cmap="gray", aspect=aspect, interpolation="nearest")
-    axis.imshow(heat, cmap="inferno", alpha=HEAT_ALPHA * heat, vmin=0.0, vmax=1.0, aspect=aspect)
+    axis.imshow(heat, cmap=HEAT_CMAP, alpha=HEAT_ALPHA * heat, vmin=0.0, vmax=1.0, aspect=aspect)
     axis.set_title(title, fontsize=8)
     axis.axis("off")
 
@@ -36,8 +38,9 @@ def render_overlay(
     title: str = "",
 ) -> Path:
     """Write the overlay of ``relevance`` (D, H, W, in [0, 1]) on ``image`` (C, D, H, W; the
-    first channel is shown) to ``path`` (PNG). ``spacing``: (d, h, w) in mm, for the aspect
-    ratio of coronal and sagittal views. Raises ValueError when the grids differ."""
+    first channel is shown) to ``path`` (PNG), with a colour bar of the relevance scale.
+    ``spacing``: (d, h, w) in mm, for the aspect ratio of coronal and sagittal views.
+    Raises ValueError when the grids differ."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,6 +71,10 @@ def render_overlay(
             _panel(axis, volume[index], heat[index], f"slice {index}", 1.0)
         figure.suptitle(title, fontsize=9)
     figure.tight_layout()
+    scale = plt.cm.ScalarMappable(cmap=HEAT_CMAP, norm=matplotlib.colors.Normalize(0.0, 1.0))
+    bar = figure.colorbar(scale, ax=figure.axes, fraction=0.04, pad=0.02)
+    bar.set_label(COLORBAR_LABEL, fontsize=7)
+    bar.ax.tick_params(labelsize=6)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=80)
     plt.close(figure)

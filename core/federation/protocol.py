@@ -102,6 +102,39 @@ SITE_KEYS = {
 TRAINED = "trained"
 REFUSED = "refused"
 
+
+def int_of(record: Mapping[str, object], key: str, default: int | None = None) -> int:
+    """``record[key]`` (``default`` when absent and given) converted as ``int()`` would: the
+    typed way to read a number out of a Flower ConfigRecord or MetricRecord, whose values
+    are a union that also holds lists and arrays.
+
+    Raises:
+        KeyError: the key is absent and there is no default.
+        TypeError: the value is a list or an array, not a scalar.
+        ValueError: a string that is not an integer.
+    """
+    if key not in record and default is not None:
+        return default
+    return int(_scalar(record[key], key))
+
+
+def float_of(record: Mapping[str, object], key: str) -> float:
+    """``record[key]`` converted as ``float()`` would (see :func:`int_of`).
+
+    Raises:
+        KeyError: the key is absent.
+        TypeError: the value is a list or an array, not a scalar.
+        ValueError: a string that is not a number.
+    """
+    return float(_scalar(record[key], key))
+
+
+def _scalar(value: object, key: str) -> int | float | str | bytes:
+    if isinstance(value, int | float | str | bytes):
+        return value
+    raise TypeError(f"record key {key!r} holds a {type(value).__name__}, not a number")
+
+
 # Ciphertexts travel as uint8 arrays named by their zero-padded index (sorted = ordered).
 _CIPHERTEXT_PREFIX = "ct-"
 

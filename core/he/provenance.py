@@ -3,7 +3,7 @@
 The server cannot tell a ciphertext encrypted under a foreign key (anyone with the public
 context can make one) from a site's, nor a site whose count slot disagrees with the count it
 claims: it sums them, and every honest site then fails to decrypt the sum
-(:class:`~core.he.ckks.IntegrityError`). Sites can tell, so the server forwards the evidence:
+(:class:`~core.he.errors.IntegrityError`). Sites can tell, so the server forwards the evidence:
 
 * **Tags.** Every site tags its upload with HMAC-SHA256 over the round, its site name, its
   claimed example count, the layout and the SHA-256 digests of its ciphertexts. The MAC key is
@@ -32,15 +32,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from core.he.ckks import (
-    CHECK_SLOT_TOLERANCE,
-    CiphertextError,
-    CkksContext,
-    CkksError,
-    CkksLayout,
-    SecretKeyRequiredError,
-    decrypt_count_slot,
-)
+from core.he.context import CkksContext
+from core.he.encrypt import CHECK_SLOT_TOLERANCE, decrypt_count_slot
+from core.he.errors import CiphertextError, CkksError, SecretKeyRequiredError
+from core.he.packing import CkksLayout
 
 _MAC_INFO = b"fedmedvit upload MAC v1"
 _PROVENANCE_FORMAT = "fedmedvit-sum-provenance/1"
@@ -54,13 +49,13 @@ class ProvenanceError(CkksError, ValueError):
 def mac_key(secret_ctx: CkksContext) -> bytes:
     """The sites' upload MAC key: HMAC-SHA256 of the secret key bytes under a fixed label
     and the context fingerprint (32 bytes). Raises SecretKeyRequiredError without the key."""
-    secret = secret_ctx._secret_key_bytes
+    secret = secret_ctx.secret_key_bytes
     if secret is None:
         raise SecretKeyRequiredError(
             "upload tags need the sites' secret context (site_secret.ctx); the server's public "
             "context holds no key"
         )
-    return hmac.new(secret, _MAC_INFO + secret_ctx._fingerprint_raw, hashlib.sha256).digest()
+    return hmac.new(secret, _MAC_INFO + secret_ctx.fingerprint_bytes, hashlib.sha256).digest()
 
 
 def upload_digests(ciphertexts: Sequence[bytes]) -> tuple[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import sys
 import tempfile
 import time
@@ -143,21 +144,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def demo_backbone(
-    cache: str | Path, *, size: str = "micro", steps: int = 1000, seed: int = 0
-) -> tuple[Path, str]:
-    """The demo backbone: ``size`` pretrained for ``steps`` on the unlabeled phantom archive.
+def datalists_digest(sites: Sequence[Path]) -> str:
+    """SHA-256 over the site folders' names and ``dataset.json`` bytes, in sorted order: a
+    cache key that changes when a site's datalist does (hex)."""
+    digest = hashlib.sha256()
+    for site in sorted(Path(p) for p in sites):
+        digest.update(site.name.encode() + b"\0" + (site / "dataset.json").read_bytes() + b"\0")
+    return digest.hexdigest()
 
-    Built once under ``cache`` (a folder named by size, steps and seed) and reused: the
-    federated demo and the benchmarks start from it. Returns (path, fingerprint), the
-    file checked against the fingerprint recorded when it was built.
+
+def demo_backbone(
+    cache: str | Path,
+    *,
+    size: str = "micro",
+    steps: int = 1000,
+    seed: int = 0,
+    data: Sequence[Path] = (),
+) -> tuple[Path, str]:
+    """The demo backbone: ``size`` pretrained for ``steps`` on unlabeled images, by default the
+    phantom archive; with ``data`` (site folders, each with a ``dataset.json``) their training
+    images instead, labels ignored.
+
+    Built once under ``cache`` (a folder named by size, steps, seed and, with ``data``, a digest
+    of the sites' datalists) and reused: the federated demo and the benchmarks start from it.
+    Returns (path, fingerprint), the file checked against the fingerprint recorded when it was
+    built. Raises PretrainError when pretraining fails (e.g. unreadable site images).
     """
-    folder = Path(cache) / f"backbone-{size}-steps{steps}-seed{seed}"
+    tag = f"backbone-{size}-steps{steps}-seed{seed}"
+    if data:
+        tag += f"-data{datalists_digest(data)[:12]}"
+    folder = Path(cache) / tag
     out = folder / "backbone.safetensors"
     marker = folder / "fingerprint.txt"
     if not marker.is_file():
         started = time.perf_counter()
         args = ["--out", str(out), "--size", size, "--steps", str(steps), "--seed", str(seed)]
+        if data:
+            args += ["--data", *(str(site) for site in data)]
         code = main([*args, "--log-every", str(max(1, steps // 5))])
         if code:
             raise PretrainError(f"pretraining the demo backbone into {folder} failed (exit {code})")

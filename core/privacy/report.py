@@ -46,6 +46,9 @@ the path of ``report.md``. Re-running it re-renders from the JSON files alone.
   Only ``round`` (an integer >= 1) is required. Metric values are numbers, or null when not
   measured; any metric name is allowed. String values are labels (e.g. a site's ``"status"``)
   and other keys of a round (e.g. ``"events"``) are ignored by the report.
+
+Over 500 lines: the readers of its two input files, the Markdown and the plot are one report
+for one reader (the data-protection officer), and change together.
 """
 
 from __future__ import annotations
@@ -56,18 +59,15 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from core.io import write_json_atomic, write_text_atomic
-from core.privacy.ledger import (
-    DPPlan,
-    DPSettings,
-    LedgerFormatError,
-    PrivacyLedger,
-    RoundRecord,
-)
+from core.privacy.errors import LedgerFormatError
+from core.privacy.ledger import PrivacyLedger
+from core.privacy.plan import DPPlan, DPSettings
+from core.privacy.records import RoundRecord
 
 PRIVACY_FILE = "privacy.json"
 METRICS_FILE = "metrics.json"
@@ -124,6 +124,8 @@ class RoundMetrics:
     train: Mapping[str, float | None]
     evaluate: Mapping[str, float | None]
     sites: Mapping[str, Mapping[str, float | None]]
+    status: Mapping[str, str] = field(default_factory=dict)  # site -> trained/...
+    reasons: Mapping[str, str] = field(default_factory=dict)  # site -> why not
 
 
 # -- writing the inputs ----------------------------------------------------------------------
@@ -169,6 +171,7 @@ def write_metrics_json(run_dir: str | os.PathLike[str], metrics: Mapping[str, An
     path = Path(run_dir) / METRICS_FILE
     document = _finite_or_null(metrics)
     parse_metrics(document, source=str(path))
+    parse_run_facts(document, source=str(path))
     return write_json_atomic(path, document)
 
 
@@ -269,6 +272,45 @@ def parse_privacy(data: Any, *, source: str = PRIVACY_FILE) -> tuple[SiteBudget,
     return tuple(budgets)
 
 
+RUN_LABELS = {
+    "run": "Run folder",
+    "backbone_fingerprint": "Backbone fingerprint (SHA-256)",
+    "num_server_rounds": "Rounds planned",
+    "updated_utc": "Written (UTC)",
+}
+
+
+def parse_run_facts(data: Any, *, source: str = METRICS_FILE) -> dict[str, str]:
+    """The optional ``run`` block of a ``metrics.json`` document: names to strings/numbers."""
+    raw = data.get("run", {}) if isinstance(data, Mapping) else {}
+    if not isinstance(raw, Mapping) or not all(
+        isinstance(v, str | int | float) and not isinstance(v, bool) for v in raw.values()
+    ):
+        raise ReportInputError(f"{source}: run: expected an object of strings and numbers")
+    return {str(k): str(v) for k, v in raw.items()}
+
+
+def _text_map(value: object, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
+        raise ReportInputError(f"{where}: expected an object of strings, got {value!r:.80}")
+    return {str(k): v for k, v in value.items()}
+
+
+def _event_reasons(value: object, where: str) -> dict[str, str]:
+    """Site -> the reasons logged for it in a round (refusals, rejections, errors), joined."""
+    if value is None:
+        return {}
+    if not isinstance(value, list) or not all(isinstance(e, Mapping) for e in value):
+        raise ReportInputError(f"{where}: expected a list of objects, got {value!r:.80}")
+    reasons: dict[str, list[str]] = {}
+    for event in value:
+        site, kind, reason = (str(event.get(k, "")) for k in ("site", "kind", "reason"))
+        reasons.setdefault(site, []).append(f"{kind}: {reason}" if reason else kind)
+    return {site: "; ".join(texts) for site, texts in reasons.items()}
+
+
 def parse_metrics(data: Any, *, source: str = METRICS_FILE) -> tuple[RoundMetrics, ...]:
     """Validate a ``metrics.json`` document; errors name ``source`` and the field."""
     if not isinstance(data, Mapping) or "rounds" not in data:
@@ -300,6 +342,8 @@ def parse_metrics(data: Any, *, source: str = METRICS_FILE) -> tuple[RoundMetric
                         str(site): _metric_map(values, f"{where}.sites.{site}")
                         for site, values in raw_sites.items()
                     },
+                    status=_text_map(raw.get("status"), f"{where}.status"),
+                    reasons=_event_reasons(raw.get("events"), f"{where}.events"),
                 )
             )
         except ReportInputError as err:
@@ -410,12 +454,17 @@ def render_markdown(
     metrics: Sequence[RoundMetrics],
     *,
     plot_name: str = PLOT_FILE,
+    run: Mapping[str, str] | None = None,
 ) -> str:
-    """The text of ``report.md``: summary, the explanation, one table per site, model quality."""
+    """The text of ``report.md``: which run, summary, the explanation, one table per site,
+    model quality. ``run``: facts identifying the run (``metrics.json``'s ``run`` block)."""
     accountants = sorted({site.settings.accountant.upper() for site in sites})
-    lines = [
-        "# Privacy-budget report",
-        "",
+    lines = ["# Privacy-budget report", ""]
+    if run:
+        lines += ["| Run | |", "|---|---|"]
+        lines += [f"| {_cell(RUN_LABELS.get(k, k))} | {_cell(v)} |" for k, v in run.items()]
+        lines.append("")
+    lines += [
         f"![Cumulative epsilon per round and model quality]({plot_name})",
         "",
         "## Summary",
@@ -436,6 +485,7 @@ def render_markdown(
     lines += ["", DPO_EXPLANATION.format(accountants=" / ".join(accountants))]
     for site in sites:
         lines += _site_section(site)
+    lines += _unledgered_section({site.name for site in sites}, metrics)
     lines += _metrics_section(metrics)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -526,9 +576,46 @@ def _released_lines(site: SiteBudget) -> list[str]:
     return [*lines, ""]
 
 
+METRIC_LABELS = {
+    "auc": "AUC",
+    # Rates at the threshold each site picks on its own validation split (the deployed rule).
+    "balanced-accuracy": "Balanced accuracy (site threshold)",
+    "sensitivity": "Sensitivity (site threshold)",
+    "specificity": "Specificity (site threshold)",
+    # The arg-max rule of the shared head, without the site's threshold.
+    "accuracy": "Accuracy (arg-max)",
+}
+
+
+def _unledgered_section(ledgered: set[str], metrics: Sequence[RoundMetrics]) -> list[str]:
+    """Sites the coordinator heard from that never sent a privacy ledger (e.g. their policy
+    refused every round before training): listed so that no participant is invisible."""
+    rows = [
+        (row.server_round, name, row.status.get(name, ""), row.reasons.get(name, ""))
+        for row in metrics
+        for name in sorted((row.status.keys() | row.reasons.keys()) - ledgered)
+    ]
+    if not rows:
+        return []
+    lines = [
+        "## Sites without a privacy ledger",
+        "",
+        "These sites replied but sent no privacy ledger, so no epsilon is known for them; "
+        "a site that refuses before training (for example because the run config breaks its "
+        "policy) spends no budget and sends nothing derived from its data.",
+        "",
+        "| Round | Site | Status | Reason |",
+        "|---:|---|---|---|",
+    ]
+    lines += [
+        f"| {r} | {_cell(name)} | {_cell(status or DASH)} | {_cell(reason[:300] or DASH)} |"
+        for r, name, status, reason in rows
+    ]
+    return [*lines, ""]
+
+
 def metric_label(name: str) -> str:
-    known = {"auc": "AUC", "balanced-accuracy": "Balanced accuracy"}
-    return known.get(name, name.replace("_", " ").capitalize())
+    return METRIC_LABELS.get(name, name.replace("_", " ").replace("-", " ").capitalize())
 
 
 def _metric_names(metrics: Sequence[RoundMetrics]) -> list[str]:
@@ -669,9 +756,10 @@ def render_report(run_dir: str | os.PathLike[str], *, metric: str | None = None)
         raise ReportInputError(f"{folder}: not a directory; pass the run folder")
     sites = load_privacy(folder / PRIVACY_FILE)
     metrics = load_metrics(folder / METRICS_FILE)
+    run = parse_run_facts(_read_json(folder / METRICS_FILE), source=str(folder / METRICS_FILE))
     render_plot(sites, metrics, folder / PLOT_FILE, metric=metric)
     return write_text_atomic(
-        folder / REPORT_FILE, render_markdown(sites, metrics, plot_name=PLOT_FILE)
+        folder / REPORT_FILE, render_markdown(sites, metrics, plot_name=PLOT_FILE, run=run)
     )
 
 

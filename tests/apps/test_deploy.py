@@ -1,17 +1,20 @@
 """The real deployment: container files checked against the real Flower CLI, and the same
 deployment run as local processes (TLS, registered SuperNodes, separate app processes).
 
-No Docker daemon exists here, so the compose file and Dockerfile are checked statically: every
-flag they pass must exist in the installed ``flower-superlink``/``flower-supernode``/
-``flower-superexec``/``flwr`` (flags come and go between Flower releases), images must pin our
-flwr version, each hospital's mounts must match the paths its node config and the run
-config name, only the Fleet-only proxy may be published beyond the coordinator's loopback,
-SuperNodes must verify app signatures, containers must be hardened and dependencies locked
+The compose file and Dockerfile are checked statically here (tests/deploy/test_containers.py
+builds and runs them with Podman): every flag they pass must exist in the installed
+``flower-superlink``/``flower-supernode``/``flower-superexec``/``flwr`` (flags come and go
+between Flower releases), the images must install our flwr version, each hospital's mounts
+must match the paths its node config and the run config name, only the Fleet-only proxy may
+be published beyond the coordinator's loopback, SuperNodes must verify app signatures,
+containers must be hardened and dependencies locked
 with hashes. Then real processes: the Fleet-only proxy in front of a real SuperLink refuses
 an outsider's Control API calls; a signed release goes through the app registry and Flower's
 own verification code; and (slow) ``deploy.local`` runs the whole deployment on loopback,
 with one SuperNode whose key was never registered and an outsider who tries to register a
 node and to get its own app executed in the hospitals.
+
+Over 500 lines: every deployment artefact checked against the shared fixtures defined here.
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from core.config import RunConfig
 from deploy import local
+from deploy import processes as procs
+from deploy.containers import dockerfile_entrypoints
+from deploy.outsider import attempt, write_probe_app
 from deploy.pki import make_ca, make_node_key, make_server_cert
+from simulations import flower_cli
 from simulations.flower_cli import BIN
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -45,9 +52,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DEPLOY_DIR = "/srv/deploy"  # stands in for ${DEPLOY_DIR} when the compose file is read
 HOSPITALS = ("hospital-1", "hospital-2", "hospital-3")
-APP_IMAGE_ENTRYPOINT = "flower-superexec"
-STOCK_ENTRYPOINTS = {"flwr/superlink": "flower-superlink", "flwr/supernode": "flower-supernode"}
-APP_UID = "49999"  # the user `app` of Flower's images
+APP_UID = "49999"  # the images' user `app`
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 
@@ -140,13 +145,10 @@ def mounted_at(service: dict, path: str) -> tuple[str, bool] | None:
 
 def entrypoint(service: dict) -> tuple[str, ...]:
     """The CLI a service runs, with its subcommand (``python -m deploy.release serve``)."""
-    image = service["image"].split(":")[0]
-    if image in STOCK_ENTRYPOINTS:
-        return (STOCK_ENTRYPOINTS[image],)
-    assert "build" in service and service["build"]["dockerfile"] == "deploy/app.Dockerfile"
-    if "entrypoint" not in service:
-        return (APP_IMAGE_ENTRYPOINT,)
-    words = list(service["entrypoint"])
+    assert service["build"]["dockerfile"] == "deploy/app.Dockerfile"
+    words = list(service.get("entrypoint") or dockerfile_entrypoints()[service["build"]["target"]])
+    if words[0] != "python":
+        return (words[0],)
     assert words[:2] == ["python", "-m"], words  # our modules, copied into the image
     subcommand = [w for w in service["command"][:1] if not w.startswith("-")]
     return (*words, *subcommand)
@@ -161,19 +163,22 @@ def _installed(name: str) -> str:
 # --- static checks of the container files -------------------------------------------------
 
 
-def test_images_pin_the_flwr_version_in_use(compose, pyproject):
+def test_images_install_the_flwr_version_in_use(compose, pyproject):
     version = _installed("flwr")
     assert f"flwr[simulation]=={version}" in pyproject["project"]["dependencies"]
-    for service in compose["services"].values():
-        if "build" not in service:
-            assert service["image"] in (f"flwr/superlink:{version}", f"flwr/supernode:{version}")
+    assert locked()["flwr"][0] == version
     dockerfile = (DEPLOY / "app.Dockerfile").read_text()
-    assert f"ARG FLWR_VERSION={version}\n" in dockerfile
-    assert "FROM flwr/superexec:${FLWR_VERSION}-${PYTHON_TAG}" in dockerfile
-    # The package requires Python 3.11; the bare superexec tag is a newer Python.
+    # The package requires Python 3.11: so does the default base image.
     assert pyproject["project"]["requires-python"] == ">=3.11,<3.12"
-    assert "ARG PYTHON_TAG=py3.11-ubuntu24.04" in dockerfile
-    assert f'ENTRYPOINT ["{APP_IMAGE_ENTRYPOINT}"]' in dockerfile
+    assert "ARG BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm\n" in dockerfile
+    assert "FROM ${BASE_IMAGE} AS runtime\n" in dockerfile
+    assert dockerfile_entrypoints() == {
+        "coordinator": ["flower-superlink"],
+        "hospital": ["flower-supernode"],
+    }
+    for service in compose["services"].values():
+        target = service["build"]["target"]
+        assert service["image"] == f"fedmedvit-{target}:{pyproject['project']['version']}"
 
 
 def locked() -> dict[str, tuple[str, list[str]]]:
@@ -195,7 +200,8 @@ def test_app_image_installs_every_dependency_from_the_hashed_lock(pyproject):
     assert install is not None
     words = install[1].split()
     assert {"--require-hashes", "--no-deps", "--only-binary=:all:"} <= set(words)
-    assert words[words.index("-r") + 1] == "deploy/requirements.lock"
+    assert words[words.index("-r") + 1] == "/opt/requirements.lock"
+    assert "COPY deploy/requirements.lock /opt/requirements.lock\n" in dockerfile
     assert dockerfile.count("pip install") == 1, "nothing may be installed outside the lock"
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
 
@@ -220,7 +226,7 @@ def test_app_image_installs_every_dependency_from_the_hashed_lock(pyproject):
     ]
     assert ignore[0] == "*"  # exclude everything, then allow back what the image needs
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
-    copied = re.findall(r"^COPY --chown=app:app (.+) \S+$", dockerfile, flags=re.M)
+    copied = re.findall(r"^COPY (.+) \S+$", dockerfile, flags=re.M)
     assert {name for line in copied for name in line.split()} == allowed
 
 
@@ -438,6 +444,7 @@ def test_every_container_is_hardened(compose):
     for name, service in compose["services"].items():
         assert str(service.get("user", "")).split(":")[0] == APP_UID, f"{name}: user"
         assert service.get("read_only") is True, f"{name}: read-only root filesystem"
+        assert service.get("init") is True, f"{name}: an init process as PID 1"
         assert service.get("cap_drop") == ["ALL"], f"{name}: cap_drop [ALL]"
         assert "no-new-privileges:true" in service.get("security_opt", []), name
         assert "/tmp" in service.get("tmpfs", []), f"{name}: writable /tmp (tmpfs)"
@@ -498,7 +505,7 @@ def test_a_signed_release_passes_flowers_own_verification_and_nothing_else_does(
 
     from deploy import release
 
-    app = local.write_probe_app(tmp_path / "app", tmp_path / "loot")
+    app = write_probe_app(tmp_path / "app", tmp_path / "loot")
     key, public = release.keygen(tmp_path / "keys" / "consortium")
     stranger, _ = release.keygen(tmp_path / "keys" / "stranger")
     signed = release.sign(app, key, tmp_path / "releases")
@@ -555,21 +562,21 @@ def guarded_superlink(tmp_path):
     certs = tmp_path / "certs"
     make_ca(tmp_path / "ca")
     files = make_server_cert(tmp_path / "ca", certs, ["localhost", "127.0.0.1"])
-    control, fleet = f"127.0.0.1:{local.free_port()}", f"127.0.0.1:{local.free_port()}"
-    secret = local.write_secret(tmp_path / "secret")
-    with local.running(tmp_path / "logs") as processes:
+    control, fleet = f"127.0.0.1:{flower_cli.free_port()}", f"127.0.0.1:{flower_cli.free_port()}"
+    secret = procs.write_secret(tmp_path / "secret")
+    with procs.running(tmp_path / "logs") as processes:
         processes.start(
             "superlink",
             local.superlink_command(int(control.split(":")[1]), certs, tmp_path / "db", secret),
-            local.base_env(tmp_path / "homes" / "superlink"),
+            procs.base_env(tmp_path / "homes" / "superlink"),
         )
         processes.start(
             "fleet-proxy",
             local.proxy_command(fleet, control, certs),
-            local.base_env(tmp_path / "homes" / "proxy"),
+            procs.base_env(tmp_path / "homes" / "proxy"),
         )
-        local.wait_healthy("superlink", f"https://{control}/health", processes, files.ca)
-        local.wait_healthy("fleet-proxy", f"https://{fleet}/proxy-health", processes, files.ca)
+        procs.wait_healthy("superlink", f"https://{control}/health", processes, files.ca)
+        procs.wait_healthy("fleet-proxy", f"https://{fleet}/proxy-health", processes, files.ca)
         yield control, fleet, files.ca
 
 
@@ -578,23 +585,23 @@ def test_the_fleet_address_refuses_an_outsiders_registration_and_run(guarded_sup
     register` and `flwr run` at the address the hospitals dial. Before the proxy, that
     address was the SuperLink's and both succeeded."""
     control, fleet, ca = guarded_superlink
-    outsider = local.write_cli_config(tmp_path / "outsider", fleet, ca)
-    coordinator = local.write_cli_config(tmp_path / "coordinator", control, ca)
+    outsider = procs.write_cli_config(tmp_path / "outsider", fleet, ca)
+    coordinator = procs.write_cli_config(tmp_path / "coordinator", control, ca)
     public = make_node_key(tmp_path / "keys" / "outsider")
-    app = local.write_probe_app(tmp_path / "app", tmp_path / "loot")
+    app = write_probe_app(tmp_path / "app", tmp_path / "loot")
     with ThreadPoolExecutor(max_workers=2) as pool:
         register, run = pool.map(
-            lambda args: local.attempt(outsider, *args),
+            lambda args: attempt(outsider, *args),
             [
-                ("supernode", "register", str(public), local.CONNECTION),
-                ("run", str(app), local.CONNECTION),
+                ("supernode", "register", str(public), procs.CONNECTION),
+                ("run", str(app), procs.CONNECTION),
             ],
         )
     assert register.exit_code != 0 and "registered" not in register.output, register.output
     assert run.exit_code != 0 and "Successfully started run" not in run.output, run.output
     # Nothing reached the SuperLink: no node, no run (asked on the coordinator's side).
-    assert local.list_supernodes(coordinator, local.CONNECTION) == []
-    assert local.list_runs(coordinator, local.CONNECTION) == []
+    assert flower_cli.list_supernodes(coordinator, procs.CONNECTION) == []
+    assert flower_cli.list_runs(coordinator, procs.CONNECTION) == []
 
     # Route by route: Control, Runtime and docs are not served at the Fleet address; Fleet
     # routes reach the SuperLink (which answers with its own node-auth refusal).
@@ -620,7 +627,7 @@ def deployment(tmp_path_factory):
     out = tmp_path_factory.mktemp("deploy")
     try:
         return local.run_deployment(out, sites=3, rounds=2, intruder=True, quiet=True, timeout=600)
-    except (local.DeploymentError, local.RunFailed) as err:
+    except (procs.DeploymentError, flower_cli.RunFailed) as err:
         logs = "\n".join(
             f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:])
             for p in sorted((out / "logs").glob("*.log"))
@@ -694,7 +701,7 @@ def test_every_process_the_deployment_started_is_gone(deployment):
     # registry, superlink, fleet proxy, serverapp, 3 x (supernode, clientapp), intruder
     started = 1 + 1 + 1 + 1 + 3 * 2 + 1
     assert len(deployment.processes) >= started
-    alive = [pid for pid, at in deployment.processes.items() if local.is_running(pid, at)]
+    alive = [pid for pid, at in deployment.processes.items() if procs.is_running(pid, at)]
     assert not alive, f"still running: {alive}"
 
 

@@ -17,14 +17,13 @@ from client.he_mod import he_mod
 from core.federation import protocol as P
 from core.he.ckks import (
     CkksContext,
-    _seal_save,
-    _sealapi,
     encrypt_update,
     load_public_context,
     load_secret_context,
     provision,
 )
 from core.he.provenance import tag_upload
+from core.he.seal import seal_save, sealapi
 from core.io import write_bytes_atomic
 from server.he_strategy import EncryptedAdapterFedAvg
 
@@ -47,9 +46,11 @@ def keys(tmp_path_factory):
     root = tmp_path_factory.mktemp("keys")
     secret, public = provision(root / "consortium")
     public_ctx = load_public_context(public)
-    sa = _sealapi()
-    foreign_key = sa.KeyGenerator(public_ctx._seal).secret_key()  # public context + a new key
-    foreign = CkksContext(public_ctx.serialize_public(), _seal_save(foreign_key))
+    sa = sealapi()
+    foreign_key = sa.KeyGenerator(
+        public_ctx.seal_context
+    ).secret_key()  # public context + a new key
+    foreign = CkksContext(public_ctx.serialize_public(), seal_save(foreign_key))
     foreign_path = root / "foreign" / "site_secret.ctx"
     foreign_path.parent.mkdir()
     write_bytes_atomic(foreign_path, foreign.serialize_secret(), mode=0o600)

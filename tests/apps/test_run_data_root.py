@@ -3,11 +3,15 @@ silently replaced by phantoms), and a folder without sites is a clear error befo
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from core.config import ConfigError
 from core.data import HospitalSpec, PhantomSite, generate_hospitals
-from simulations.run import load_scenario, main, resolve_data_root
+from core.model.checkpoint import load_backbone
+from simulations.run import load_scenario, main, prepare_backbone, resolve_data_root
 
 
 def test_data_root_is_honoured_and_no_phantoms_are_generated(tmp_path):
@@ -29,3 +33,34 @@ def test_a_folder_without_sites_is_an_error_naming_it(tmp_path, capsys):
         err = capsys.readouterr().err
         assert str(empty) in err and "dataset.json" in err
     assert not (tmp_path / "c").exists()
+
+
+def test_own_sites_pretrain_the_backbone_on_their_training_images(tmp_path, capsys):
+    """Without a backbone, the user's hospitals get one pretrained on their own unlabeled
+    training images (not the phantom archive), cached by a digest of their datalists."""
+    mine = tmp_path / "my-sites"
+    spec = HospitalSpec(
+        (PhantomSite("h1", "xr2d", 12, (16, 16)), PhantomSite("h2", "xr2d", 10, (16, 16)))
+    )
+    sites = [p.parent for p in generate_hospitals(mine, spec, seed=0)]
+    training = sum(len(json.loads((s / "dataset.json").read_text())["training"]) for s in sites)
+    scenario = load_scenario("default") | {"pretrain": {"steps": 2}}
+    values: dict = {}
+    prepare_backbone(scenario, values, tmp_path / "cache", sites)
+    printed = capsys.readouterr().out
+    assert f"pretraining micro on {training} images" in printed
+    path = values["backbone"]
+    assert "-data" in Path(path).parent.name
+    assert f"fingerprint {load_backbone(path)[1][:12]}" in printed
+    # Same sites: the cached backbone is reused, nothing pretrained again.
+    again: dict = {}
+    prepare_backbone(scenario, again, tmp_path / "cache", sites)
+    assert again["backbone"] == path and "pretraining" not in capsys.readouterr().out
+    # A changed datalist is another backbone.
+    listing = json.loads((sites[0] / "dataset.json").read_text())
+    listing["training"] = listing["training"][:-1]
+    (sites[0] / "dataset.json").write_text(json.dumps(listing))
+    changed: dict = {}
+    prepare_backbone(scenario, changed, tmp_path / "cache", sites)
+    assert changed["backbone"] != path
+    assert f"pretraining micro on {training - 1} images" in capsys.readouterr().out

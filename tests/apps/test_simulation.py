@@ -37,19 +37,30 @@ def data_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("phantoms")
 
 
-def run(tmp_path, data_cache, **overrides):
+def run(tmp_path, data_cache, quiet=True, **overrides):
     scenario = load_scenario("default") | PHANTOMS
     out = tmp_path / "run"
     run_scenario(
-        scenario, overrides=SMALL | overrides, out_dir=out, data_cache=data_cache, quiet=True
+        scenario, overrides=SMALL | overrides, out_dir=out, data_cache=data_cache, quiet=quiet
     )
     return out
 
 
-def test_two_sites_two_rounds_with_dp(tmp_path, data_cache):
-    out = run(tmp_path, data_cache)
+def test_two_sites_two_rounds_with_dp(tmp_path, data_cache, capsys):
+    out = run(tmp_path, data_cache, quiet=False)
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    # The runner shows every site's test AUC, balanced accuracy and epsilon after each round,
+    # the numbers metrics.json records.
+    printed = capsys.readouterr().out
+    for entry in metrics["rounds"]:
+        for site, values in entry["sites"].items():
+            auc = "nan" if values["auc"] is None else f"{values['auc']:.3f}"
+            line = f"round {entry['round']} site {site}: AUC {auc}"
+            assert line in printed, printed
+            row = next(r for r in printed.splitlines() if line in r)
+            assert f"balanced accuracy {values['balanced-accuracy']:.3f}" in row
+            assert f"epsilon {values['epsilon']:.2f}" in row
     for entry in metrics["rounds"]:
         assert set(entry["status"].values()) == {"trained"} and len(entry["status"]) == 2
         assert 0.0 <= entry["evaluate"]["accuracy"] <= 1.0
@@ -83,8 +94,14 @@ def test_two_sites_two_rounds_with_dp(tmp_path, data_cache):
     report = (out / "report.md").read_text()
     assert "Epsilon spent" in report and "data-protection officer" in report
     assert "What left this site" in report and "| metric auc | evaluate | NO |" in report
+    # The report says which run and which backbone it is about.
+    assert f"| Backbone fingerprint (SHA-256) | {load_backbone(backbone)[1]} |" in report
+    assert f"| Run folder | {out.name} |" in report and "| Rounds planned | 2 |" in report
     assert (out / "privacy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "adapters" / "adapter_model.safetensors").is_file()
+    card = (out / "adapters" / "README.md").read_text()
+    assert load_backbone(backbone)[1] in card and "target epsilon 8" in card
+    assert "More Information Needed" not in card  # not peft's empty template
 
 
 def test_sites_refuse_a_round_past_their_budget_and_the_server_carries_on(tmp_path, data_cache):

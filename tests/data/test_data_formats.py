@@ -18,7 +18,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from core.data import DatasetError, GridConfig, open_site
-from core.data.readers import DEFAULT_SPACING_MM, TWO_D_DEPTH_SPACING_MM, read_image
+from core.data.readers import (
+    DEFAULT_SPACING_MM,
+    FORMATS,
+    TWO_D_DEPTH_SPACING_MM,
+    image_format,
+    read_image,
+)
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 
@@ -333,3 +339,14 @@ def test_missing_and_unsupported_files(tmp_path: Path) -> None:
     (tmp_path / "x.bmp").write_bytes(b"BM")
     with pytest.raises(DatasetError, match=r"x.bmp: unsupported image format"):
         read_image(tmp_path / "x.bmp")
+
+
+def test_the_format_table_dispatches_every_suffix_to_its_reader(tmp_path: Path) -> None:
+    """One table: each format's suffixes name it, and only NIfTI is recognised inside gzip."""
+    assert list(FORMATS) == ["dicom", "nifti", "pillow"]
+    for fmt in FORMATS.values():
+        for suffix in fmt.suffixes:
+            path = tmp_path / f"image{suffix.upper()}"
+            path.write_bytes(b"")
+            assert image_format(path) == fmt.name
+    assert [f.name for f in FORMATS.values() if f.gzipped] == ["nifti"]

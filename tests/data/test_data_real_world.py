@@ -3,6 +3,8 @@ readers or, worse, come back with wrong grey values or spacings without a word.
 
 Every file is real and written to disk: DICOM with pydicom (or pydicom's bundled test files),
 NIfTI with nibabel, 2D images with Pillow.
+
+Over 500 lines: one test per real-world file quirk, sharing the file writers defined here.
 """
 
 from __future__ import annotations

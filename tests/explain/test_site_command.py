@@ -44,4 +44,8 @@ def test_overlays_and_index_from_a_simulated_run(tmp_path):
     ]
     assert len(scores) == 3 and scores == sorted(scores, reverse=True)
     assert all(png.name in index for png in pngs)
+    # The phantom sites name their classes: the index says which class the score is for.
+    assert "probability of <b>lesion</b>" in index
+    labels = [row.split("</td><td>")[3] for row in index.split("<tr><td>")[1:]]
+    assert set(labels) <= {"no lesion", "lesion"}
     assert per_case < 30  # generous: a loaded CI machine; the benchmark measures it properly

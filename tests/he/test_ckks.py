@@ -276,12 +276,14 @@ def test_public_context_holds_no_secret_key_and_cannot_decrypt_or_encrypt(
     assert b"FMVCKKS1" not in public_ctx.serialize_public()
 
 
-def test_importing_core_ckks_loads_neither_tenseal_nor_flower() -> None:
+def test_importing_any_core_he_module_loads_neither_tenseal_nor_flower() -> None:
+    """All of them in one interpreter: if any imported tenseal eagerly, it would be loaded."""
+    here = Path(__file__).resolve().parents[2]
+    modules = sorted(f"core.he.{p.stem}" for p in (here / "core" / "he").glob("[!_]*.py"))
+    assert "core.he.ckks" in modules and "core.he.seal" in modules
     code = (
-        "import sys, core.he.ckks; "
+        f"import sys, {', '.join(modules)}; "
         "assert 'tenseal' not in sys.modules, 'tenseal imported eagerly'; "
         "assert not any(m == 'flwr' or m.startswith('flwr.') for m in sys.modules)"
     )
-    subprocess.run(
-        [sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2]
-    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=here)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_ckks import fedavg, max_relative_error, random_state
 
-from core.he import ckks
+from core.he import ckks, envelope, seal
 
 COUNTS = [30, 500, 7]
 
@@ -46,12 +46,12 @@ def flip_byte(blob: bytes, position: int) -> bytes:
 
 
 def payload_of(blob: bytes) -> bytes:
-    return blob[ckks._ENVELOPE.size : -32]
+    return blob[envelope.HEADER.size : -envelope.DIGEST_SIZE]
 
 
 def relabel(blob: bytes, ctx: ckks.CkksContext, index: int, count: int) -> bytes:
     """What a malicious site could do: rewrap a foreign ciphertext in a valid envelope."""
-    return ckks._seal_envelope(payload_of(blob), ctx, ckks._KIND_SITE_UPDATE, index, count)
+    return envelope.seal_envelope(payload_of(blob), ctx, envelope.KIND_SITE_UPDATE, index, count)
 
 
 def assert_others_still_aggregate(
@@ -71,7 +71,7 @@ def assert_others_still_aggregate(
 @pytest.mark.parametrize(
     ("where", "match"),
     [
-        (lambda n: ckks._ENVELOPE.size + n // 2, "digest mismatch"),  # inside the SEAL payload
+        (lambda n: envelope.HEADER.size + n // 2, "digest mismatch"),  # inside the SEAL payload
         (lambda n: n - 1, "digest mismatch"),  # inside the digest
         (lambda n: 10, "digest mismatch"),  # inside the context fingerprint
         (lambda n: 0, "bad magic"),
@@ -129,12 +129,12 @@ def test_ciphertext_for_other_params_is_rejected_by_seal_even_with_a_forged_enve
 
 def test_ciphertext_with_other_scale_is_rejected(updates, states, secret_ctx, public_ctx) -> None:
     """Same ring, prime and key but another scale: a buggy or forged site."""
-    sa = ckks._sealapi()
+    sa = seal.sealapi()
     plaintext = sa.Plaintext()
-    secret_ctx._encoder.encode([1.0] * 10, float(2**30), plaintext)
-    payload = ckks._seal_save(secret_ctx._encryptor.encrypt_symmetric(plaintext))
+    secret_ctx.encoder.encode([1.0] * 10, float(2**30), plaintext)
+    payload = seal.seal_save(secret_ctx.encryptor.encrypt_symmetric(plaintext))
     count = updates[1].layout.num_ciphertexts
-    blob = ckks._seal_envelope(payload, secret_ctx, ckks._KIND_SITE_UPDATE, 0, count)
+    blob = envelope.seal_envelope(payload, secret_ctx, envelope.KIND_SITE_UPDATE, 0, count)
     bad = replace_ciphertext(updates[1], 0, blob)
     with pytest.raises(ckks.CiphertextError, match="scale"):
         ckks.sum_encrypted([bad.ciphertexts], public_ctx)
@@ -200,8 +200,8 @@ def test_decrypt_checks_ciphertext_count_and_context(updates, secret_ctx, public
 
 
 def test_oversized_payload_is_rejected_before_hashing(updates, public_ctx) -> None:
-    payload = b"\0" * (public_ctx._max_payload_bytes + 1)
-    blob = ckks._seal_envelope(payload, public_ctx, ckks._KIND_SITE_UPDATE, 0, 2)
+    payload = b"\0" * (public_ctx.max_payload_bytes + 1)
+    blob = envelope.seal_envelope(payload, public_ctx, envelope.KIND_SITE_UPDATE, 0, 2)
     with pytest.raises(ckks.CiphertextError, match="exceeds"):
         ckks.sum_encrypted([[blob, updates[0].ciphertexts[1]]], public_ctx)
 

@@ -12,14 +12,12 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from core.privacy.ledger import (
-    AccountantMismatchError,
+from core.privacy.errors import AccountantMismatchError, LedgerFormatError, PrivacyConfigError
+from core.privacy.ledger import PrivacyLedger
+from core.privacy.plan import (
     AccountantStep,
     DPPlan,
     DPSettings,
-    LedgerFormatError,
-    PrivacyConfigError,
-    PrivacyLedger,
     calibrate_noise,
     epsilon_of_history,
     plan_dp,

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from core.privacy.ledger import DPPlan, DPSettings, PrivacyLedger, epsilon_of_history
+from core.privacy.ledger import PrivacyLedger
+from core.privacy.plan import DPPlan, DPSettings, epsilon_of_history
 from core.privacy.report import (
     METRICS_FILE,
     PLOT_FILE,
@@ -99,7 +100,7 @@ def test_report_tables_carry_the_exact_epsilons(run_dir, ledgers):
     assert "## Site site\\|b" in text  # a pipe in a site name cannot break the table
     assert "Epsilon is cumulative" in text and "Who decides: each site" in text
     assert "**Not covered:**" in text
-    assert "| Round | AUC | Accuracy | Loss |" in text
+    assert "| Round | AUC | Accuracy (arg-max) | Loss |" in text
     assert "| 3 | 0.6000 | 0.8000 | — |" in text  # global AUC, accuracy, loss per round
 
 
@@ -258,3 +259,42 @@ def test_metric_panel_prefers_auc_then_balanced_then_plain_accuracy():
     only_accuracy = parse_metrics({"rounds": [{"round": 1, "evaluate": {"accuracy": 0.7}}]})
     assert choose_metric(only_accuracy) == "accuracy"
     assert choose_metric(parse_metrics(_metrics())) == "auc"
+
+
+def test_report_names_the_run_and_labels_threshold_metrics(tmp_path, ledgers):
+    """A DPO holding report.md alone can tell which run and backbone it is about, and which
+    rates are at the site's own threshold and which are the shared head's arg-max."""
+    write_privacy_json(tmp_path, ledgers)
+    metrics = _metrics()
+    for entry in metrics["rounds"]:
+        entry["evaluate"]["balanced-accuracy"] = 0.7
+    fingerprint = "ab" * 32
+    run = {"run": "runs/x", "backbone_fingerprint": fingerprint, "num_server_rounds": 3}
+    write_metrics_json(tmp_path, metrics | {"run": run})
+    text = (render_report(tmp_path)).read_text()
+    assert f"| Backbone fingerprint (SHA-256) | {fingerprint} |" in text
+    assert "| Rounds planned | 3 |" in text
+    assert "Balanced accuracy (site threshold)" in text and "Accuracy (arg-max)" in text
+    with pytest.raises(ReportInputError, match="run: expected an object"):
+        write_metrics_json(tmp_path, metrics | {"run": {"run": ["not", "a", "string"]}})
+
+
+def test_a_site_that_refused_without_a_ledger_is_listed(tmp_path, ledgers):
+    """A site whose policy refused every round sends no ledger; the DPO still sees it, with
+    the reason it gave, and site-supplied text cannot break the table."""
+    write_privacy_json(tmp_path, ledgers)
+    metrics = _metrics()
+    for entry in metrics["rounds"]:
+        entry["status"] = {"site-a": "trained", "site|b": "trained", "site-c": "refused"}
+        entry["events"] = [
+            {"site": "site-c", "kind": "refused", "reason": "policy: he | required"},
+        ]
+    write_metrics_json(tmp_path, metrics)
+    text = render_report(tmp_path).read_text()
+    assert "## Sites without a privacy ledger" in text
+    for server_round in (1, 2, 3):
+        row = f"| {server_round} | site-c | refused | refused: policy: he \\| required |"
+        assert row in text
+    assert "| 1 | site-a |" not in text  # sites with a ledger have their own section
+    with pytest.raises(ReportInputError, match="status: expected an object of strings"):
+        write_metrics_json(tmp_path, {"rounds": [{"round": 1, "status": {"x": 1}}]})

@@ -1,41 +1,18 @@
-"""Read medical images from disk into depth-first arrays with their voxel spacing.
+"""DICOM: a Part 10 file (single frame or enhanced multi-frame) or a series folder.
 
-Whatever the format, a reader returns a :class:`Volume`: ``(C, D, H, W)`` with D the
-through-plane axis, and the spacing ``(d, h, w)`` in mm. Getting D right is what lets SAC treat
-a 5 mm MR like a stack of slices rather than a blurry cube:
+In-plane spacing is PixelSpacing (at the patient) over ImagerPixelSpacing (at the detector),
+each from the enhanced multi-frame functional groups (per-frame, then shared) before the top
+level; a single value where the standard says two is taken as isotropic. Through-plane spacing
+is the distance between slice positions along the slice normal; without positions,
+SpacingBetweenSlices, then SliceThickness. Tilted (sheared) stacks, unequal gaps, mixed
+orientations or pixel spacings are refused, naming the file and the attribute at fault.
 
-* Volumes with an affine (NIfTI, DICOM series, enhanced multi-frame DICOM) are first turned to
-  the closest canonical RAS voxel order (axis permutations and flips only, no resampling), so
-  every site presents anatomy the same way. Then the axis with the largest spacing becomes
-  depth; ties (isotropic data) keep the superior-inferior axis, i.e. axial slices. The other two
-  axes keep their RAS order.
-* Volumes without an affine (npz arrays) have no anatomical frame: the largest-spacing axis
-  becomes depth, ties keep axis 0 (numpy's ``(D, H, W)`` habit).
-* 2D images (PNG, JPEG, a single DICOM slice, a NIfTI with one slice) become ``D == 1`` with a
-  depth spacing of :data:`TWO_D_DEPTH_SPACING_MM`, so their DA is the maximum (5).
-
-Where spacing comes from, and which source wins when several disagree (a disagreement is
-logged as a warning naming the file, never resolved silently):
-
-* NIfTI: the sform when its code is set and it is invertible, else the qform when its code is
-  set, else pixdim. The spacing is the length of the chosen affine's voxel axes, so spacing and
-  orientation always come from the same matrix. A sheared affine is refused.
-* DICOM in-plane: PixelSpacing (at the patient) over ImagerPixelSpacing (at the detector), each
-  from the enhanced multi-frame functional groups (per-frame, then shared) before the top level.
-  A single value where the standard says two is taken as isotropic.
-* DICOM through-plane: the distance between slice positions along the slice normal; without
-  positions, SpacingBetweenSlices, then SliceThickness. Tilted (sheared) stacks, unequal gaps,
-  mixed orientations or pixel spacings are refused.
-* Header-less images: the datalist's spacing, else :data:`DEFAULT_SPACING_MM` per axis.
-
-Every problem with a file, expected or not, leaves :func:`read_image` as a
-:class:`~core.data.errors.DatasetError` naming the file (and the DICOM attribute at fault), so
-``on_error="skip"`` can skip it. ``core/data/README.md`` tabulates what is read and refused.
+Over 500 lines because it is one reader: the attribute fallbacks above and the slice geometry
+that uses them are the DICOM format's, and no other module needs either.
 """
 
 from __future__ import annotations
 
-import gzip
 import logging
 import math
 from collections.abc import Sequence
@@ -43,386 +20,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pydicom
-from PIL import Image, ImageOps
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
 from core.data.errors import DatasetError
+from core.data.readers.base import (
+    AGREE,
+    SHEAR_TOLERANCE,
+    TWO_D_DEPTH_SPACING_MM,
+    Volume,
+    as_float,
+    depth_first,
+    format_mm,
+    planar,
+    spacing_or_hint,
+    to_canonical,
+)
 
 logger = logging.getLogger(__name__)
 
-TWO_D_DEPTH_SPACING_MM = 1.0e4  # "infinitely thick": DA of a 2D image is the maximum, 5
-DEFAULT_SPACING_MM = 1.0  # stated default when neither header nor datalist gives a spacing
-_TIE_TOLERANCE = 1e-3  # spacings within 0.1 % count as equal when choosing the depth axis
+SUFFIXES = (".dcm", ".dicom", ".ima")
 _SLICE_GAP_TOLERANCE = 0.1  # DICOM slice gaps may differ from their median by 10 %
-_AGREE = 0.01  # two spacing sources within 1 % agree; beyond, the disagreement is logged
-_SHEAR_TOLERANCE = 0.01  # |cos| between voxel axes (about 0.6 degrees) / in-plane step per gap
-_PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg")
-_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
-_SNIFF_BYTES = 352  # a NIfTI-1 header with its magic at 344
-_EXIF_ORIENTATION = 0x0112
-_EXIF_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap rows and columns
 
 
-@dataclass(frozen=True)
-class Volume:
-    """An image as read: depth-first, native resolution, intensities as stored (HU for CT)."""
+def has_magic(head: bytes) -> bool:
+    """``DICM`` at byte 128 (a Part 10 file with its preamble)."""
+    return head[128:132] == b"DICM"
 
-    array: np.ndarray  # (C, D, H, W) float32
-    spacing: tuple[float, float, float]  # (d, h, w) mm
-    calibrated: bool  # intensities in physical units (HU for CT) rather than display values
-
-
-def image_format(path: Path) -> str:
-    """``"nifti"``, ``"dicom"`` or ``"pillow"``.
-
-    A folder is a DICOM series. A file is judged by its suffix when the suffix is one of the
-    formats' (``.nii``, ``.nii.gz``, ``.dcm``, ``.dicom``, ``.ima``, ``.png``, ``.jpg``,
-    ``.jpeg``), otherwise by its content: ``DICM`` at byte 128, the NIfTI-1/2 magic (also
-    inside gzip), the PNG or JPEG signature. Names full of dots, such as DICOM UIDs, are
-    therefore sniffed too.
-
-    Raises:
-        DatasetError: the file does not exist, or neither its name nor its content tells.
-    """
-    if not path.exists():
-        raise DatasetError(
-            path,
-            "image file not found",
-            f"check the path (relative paths start at the datalist's folder {path.parent})",
-        )
-    name = path.name.lower()
-    if path.is_dir() or name.endswith(_DICOM_SUFFIXES):
-        return "dicom"
-    if name.endswith(_NIFTI_SUFFIXES):
-        return "nifti"
-    if name.endswith(_PILLOW_SUFFIXES):
-        return "pillow"
-    kind = _sniff(path)
-    if kind is None:
-        raise DatasetError(
-            path,
-            "unsupported image format (neither the name nor the content is NIfTI, DICOM, PNG"
-            " or JPEG)",
-            "use NIfTI (.nii, .nii.gz), DICOM (Part 10 file or series folder), PNG or JPEG",
-        )
-    return kind
-
-
-def _sniff(path: Path) -> str | None:
-    """The format a file's first bytes announce, or None. Inside gzip only NIfTI counts (the
-    only format here that is read compressed)."""
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(_SNIFF_BYTES)
-        if head[:2] == b"\x1f\x8b":
-            with gzip.open(path, "rb") as handle:
-                inner = handle.read(_SNIFF_BYTES)
-            nifti = inner[344:348] in (b"n+1\x00", b"ni1\x00") or inner[4:8] == b"n+2\x00"
-            return "nifti" if nifti else None
-    except (OSError, EOFError):
-        return None
-    if head[128:132] == b"DICM":
-        return "dicom"
-    if head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] == b"n+2\x00":
-        return "nifti"
-    if head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")):
-        return "pillow"
-    return None
-
-
-def read_image(path: Path, spacing_hint: Sequence[float] | None = None) -> Volume:
-    """Read one image file (or DICOM series folder) as a depth-first :class:`Volume`.
-
-    ``spacing_hint`` is the datalist's spacing (mm per file axis), used only where the header
-    has none. Returns ``array`` (C, D, H, W) float32 and ``spacing`` (d, h, w) mm.
-
-    Raises:
-        DatasetError: for every problem with the file, including failures the readers did not
-            foresee (wrapped, naming the file), so a site opened with ``on_error="skip"``
-            skips it instead of crashing.
-    """
-    kind = image_format(path)
-    try:
-        if kind == "nifti":
-            return _read_nifti(path, spacing_hint)
-        if kind == "dicom":
-            return _read_dicom(path, spacing_hint)
-        return _read_pillow(path, spacing_hint)
-    except (DatasetError, MemoryError):
-        raise
-    except Exception as err:  # a reader bug or a library surprise must not escape untyped
-        raise DatasetError(
-            path,
-            f"reading failed unexpectedly ({type(err).__name__}: {err})",
-            "check the file opens in a viewer and re-export it; if it does, report this message",
-        ) from err
-
-
-def volume_from_array(
-    array: np.ndarray, path: Path, spacing_hint: Sequence[float] | None = None
-) -> Volume:
-    """An in-memory array (one npz row): ``(H, W)``, ``(H, W, 1|3)``, ``(D, H, W)`` or
-    ``(D, H, W, C)``; no header, so the spacing is the datalist's or the default."""
-    pixels = np.asarray(array)
-    if pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] in (1, 3)):
-        return _planar(pixels, path, spacing_hint, calibrated=False)
-    if pixels.ndim in (3, 4):
-        channels_first = pixels[None] if pixels.ndim == 3 else np.moveaxis(pixels, -1, 0)
-        spacing = _spacing_or_hint(None, spacing_hint, 3, path)
-        data, dhw = depth_first(_as_float(channels_first, path), spacing, tie_axis=0)
-        return Volume(data, dhw, calibrated=False)
-    raise DatasetError(
-        path,
-        f"array of shape {pixels.shape} is neither a 2D image nor a 3D volume",
-        "store (N, H, W), (N, H, W, 3), (N, D, H, W) or (N, D, H, W, C) arrays",
-    )
-
-
-def depth_first(
-    array: np.ndarray, spacing: Sequence[float], *, tie_axis: int
-) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Move the through-plane axis to the front.
-
-    array: (C, A0, A1, A2) -> (C, D, H, W). The depth is a singleton axis if there is one (a 2D
-    image, whose depth spacing becomes :data:`TWO_D_DEPTH_SPACING_MM`), else the axis with the
-    largest spacing, ``tie_axis`` among equals. H and W keep their relative order.
-    """
-    sizes = array.shape[1:]
-    singletons = [a for a in range(3) if sizes[a] == 1]
-    if singletons:
-        depth = singletons[-1]
-    else:
-        largest = max(spacing)
-        tied = [a for a in range(3) if spacing[a] >= largest * (1 - _TIE_TOLERANCE)]
-        depth = tie_axis if tie_axis in tied else tied[-1]
-    rest = [a for a in range(3) if a != depth]
-    out = np.ascontiguousarray(array.transpose(0, depth + 1, rest[0] + 1, rest[1] + 1))
-    d = TWO_D_DEPTH_SPACING_MM if singletons else float(spacing[depth])
-    return out, (d, float(spacing[rest[0]]), float(spacing[rest[1]]))
-
-
-def to_canonical(
-    array: np.ndarray, spacing: Sequence[float], affine: np.ndarray
-) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Permute/flip (C, A0, A1, A2) into the closest RAS voxel order; spacing follows the axes."""
-    ornt = nib.orientations.io_orientation(affine)
-    out = array
-    for axis in range(3):
-        if ornt[axis, 1] < 0:
-            out = np.flip(out, axis=axis + 1)
-    order = np.argsort(ornt[:, 0])  # input axis that lands on each RAS axis
-    out = out.transpose(0, *(int(a) + 1 for a in order))
-    return out, (
-        float(spacing[order[0]]),
-        float(spacing[order[1]]),
-        float(spacing[order[2]]),
-    )
-
-
-def _as_float(array: np.ndarray, path: Path) -> np.ndarray:
-    try:
-        data = np.asarray(array, dtype=np.float32)
-    except (TypeError, ValueError) as err:
-        raise DatasetError(
-            path, f"pixel type {array.dtype} is not numeric", "store scalar intensities"
-        ) from err
-    if not np.isfinite(data).all():
-        raise DatasetError(
-            path, "image contains NaN or infinite values", "replace non-finite voxels before use"
-        )
-    return data
-
-
-def _valid(spacing: Sequence[float] | None, n: int) -> bool:
-    return (
-        spacing is not None
-        and len(spacing) == n
-        and all(math.isfinite(float(s)) and float(s) > 0 for s in spacing)
-    )
-
-
-def _spacing_or_hint(
-    header: Sequence[float] | None, hint: Sequence[float] | None, n: int, path: Path
-) -> tuple[float, ...]:
-    """Header spacing if valid, else the datalist's (which must match the image's axes)."""
-    if header is not None and _valid(header, n):
-        return tuple(float(s) for s in header)
-    if hint is not None:
-        if len(hint) != n:
-            raise DatasetError(
-                path,
-                f"datalist field 'spacing' has {len(hint)} values but the image has {n} spatial"
-                " axes",
-                f"give {n} spacings in mm, in the file's axis order",
-            )
-        return tuple(float(s) for s in hint)
-    if header is not None:
-        raise DatasetError(
-            path,
-            f"header spacing {tuple(header)} is not positive and finite",
-            "add a 'spacing' field (mm per file axis) to this item in the datalist",
-        )
-    return (DEFAULT_SPACING_MM,) * n
-
-
-def _planar(
-    pixels: np.ndarray,
-    path: Path,
-    spacing_hint: Sequence[float] | None,
-    *,
-    calibrated: bool,
-    header_spacing: Sequence[float] | None = None,
-) -> Volume:
-    """(H, W) or (H, W, C) -> (C, 1, H, W) with the 2D depth spacing."""
-    channels_first = pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)
-    row, col = _spacing_or_hint(header_spacing, spacing_hint, 2, path)
-    data = _as_float(channels_first, path)[:, None]
-    return Volume(np.ascontiguousarray(data), (TWO_D_DEPTH_SPACING_MM, row, col), calibrated)
-
-
-# ---------------------------------------------------------------------------------------- NIfTI
-
-
-def _load_nifti(path: Path) -> Any:
-    """A nibabel image; a file whose name does not say NIfTI (found by its magic) is parsed
-    from its bytes, since nibabel picks the image class by the suffix."""
-    if path.name.lower().endswith(_NIFTI_SUFFIXES):
-        return nib.load(str(path))
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    image_class = nib.Nifti2Image if raw[4:8] == b"n+2\x00" else nib.Nifti1Image
-    return image_class.from_bytes(raw)
-
-
-def _read_nifti(path: Path, spacing_hint: Sequence[float] | None) -> Volume:
-    try:
-        image: Any = _load_nifti(path)
-        colour = image.header.get_data_dtype().names is not None  # RGB24 / RGBA32 records
-        data = (
-            np.asanyarray(image.dataobj)
-            if colour
-            else image.get_fdata(dtype=np.float32)  # applies scl_slope / scl_inter
-        )
-    except Exception as err:  # nibabel raises many types for damaged files
-        raise DatasetError(
-            path,
-            f"NIfTI file is truncated or corrupt ({type(err).__name__}: {err})",
-            "re-export or re-download the image; check it opens with nibabel.load",
-        ) from err
-    if colour:
-        data = _nifti_colour(path, data)  # (3, X, Y, Z)
-    else:
-        if data.ndim == 2:
-            data = data[:, :, None]
-        if data.ndim == 3:
-            data = data[None]
-        elif data.ndim == 4:  # Decathlon convention: the 4th axis holds channels (modalities)
-            data = np.moveaxis(data, -1, 0)
-        else:
-            raise DatasetError(
-                path,
-                f"NIfTI image has {data.ndim} dimensions {data.shape}",
-                "store 2D, 3D, or 4D with channels on the 4th axis",
-            )
-    affine, header_spacing = _nifti_geometry(path, image.header)
-    hint = spacing_hint
-    if hint is not None and len(hint) == 2 and data.shape[3] == 1:
-        hint = (*hint, TWO_D_DEPTH_SPACING_MM)
-    spacing = _spacing_or_hint(header_spacing, hint, 3, path)
-    array = _as_float(data, path)
-    if affine is not None:
-        array, spacing = to_canonical(array, spacing, affine)
-    oriented, dhw = depth_first(array, spacing, tie_axis=2)
-    return Volume(oriented, dhw, calibrated=not colour)
-
-
-def _nifti_colour(path: Path, data: np.ndarray) -> np.ndarray:
-    """RGB24 / RGBA32 records (X, Y[, Z]) -> (3, X, Y, Z) colour channels, alpha dropped."""
-    names = data.dtype.names or ()
-    label = "RGBA32" if "A" in names else "RGB24"
-    if not {"R", "G", "B"} <= set(names):
-        raise DatasetError(
-            path, f"NIfTI datatype {data.dtype} is not scalar, RGB24 or RGBA32", "store scalars"
-        )
-    if data.ndim not in (2, 3):
-        raise DatasetError(
-            path,
-            f"{label} NIfTI has {data.ndim} dimensions {data.shape}; colour is read only for 2D"
-            " or 3D images",
-            "store one colour volume per file (or split the 4th axis into files)",
-        )
-    planes = np.stack([np.asarray(data[c], dtype=np.float32) for c in "RGB"])
-    return planes if planes.ndim == 4 else planes[..., None]
-
-
-def _nifti_geometry(path: Path, header: Any) -> tuple[np.ndarray | None, tuple[float, ...]]:
-    """The affine that places the voxels, and the spacing read from that same affine.
-
-    Rule: the sform if its code is set and it is invertible, else the qform if its code is set,
-    else pixdim (no orientation: voxel axes kept as stored). The spacing is the length of the
-    chosen affine's three voxel axes; pixdim or the other form disagreeing by more than 1 % is
-    logged. A sheared affine (voxel axes not perpendicular) is refused.
-    """
-    zooms = tuple(float(z) for z in header.get_zooms()[:3])
-    zooms = zooms + (1.0,) * (3 - len(zooms))  # a 2D header has two zooms
-    candidates = []
-    for name, (matrix, code) in (
-        ("sform", header.get_sform(coded=True)),
-        ("qform", header.get_qform(coded=True)),
-    ):
-        if code and matrix is not None:
-            usable = np.isfinite(matrix).all() and abs(np.linalg.det(matrix[:3, :3])) > 0
-            if usable:
-                candidates.append((name, np.asarray(matrix, dtype=np.float64)))
-            else:
-                logger.warning("%s: the %s is set but singular; it is ignored", path, name)
-    if not candidates:
-        if header.get_sform(coded=True)[1] or header.get_qform(coded=True)[1]:
-            logger.warning("%s: no usable affine; voxel axes kept as stored", path)
-        return None, zooms
-    name, affine = candidates[0]
-    axes = affine[:3, :3]
-    lengths = np.linalg.norm(axes, axis=0)
-    spacing = tuple(float(v) for v in lengths)
-    cosines = np.abs((axes.T @ axes) / np.outer(lengths, lengths))[np.triu_indices(3, 1)]
-    if cosines.max() > _SHEAR_TOLERANCE:
-        angle = math.degrees(math.acos(min(float(cosines.max()), 1.0)))
-        raise DatasetError(
-            path,
-            f"the {name} is sheared: two voxel axes meet at {angle:.1f} degrees, not 90 (a"
-            " tilted acquisition saved without correction)",
-            "resample the image onto a rectangular grid first (e.g. dcm2niix with its default"
-            " gantry-tilt correction, or nibabel.processing.resample_from_to)",
-        )
-    for other, values in [(o, np.linalg.norm(m[:3, :3], axis=0)) for o, m in candidates[1:]] + [
-        ("pixdim", np.asarray(zooms))
-    ]:
-        if not np.allclose(values, lengths, rtol=_AGREE, atol=0):
-            logger.warning(
-                "%s: the %s gives voxel spacing %s mm but the %s gives %s mm; the %s is used"
-                " (NIfTI rule: sform, then qform, then pixdim)",
-                path,
-                name,
-                _mm(lengths),
-                other,
-                _mm(values),
-                name,
-            )
-    return affine, spacing
-
-
-def _mm(values: Sequence[float] | np.ndarray) -> str:
-    return "x".join(f"{float(v):.4g}" for v in values)
-
-
-# ---------------------------------------------------------------------------------------- DICOM
 
 # How each PhotometricInterpretation becomes numbers: grey (MONOCHROME2 as stored, MONOCHROME1
 # inverted), colour through the palette, or colour as decoded (pydicom returns the YBR family
@@ -451,7 +78,7 @@ class _Plane:
     thickness: float | None  # SliceThickness, mm (may exceed the gap: overlapping slices)
 
 
-def _read_dicom(path: Path, spacing_hint: Sequence[float] | None) -> Volume:
+def read_dicom(path: Path, spacing_hint: Sequence[float] | None) -> Volume:
     if path.is_file():
         planes = _planes(path, _dcmread(path))
     else:
@@ -603,13 +230,13 @@ def _in_plane_spacing(path: Path, ds: pydicom.Dataset, frame: int) -> tuple[floa
             )
         found[keyword] = (values[0], values[1])
     pixel, imager = found.get("PixelSpacing"), found.get("ImagerPixelSpacing")
-    if pixel and imager and not np.allclose(pixel, imager, rtol=_AGREE, atol=0):
+    if pixel and imager and not np.allclose(pixel, imager, rtol=AGREE, atol=0):
         logger.warning(
             "%s: PixelSpacing %s mm and ImagerPixelSpacing %s mm disagree; PixelSpacing (at the"
             " patient) is used",
             path,
-            _mm(pixel),
-            _mm(imager),
+            format_mm(pixel),
+            format_mm(imager),
         )
     return pixel or imager
 
@@ -735,7 +362,7 @@ def _single_plane(plane: _Plane, spacing_hint: Sequence[float] | None) -> Volume
         pixels = _invert_monochrome1(pixels, [plane])
     calibrated = plane.photometric == "MONOCHROME2"
     if plane.orientation is None:
-        return _planar(
+        return planar(
             pixels,
             plane.source,
             spacing_hint,
@@ -743,9 +370,9 @@ def _single_plane(plane: _Plane, spacing_hint: Sequence[float] | None) -> Volume
             header_spacing=plane.pixel_spacing,
         )
     row_dir, col_dir, normal = _directions(plane)
-    row_mm, col_mm = _spacing_or_hint(plane.pixel_spacing, _tail(spacing_hint, 2), 2, plane.source)
+    row_mm, col_mm = spacing_or_hint(plane.pixel_spacing, _tail(spacing_hint, 2), 2, plane.source)
     channels_first = pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)
-    data = _as_float(channels_first, plane.source)[:, None]  # (C, 1, rows, cols)
+    data = as_float(channels_first, plane.source)[:, None]  # (C, 1, rows, cols)
     spacing = (TWO_D_DEPTH_SPACING_MM, row_mm, col_mm)
     data, spacing = to_canonical(data, spacing, _voxel_to_ras(normal, col_dir, row_dir, spacing))
     oriented, dhw = depth_first(data, spacing, tie_axis=2)
@@ -758,7 +385,7 @@ def _directions(plane: _Plane) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     row_dir = np.array(plane.orientation[:3], dtype=float)
     col_dir = np.array(plane.orientation[3:], dtype=float)
     norms = np.linalg.norm(row_dir), np.linalg.norm(col_dir)
-    if min(norms) == 0 or abs(np.dot(row_dir, col_dir)) / (norms[0] * norms[1]) > _SHEAR_TOLERANCE:
+    if min(norms) == 0 or abs(np.dot(row_dir, col_dir)) / (norms[0] * norms[1]) > SHEAR_TOLERANCE:
         raise DatasetError(
             plane.source,
             f"ImageOrientationPatient {plane.orientation} does not hold two perpendicular"
@@ -800,7 +427,7 @@ def _stack(where: Path, planes: list[_Plane], spacing_hint: Sequence[float] | No
         if ((mine_mm is None or first_mm is None) and mine_mm != first_mm) or (
             mine_mm is not None
             and first_mm is not None
-            and not np.allclose(mine_mm, first_mm, rtol=_AGREE, atol=0)
+            and not np.allclose(mine_mm, first_mm, rtol=AGREE, atol=0)
         ):
             raise DatasetError(
                 where,
@@ -815,13 +442,13 @@ def _stack(where: Path, planes: list[_Plane], spacing_hint: Sequence[float] | No
         thickness = first.between or first.thickness
         in_plane = first.pixel_spacing
         header = (thickness, *in_plane) if thickness and in_plane else None
-        spacing = _spacing_or_hint(header, spacing_hint, 3, where)
+        spacing = spacing_or_hint(header, spacing_hint, 3, where)
         affine = None
     stacked = np.stack([planes[i].pixels for i in order])  # (S, H, W) or (S, H, W, 3)
     if first.photometric == "MONOCHROME1":
         stacked = _invert_monochrome1(stacked, planes)
     channels_first = stacked[None] if stacked.ndim == 3 else np.moveaxis(stacked, -1, 0)
-    data = _as_float(channels_first, where)
+    data = as_float(channels_first, where)
     if affine is not None:
         data, spacing = to_canonical(data, spacing, affine)
     oriented, dhw = depth_first(data, spacing, tie_axis=2 if affine is not None else 0)
@@ -870,7 +497,7 @@ def _slice_geometry(
     steps = np.diff(positions[order], axis=0)  # (S-1, 3)
     sideways = steps - np.outer(steps @ normal, normal)
     drift = float(np.linalg.norm(sideways, axis=1).max())
-    if drift > _SHEAR_TOLERANCE * slice_gap:
+    if drift > SHEAR_TOLERANCE * slice_gap:
         raise DatasetError(
             where,
             f"slice stack is sheared: each slice moves {drift:.3g} mm in-plane per"
@@ -879,7 +506,7 @@ def _slice_geometry(
             "resample it onto slices stacked along their normal (dcm2niix corrects gantry tilt"
             " by default) and list the NIfTI",
         )
-    if first.between and abs(first.between - slice_gap) > _AGREE * slice_gap:
+    if first.between and abs(first.between - slice_gap) > AGREE * slice_gap:
         logger.warning(
             "%s: slices are %.4g mm apart by ImagePositionPatient but SpacingBetweenSlices says"
             " %.4g mm; the positions are used",
@@ -887,7 +514,7 @@ def _slice_geometry(
             slice_gap,
             first.between,
         )
-    row_mm, col_mm = _spacing_or_hint(first.pixel_spacing, _tail(spacing_hint, 2), 2, where)
+    row_mm, col_mm = spacing_or_hint(first.pixel_spacing, _tail(spacing_hint, 2), 2, where)
     spacing = (slice_gap, row_mm, col_mm)
     return order, _voxel_to_ras(normal, col_dir, row_dir, spacing), spacing
 
@@ -913,36 +540,3 @@ def _fallback_order(where: Path, planes: list[_Plane]) -> np.ndarray:
 
 def _tail(values: Sequence[float] | None, n: int) -> Sequence[float] | None:
     return None if values is None else values[-n:]
-
-
-# --------------------------------------------------------------------------------- PNG / JPEG
-
-
-def _read_pillow(path: Path, spacing_hint: Sequence[float] | None) -> Volume:
-    """PNG / JPEG, turned upright by its EXIF orientation (the datalist's ``[row, col]``
-    spacing follows the file's axes, so a transposing orientation swaps it)."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            orientation = image.getexif().get(_EXIF_ORIENTATION)
-            upright = image if orientation in (None, 1) else ImageOps.exif_transpose(image)
-            pixels = _pillow_pixels(upright)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DatasetError(
-            path,
-            f"image cannot be decoded, it is truncated or not a {path.suffix} file ({err})",
-            "re-export the image as PNG or JPEG",
-        ) from err
-    hint = spacing_hint
-    if hint is not None and len(hint) == 2 and orientation in _EXIF_TRANSPOSED:
-        hint = (hint[1], hint[0])
-    return _planar(pixels, path, hint, calibrated=False)
-
-
-def _pillow_pixels(image: Image.Image) -> np.ndarray:
-    """(H, W) for grey modes (8/16/32 bit kept), (H, W, 3) for colour; alpha dropped."""
-    if image.mode in ("1", "LA", "PA"):
-        image = image.convert("L")
-    elif image.mode in ("P", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
-        image = image.convert("RGB")
-    return np.asarray(image)
