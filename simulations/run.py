@@ -167,15 +167,18 @@ def run_scenario(
     print(f"scenario {scenario['name']}: {scenario.get('description', '')}")
     print(f"{len(sites)} sites, {cfg.num_server_rounds} rounds, out-dir {out_dir}")
     started = time.perf_counter()
+    shown: set[str] = set()  # the log stream can carry a line twice (two handlers)
 
     def progress(line: str) -> None:
         if quiet:
             return
         match = ROUND_LINE.search(line)
-        if match:
+        if match and match[0] not in shown:
+            shown.add(match[0])
             elapsed = time.perf_counter() - started
             print(f"  round {match[1]}/{match[2]} started at {elapsed:.0f} s", flush=True)
-        elif site := SITE_LINE.search(line):
+        elif (site := SITE_LINE.search(line)) and site[1] not in shown:
+            shown.add(site[1])
             print(f"    {site[1]}", flush=True)
         elif "ERROR" in line or "Traceback" in line or "refused" in line or "rejected" in line:
             print(f"  {line}", flush=True)
