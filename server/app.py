@@ -67,8 +67,9 @@ def run_rounds(
 
 
 def site_progress(record: RoundLog) -> list[str]:
-    """One line per site: test AUC and the rates at the site's own calibrated threshold (the
-    threshold picked on its validation split), the site's epsilon so far, or its status."""
+    """One line per site: the AUC and the rates at the site's own calibrated threshold that
+    its evaluate reply reported (core.federation.rounds.evaluate_round), the site's epsilon
+    so far, and its status when it did not train."""
     lines = []
     for site in sorted(record.sites.keys() | record.status.keys()):
         values = record.sites.get(site, {})
