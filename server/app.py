@@ -74,16 +74,16 @@ def site_progress(record: RoundLog) -> list[str]:
     for site in sorted(record.sites.keys() | record.status.keys()):
         values = record.sites.get(site, {})
         parts = [f"round {record.round} site {site}:"]
-        for key, label in (
-            ("auc", "AUC"),
-            ("balanced-accuracy", "balanced accuracy"),
-            ("sensitivity", "sensitivity"),
-            ("specificity", "specificity"),
-            ("epsilon", "epsilon"),
+        for key, label, spec in (
+            ("auc", "AUC", ".3f"),
+            ("balanced-accuracy", "balanced accuracy", ".3f"),
+            ("sensitivity", "sensitivity", ".3f"),
+            ("specificity", "specificity", ".3f"),
+            ("epsilon", "epsilon", ".2f"),
         ):
             value = values.get(key)
             if value is not None:
-                parts.append(f"{label} {value:.3f}" if key != "epsilon" else f"{label} {value:.2f}")
+                parts.append(f"{label} {value:{spec}}")
         status = record.status.get(site)
         if status and status != "trained":
             parts.append(f"({status})")

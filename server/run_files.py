@@ -63,14 +63,11 @@ class RunFolder:
         self.root = Path(root).resolve()
         self.checkpoints = self.root / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.planned_rounds = 0  # the run config's num-server-rounds, set by write_config
 
     def write_config(self, cfg: RunConfig) -> None:
         write_json_atomic(self.root / "config.json", cfg.to_flat())
-
-    def planned_rounds(self) -> int:
-        """The run config's ``num-server-rounds`` (0 before :meth:`write_config`)."""
-        path = self.root / "config.json"
-        return int(json.loads(path.read_text())["num-server-rounds"]) if path.is_file() else 0
+        self.planned_rounds = cfg.num_server_rounds
 
     def save_round(
         self, server_round: int, adapters: dict[str, torch.Tensor], strategy: AdapterFedAvg
@@ -109,7 +106,7 @@ class RunFolder:
         run = {
             "run": self.root.name,
             "backbone_fingerprint": strategy.backbone_fingerprint,
-            "num_server_rounds": self.planned_rounds(),
+            "num_server_rounds": self.planned_rounds,
             "updated_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
         }
         write_metrics_json(self.root, {"run": run, "rounds": rounds})
