@@ -143,7 +143,12 @@ def run_scenario(
     quiet: bool = False,
 ) -> Path:
     # Keys and types first: a typo in --set must not wait for data generation and pretraining.
-    RunConfig.check_keys(dict(scenario.get("run-config", {})) | overrides, source="run config")
+    # Values and cross-field rules too (e.g. target-epsilon > 0); the CKKS contexts the runner
+    # provisions itself below count as given.
+    early = dict(scenario.get("run-config", {})) | overrides
+    if early.get("he") and not early.get("he-secret-context"):
+        early |= {"he-public-context": "provisioned", "he-secret-context": "provisioned"}
+    RunConfig.from_flat(early)
     data_root = resolve_data_root(scenario, overrides, data_cache)
     values = dict(scenario.get("run-config", {})) | overrides
     values |= {"data-root": str(data_root.resolve()), "out-dir": str(out_dir.resolve())}
@@ -164,7 +169,12 @@ def run_scenario(
         sites = [s.strip() for s in cfg.sites.split(",")]
     values.setdefault("min-available-nodes", min(len(sites), cfg.min_available_nodes))
     federation = {"num-supernodes": len(sites), "client-resources-num-cpus": 1}
-    print(f"scenario {scenario['name']}: {scenario.get('description', '')}")
+    about = (
+        f"your sites in {data_root}"
+        if overrides.get("data-root")
+        else scenario.get("description", "")
+    )
+    print(f"scenario {scenario['name']}: {about}")
     print(f"{len(sites)} sites, {cfg.num_server_rounds} rounds, out-dir {out_dir}")
     started = time.perf_counter()
     shown: set[str] = set()  # the log stream can carry a line twice (two handlers)

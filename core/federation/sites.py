@@ -46,7 +46,10 @@ def list_sites(cfg: RunConfig) -> list[str]:
         return names
     names = sorted(p.parent.name for p in root.glob(f"*/{DATALIST}"))
     if not names:
-        raise ConfigError(f"run config 'data-root' = {root} holds no */{DATALIST}")
+        raise ConfigError(
+            f"run config 'data-root' (--data) = {root} holds no */{DATALIST}; give it one "
+            f"sub-folder per site, each with a {DATALIST} (format: core/data/README.md)"
+        )
     return names
 
 

@@ -64,3 +64,10 @@ def test_own_sites_pretrain_the_backbone_on_their_training_images(tmp_path, caps
     prepare_backbone(scenario, changed, tmp_path / "cache", sites)
     assert changed["backbone"] != path
     assert f"pretraining micro on {training - 1} images" in capsys.readouterr().out
+
+
+def test_a_bad_value_fails_before_any_data_is_generated(tmp_path, capsys):
+    cache = tmp_path / "c"
+    assert main(["default", "--set", "target-epsilon=-1", "--data-cache", str(cache)]) == 2
+    assert "target" in capsys.readouterr().err
+    assert not cache.exists()  # no phantoms generated, no backbone pretrained
