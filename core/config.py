@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.adapters.lora import LORA_TARGETS, LoraSettings
-from core.model.vit import MODEL_SIZES, POOLS
+from core.model.vit import HEAD_NORMS, MODEL_SIZES, POOLS
 from core.privacy.ledger import ACCOUNTANTS, DPSettings
 from core.training.loops import TrainSettings
 
@@ -45,8 +45,11 @@ class RunConfig:
     num_classes: int = 2
     in_channels: int = 1
     multi_label: bool = False
-    head_pool: str = "contrast"  # what the head reads (core.model.vit.POOLS); see ViTConfig.pool
-    head_norm: bool = True  # standardise the pooled features before the linear head
+    head_pool: str = "stats"  # what the head reads (core.model.pooling.POOLS)
+    # how the pooled features are conditioned (ViTConfig.head_norm); "auto" = "reference" when
+    # the backbone file carries a reference for head-pool (fedmedvit pretrain writes one),
+    # else "layer"
+    head_norm: str = "auto"
     # LoRA
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -102,6 +105,8 @@ class RunConfig:
             self._fail("num-classes", self.num_classes, "a classifier needs 2 or more classes")
         if self.head_pool not in POOLS:
             self._fail("head-pool", self.head_pool, f"choose one of {list(POOLS)}")
+        if self.head_norm not in ("auto", *HEAD_NORMS):
+            self._fail("head-norm", self.head_norm, f"choose one of {['auto', *HEAD_NORMS]}")
         if self.lora_targets not in LORA_TARGETS:
             self._fail("lora-targets", self.lora_targets, f"choose one of {sorted(LORA_TARGETS)}")
         if self.lora_mode not in ("ffa", "vanilla"):

@@ -60,7 +60,10 @@ def build_backbone(cfg: RunConfig) -> tuple[UniversalViT, str]:
         else:
             model = create_vit(cfg.model_size, in_channels=cfg.in_channels)
             digest = fingerprint(backbone_state(model))
-        model.reset_head(cfg.num_classes, pool=cfg.head_pool, head_norm=cfg.head_norm)
+        head_norm = cfg.head_norm
+        if head_norm == "auto":
+            head_norm = "reference" if cfg.head_pool in model.references else "layer"
+        model.reset_head(cfg.num_classes, pool=cfg.head_pool, head_norm=head_norm)
     return model, digest
 
 

@@ -3,7 +3,8 @@
 Every site must fine-tune adapters on the *same* frozen backbone, or averaging adapters is
 meaningless. The fingerprint (sha256 over the tensors in sorted key order, including names,
 dtypes and shapes) lets the server announce which backbone a round uses and a site prove it
-holds exactly that one.
+holds exactly that one. The head-input references (:mod:`core.model.reference`) are stored
+beside the weights as ``reference.<pool>.*`` tensors and covered by the same fingerprint.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 
 from core.io import atomic_path
+from core.model.reference import ReferenceError, split_state
 from core.model.vit import UniversalViT, ViTConfig
 
 CHECKPOINT_FORMAT = "fedmedvit-backbone-v1"
@@ -29,8 +31,12 @@ class BackboneError(ValueError):
 
 
 def backbone_state(model: UniversalViT) -> dict[str, Tensor]:
-    """The frozen part of the model: everything but the task head."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    """The frozen part of the model: everything but the task head, plus its head-input
+    references (``reference.<pool>.shift`` / ``.projection``)."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    for pool, reference in sorted(model.references.items()):
+        state |= reference.to_state(pool)
+    return state
 
 
 def fingerprint(state: Mapping[str, Tensor]) -> str:
@@ -99,8 +105,14 @@ def load_backbone(
             f"backbone {path} has fingerprint {actual[:12]}..., but the federation uses "
             f"{expected_fingerprint[:12]}...; install the coordinator's backbone checkpoint"
         )
-    model = UniversalViT(config, num_classes=num_classes)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        weights, references = split_state(state)
+    except ReferenceError as err:
+        raise BackboneError(f"{path}: {err}") from err
+    model = UniversalViT(config)
+    model.references = references
+    model.reset_head(num_classes)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
         raise BackboneError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")

@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.model.pooling import POOLS, pool_tokens, pool_width
+from core.model.reference import FeatureReference
 from core.model.sac import SACConv3d, SpatialState, batch_degree_of_anisotropy
 
-POOLS = ("mean", "mean-max", "contrast", "cls")
-_WIDE_POOLS = ("mean-max", "contrast")  # pools that return 2E features
+HEAD_NORMS = ("reference", "layer", "none")
 
 
 @dataclass(frozen=True)
@@ -48,21 +49,19 @@ class ViTConfig:
     mlp: str = "gelu"  # "gelu": fc1-GELU-fc2; "swiglu": fc2(SiLU(fc1_g x) * fc1_x x)
     mlp_norm: bool = False  # sub-LN: a LayerNorm on the hidden features before fc2
     norm_eps: float = 1e-6  # every LayerNorm (timm 1e-6, PUMIT 1e-5)
-    # What the head reads: "mean" of the patch tokens (as MAE/BEiT fine-tune; MIM pretraining
-    # trains patch tokens, never the CLS token), "mean-max" (the mean and the per-channel max
-    # of the patch tokens, concatenated: a small lesion moves the max far more than the mean),
-    # "contrast" (per channel, how far the highest and the lowest patch token stand out from
-    # the case's own token mean, in units of its token std: a lesion is an outlier patch, and
-    # a site's offset or scale cancels) or "cls".
-    pool: str = "mean"
-    # Standardise the pooled features (a LayerNorm without affine parameters) before the linear
-    # head: the final LayerNorm leaves pooled features that differ between cases by a few
-    # hundredths on a common offset, which a linear head trained by (noisy) SGD barely resolves.
-    head_norm: bool = False
+    pool: str = "mean"  # what the head reads (core.model.pooling.POOLS)
+    # How the pooled features are conditioned before the linear head: "reference" (shift and
+    # whitening projection fit on the backbone's unlabeled pretraining images and shipped in
+    # the backbone file, core.model.reference), "layer" (a LayerNorm without parameters, per
+    # example) or "none". Both have nothing to train, so Opacus needs no per-sample gradient for
+    # them, and unlike BatchNorm they mix no examples, which DP-SGD forbids.
+    head_norm: str = "none"
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if self.head_norm not in HEAD_NORMS:
+            raise ValueError(f"head_norm must be one of {HEAD_NORMS}, got {self.head_norm!r}")
         if self.mlp not in ("gelu", "swiglu"):
             raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
         if self.rope_style not in ("universal", "pumit"):
@@ -94,6 +93,8 @@ class ViTConfig:
         if unknown:
             raise ValueError(f"unknown ViTConfig fields {sorted(unknown)}; valid: {sorted(known)}")
         values = dict(data)
+        if isinstance(values.get("head_norm"), bool):  # checkpoints before head-norm modes
+            values["head_norm"] = "layer" if values["head_norm"] else "none"
         if "pos_grid" in values:
             values["pos_grid"] = tuple(values["pos_grid"])
         return cls(**values)
@@ -302,23 +303,44 @@ class PatchEmbed(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """Linear classifier on pooled features, optionally standardised first.
+    """Linear classifier on pooled features, conditioned first (``norm``, see ViTConfig).
 
-    The standardisation is a LayerNorm without parameters (per example, over the features):
-    it has nothing to train, so Opacus needs no per-sample gradient for it, and unlike
-    BatchNorm it mixes no examples, which DP-SGD forbids. (N, F) -> (N, num_classes).
+    (N, F) -> (N, num_classes). With "reference" the linear layer reads the K whitened
+    components ``(x - shift) @ projection`` (buffers, not parameters: not trained, not sent;
+    every site holds the same ones through the backbone file).
     """
 
-    def __init__(self, in_features: int, num_classes: int, *, norm: bool) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        norm: str,
+        reference: FeatureReference | None = None,
+    ) -> None:
         super().__init__()
-        self.norm: nn.Module = (
-            nn.LayerNorm(in_features, elementwise_affine=False) if norm else nn.Identity()
-        )
-        self.fc = nn.Linear(in_features, num_classes)
+        self.norm_mode = norm
+        width = in_features
+        self.norm: nn.Module = nn.Identity()
+        if norm == "layer":
+            self.norm = nn.LayerNorm(in_features, elementwise_affine=False)
+        elif norm == "reference":
+            if reference is None or reference.features != in_features:
+                found = "none" if reference is None else f"{reference.features} features"
+                raise ValueError(
+                    f"head_norm 'reference' needs the backbone's reference for {in_features} "
+                    f"pooled features, found {found}"
+                )
+            self.register_buffer("shift", reference.shift.clone(), persistent=False)
+            self.register_buffer("projection", reference.projection.clone(), persistent=False)
+            width = reference.components
+        self.fc = nn.Linear(width, num_classes)
         nn.init.trunc_normal_(self.fc.weight, std=0.02)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, pooled: Tensor) -> Tensor:
+        if self.norm_mode == "reference":
+            return self.fc((pooled - self.shift) @ self.projection)  # (N, K) -> (N, classes)
         return self.fc(self.norm(pooled))
 
 
@@ -339,6 +361,8 @@ class UniversalViT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
         self._init_weights()
+        # Head-input references by pool, from the backbone file (core.model.reference).
+        self.references: dict[str, FeatureReference] = {}
         self.num_classes = num_classes
         self.head: nn.Module = self._make_head(num_classes)  # after init: backbone RNG unaffected
 
@@ -354,14 +378,16 @@ class UniversalViT(nn.Module):
     def _make_head(self, num_classes: int) -> nn.Module:
         if not num_classes:
             return nn.Identity()
-        width = self.config.embed_dim * (2 if self.config.pool in _WIDE_POOLS else 1)
-        return ClassifierHead(width, num_classes, norm=self.config.head_norm)
+        width = pool_width(self.config.pool, self.config.embed_dim)
+        reference = self.references.get(self.config.pool)
+        return ClassifierHead(width, num_classes, norm=self.config.head_norm, reference=reference)
 
     def reset_head(
-        self, num_classes: int, *, pool: str | None = None, head_norm: bool | None = None
+        self, num_classes: int, *, pool: str | None = None, head_norm: str | None = None
     ) -> None:
         """A fresh head for ``num_classes``, optionally reading another pooling (``pool``)
-        or with(out) standardised features (``head_norm``); the backbone is untouched."""
+        or conditioned another way (``head_norm``, see ViTConfig); the backbone is untouched.
+        Raises ValueError for "reference" when the backbone has no reference for the pool."""
         self.config = dataclasses.replace(
             self.config,
             pool=self.config.pool if pool is None else pool,
@@ -417,20 +443,8 @@ class UniversalViT(nn.Module):
         return self.norm(tokens)
 
     def pool(self, features: Tensor) -> Tensor:
-        """(N, 1 + T, E) -> (N, E), or (N, 2E) for "mean-max" (mean, then max) and "contrast"
-        ((max - mean) / std, then (mean - min) / std, over the patch tokens per channel)."""
-        if self.config.pool == "cls":
-            return features[:, 0]
-        patches = features[:, 1:]  # (N, T, E)
-        mean = patches.mean(dim=1)
-        if self.config.pool == "mean":
-            return mean
-        if self.config.pool == "mean-max":
-            return torch.cat([mean, patches.amax(dim=1)], dim=1)
-        std = (patches.var(dim=1, unbiased=False) + self.config.norm_eps).sqrt()  # (N, E)
-        high = (patches.amax(dim=1) - mean) / std
-        low = (mean - patches.amin(dim=1)) / std
-        return torch.cat([high, low], dim=1)
+        """(N, 1 + T, E) -> (N, F), see :func:`core.model.pooling.pool_tokens`."""
+        return pool_tokens(features, self.config.pool, self.config.norm_eps)
 
     def forward_head(self, features: Tensor) -> Tensor:
         """(N, 1 + T, E) -> (N, num_classes) from the pooled tokens (``config.pool``)."""

@@ -170,7 +170,9 @@ def demo_backbone(
     Returns (path, fingerprint), the file checked against the fingerprint recorded when it was
     built. Raises PretrainError when pretraining fails (e.g. unreadable site images).
     """
-    tag = f"backbone-{size}-steps{steps}-seed{seed}"
+    # "-ref": the file carries the head-input reference (core.model.reference); folders of
+    # backbones built before it are not reused.
+    tag = f"backbone-{size}-steps{steps}-seed{seed}-ref"
     if data:
         tag += f"-data{datalists_digest(data)[:12]}"
     folder = Path(cache) / tag

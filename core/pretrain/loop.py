@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from core.data import DABatchSampler, collate
 from core.io import atomic_path
 from core.model.checkpoint import save_backbone
+from core.model.reference import FeatureReference, fit_reference, pooled_features
 from core.model.sac import batch_degree_of_anisotropy
 from core.model.vit import UniversalViT, ViTConfig
 from core.pretrain.data import (
@@ -245,6 +246,22 @@ def train_steps(
     return state
 
 
+REFERENCE_POOL = "stats"  # the run config's default head-pool
+
+
+def reference_of(encoder: UniversalViT, pool: ImageData) -> FeatureReference:
+    """The head-input reference of the pretrained encoder over its own pretraining images
+    (unlabeled; :mod:`core.model.reference`), batches of 16 sharing one DA, in pool order."""
+    batches = (
+        (batch["image"], batch["spacing"])
+        for batch in (
+            collate([pool[i] for i in indices])
+            for indices in DABatchSampler(pool.das, batch_size=16, shuffle=False)
+        )
+    )
+    return fit_reference(pooled_features(encoder, batches, REFERENCE_POOL))
+
+
 @dataclass(frozen=True)
 class PretrainOutcome:
     fingerprint: str
@@ -295,6 +312,7 @@ def pretrain(
         log=log,
     )
     encoder = state.model.encoder.cpu()
+    encoder.references = {REFERENCE_POOL: reference_of(encoder, pool)}
     digest = save_backbone(encoder, out)
     tail = state.losses[-10:] or [float("nan")]
     return PretrainOutcome(

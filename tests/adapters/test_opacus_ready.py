@@ -6,24 +6,35 @@ from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 
 from core.adapters.lora import LoraSettings, add_lora
+from core.model.reference import fit_reference
 from core.model.vit import create_vit
 
 # PUMIT's architecture (SwiGLU, sub-LN) with LoRA on every linear, next to the default ViT.
 ARCHITECTURES = {
     "vit-qv": ({}, "qv"),
     "swiglu-attn-mlp": ({"mlp": "swiglu", "mlp_norm": True, "rope_style": "pumit"}, "attn-mlp"),
-    # the fine-tuning recipe's head: mean+max pooling, standardised (parameter-free LayerNorm)
-    "mean-max-norm-attn-mlp": ({"pool": "mean-max", "head_norm": True}, "attn-mlp"),
+    # mean+max pooling, standardised (parameter-free LayerNorm)
+    "mean-max-norm-attn-mlp": ({"pool": "mean-max", "head_norm": "layer"}, "attn-mlp"),
+    # the run's default head: stats pooling through the backbone's reference projection
+    "stats-reference-qv": ({"pool": "stats", "head_norm": "reference"}, "qv"),
 }
+
+
+def with_reference(model):
+    """A random reference for the stats pool (the head reads 16 whitened components)."""
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(40, 4 * model.config.embed_dim, generator=generator)
+    model.references = {"stats": fit_reference(features, components=16)}
+    return model
 
 
 def lora_model(mode: str, arch: str = "vit-qv"):
     torch.manual_seed(0)
     overrides, targets = ARCHITECTURES[arch]
-    model = add_lora(
-        create_vit("micro", num_classes=3, **overrides),
-        LoraSettings(rank=4, mode=mode, targets=targets),
-    )
+    head_norm = overrides.get("head_norm", "none")
+    vit = with_reference(create_vit("micro", **(overrides | {"head_norm": "none"})))
+    vit.reset_head(3, head_norm=head_norm)
+    model = add_lora(vit, LoraSettings(rank=4, mode=mode, targets=targets))
     with torch.no_grad():  # non-zero B, so gradients of A are non-zero too
         for name, p in model.named_parameters():
             if "lora_B" in name:

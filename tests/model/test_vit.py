@@ -120,23 +120,30 @@ def test_rope_is_2d_rope_for_2d_inputs_and_relative():
     torch.testing.assert_close(shift, shifted)
 
 
-@pytest.mark.parametrize("pool", ["mean", "mean-max", "cls"])
-@pytest.mark.parametrize("head_norm", [False, True])
+@pytest.mark.parametrize("pool", ["mean", "mean-max", "stats", "cls"])
+@pytest.mark.parametrize("head_norm", ["none", "layer"])
 def test_pooling_shapes_and_standardised_head_input(pool, head_norm):
     torch.manual_seed(0)
     model = create_vit("micro", num_classes=2, pool=pool, head_norm=head_norm).eval()
     x = torch.randn(3, 1, 8, 32, 32)
     features = model.forward_features(x, (5.0, 0.7, 0.7))  # (3, 1 + T, 96)
     pooled = model.pool(features)
-    width = 2 * 96 if pool == "mean-max" else 96
+    width = {"mean-max": 2 * 96, "stats": 4 * 96}.get(pool, 96)
     assert pooled.shape == (3, width)
     patches = features[:, 1:]
     if pool == "mean-max":
         torch.testing.assert_close(pooled[:, :96], patches.mean(1))
         torch.testing.assert_close(pooled[:, 96:], patches.amax(1))
+    if pool == "stats":  # per channel, by a loop over cases and channels
+        for n in range(3):
+            for c in (0, 41, 95):
+                column = patches[n, :, c].double()
+                expected = [column.mean(), column.max(), column.min(), column.std(correction=0)]
+                got = pooled[n, [c, 96 + c, 192 + c, 288 + c]].double()
+                torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-5)
     assert model.head.fc.in_features == width
     seen = model.head.norm(pooled)
-    if head_norm:  # zero mean, unit variance per example, no trainable parameters
+    if head_norm == "layer":  # zero mean, unit variance per example, no trainable parameters
         torch.testing.assert_close(seen.mean(1), torch.zeros(3), atol=1e-5, rtol=0)
         torch.testing.assert_close(seen.var(1, unbiased=False), torch.ones(3), atol=1e-3, rtol=0)
         assert not list(model.head.norm.parameters())
@@ -149,8 +156,8 @@ def test_reset_head_switches_pooling_and_keeps_the_backbone():
     torch.manual_seed(0)
     model = create_vit("micro", num_classes=2)
     before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
-    model.reset_head(2, pool="mean-max", head_norm=True)
-    assert (model.config.pool, model.config.head_norm) == ("mean-max", True)
+    model.reset_head(2, pool="mean-max", head_norm="layer")
+    assert (model.config.pool, model.config.head_norm) == ("mean-max", "layer")
     assert model.head.fc.in_features == 192
     after = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
     assert before.keys() == after.keys()
