@@ -41,12 +41,12 @@ from core.model.vit import count_parameters
 from core.pretrain import demo_backbone
 from core.training.loops import (
     DPStepPlan,
-    TrainSettings,
     evaluate,
     mean_metrics,
     train_dp,
     train_plain,
 )
+from core.training.settings import TrainSettings
 from simulations.run import parse_set
 
 RESULTS = Path(__file__).parent / "results" / "federated.json"

@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from core.adapters.lora import LORA_TARGETS, LoraSettings
-from core.model.vit import MODEL_SIZES, POOLS
-from core.privacy.ledger import ACCOUNTANTS, DPSettings
-from core.training.loops import TrainSettings
+from core.adapters.settings import LORA_TARGETS, LoraSettings
+from core.model.sizes import MODEL_SIZES, POOLS
+from core.privacy.plan import ACCOUNTANTS, DPSettings
+from core.training.settings import TrainSettings
 
 
 class ConfigError(ValueError):
@@ -45,7 +45,7 @@ class RunConfig:
     num_classes: int = 2
     in_channels: int = 1
     multi_label: bool = False
-    head_pool: str = "contrast"  # what the head reads (core.model.vit.POOLS); see ViTConfig.pool
+    head_pool: str = "contrast"  # what the head reads (core.model.sizes.POOLS); see ViTConfig.pool
     head_norm: bool = True  # standardise the pooled features before the linear head
     # LoRA
     lora_rank: int = 8

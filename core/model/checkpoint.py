@@ -19,7 +19,8 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 
 from core.io import atomic_path
-from core.model.vit import UniversalViT, ViTConfig
+from core.model.sizes import ViTConfig
+from core.model.vit import UniversalViT
 
 CHECKPOINT_FORMAT = "fedmedvit-backbone-v1"
 

@@ -17,7 +17,8 @@ from core.data import DABatchSampler, collate
 from core.io import atomic_path
 from core.model.checkpoint import save_backbone
 from core.model.sac import batch_degree_of_anisotropy
-from core.model.vit import UniversalViT, ViTConfig
+from core.model.sizes import ViTConfig
+from core.model.vit import UniversalViT
 from core.pretrain.data import (
     ImageData,
 )

@@ -8,11 +8,13 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from core.adapters.lora import LoraSettings, add_lora
+from core.adapters.lora import add_lora
+from core.adapters.settings import LoraSettings
 from core.model.segmentation import SEGMENTATION_TRAINABLE, create_segmenter
 from core.model.vit import create_vit
-from core.training.loops import DPStepPlan, TrainSettings, train_dp, train_plain
+from core.training.loops import DPStepPlan, train_dp, train_plain
 from core.training.segmentation import _case_metrics, evaluate_segmentation, segmentation_loss
+from core.training.settings import TrainSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 CPU = torch.device("cpu")

@@ -7,17 +7,18 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from core.adapters.lora import LoraSettings, adapter_state, add_lora
+from core.adapters.lora import adapter_state, add_lora
+from core.adapters.settings import LoraSettings
 from core.model.vit import create_vit
 from core.training.loops import (
     DPStepPlan,
-    TrainSettings,
     balanced_accuracy,
     evaluate,
     mean_metrics,
     train_dp,
     train_plain,
 )
+from core.training.settings import TrainSettings
 
 CPU = torch.device("cpu")
 
