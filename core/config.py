@@ -28,6 +28,17 @@ class ConfigError(ValueError):
 # 10-25 s here (README), and a timed-out round is lost. Flower's own default is 3600 s.
 MIN_ROUND_TIMEOUT = 30.0
 TASKS = ("classification", "segmentation")
+# Keys that left the run config, and where they went: an old config fails with the way out
+# rather than "unknown key".
+MOVED_KEYS = {
+    "he-secret-context": (
+        "the secret CKKS context is a file on one hospital's disk, so the run config that "
+        "the coordinator sends to every node no longer names it. Give each site its own: "
+        "node config key 'he-secret-context' (flower-supernode --node-config "
+        "'he-secret-context=PATH'), or the file site_secret.ctx in the site's state folder "
+        "(node config 'state-dir'; in simulation state-root/<site>)"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -84,8 +95,7 @@ class RunConfig:
     resume: bool = False
     # homomorphic encryption
     he: bool = False
-    he_public_context: str = ""
-    he_secret_context: str = ""
+    he_public_context: str = ""  # the server's; each site's secret context is node-local
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
@@ -132,11 +142,12 @@ class RunConfig:
             )
         if self.in_plane_size < 16 or self.in_plane_size % 16:
             self._fail("in-plane-size", self.in_plane_size, "use a multiple of the patch size 16")
-        if self.he and not (self.he_public_context and self.he_secret_context):
+        if self.he and not self.he_public_context:
             self._fail(
                 "he",
                 self.he,
-                "set he-public-context and he-secret-context (fedmedvit provision)",
+                "set he-public-context (fedmedvit provision); each site finds its secret "
+                "context in its node config or state folder",
             )
         # Sub-settings validate their own ranges; re-raise naming the run-config keys.
         for build in (self.lora, self.training, self.privacy):
@@ -176,6 +187,21 @@ class RunConfig:
         return cls(**cls.check_keys(values, source=source))
 
     @classmethod
+    def from_record(
+        cls, values: Mapping[str, Any], *, source: str = "run folder config.json"
+    ) -> RunConfig:
+        """A run folder's ``config.json`` read back (to decrypt or explain a past run's
+        result). Keys that have since left the run config (:data:`MOVED_KEYS`) are dropped,
+        so a folder written before they moved still opens; no run is started from it, so
+        nothing is sent anywhere.
+
+        Raises:
+            ConfigError: as :meth:`from_flat`, for any other key or value.
+        """
+        kept = {k: v for k, v in values.items() if k not in MOVED_KEYS}
+        return cls.from_flat(kept, source=source)
+
+    @classmethod
     def check_keys(cls, values: Mapping[str, Any], *, source: str = "run config") -> dict[str, Any]:
         """Field name -> coerced value for kebab-case ``values``: every key known and every
         value of its field's type, without the cross-field checks (so a runner can check its
@@ -184,6 +210,9 @@ class RunConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
+            if key in MOVED_KEYS:
+                where = MOVED_KEYS[key]
+                raise ConfigError(f"{source}: key '{key}' is no longer a run-config key: {where}")
             name = key.replace("-", "_")
             if name not in fields:
                 known = [f.replace("_", "-") for f in fields]

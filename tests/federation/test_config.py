@@ -49,6 +49,29 @@ def test_bad_values_name_the_key(values, match):
         RunConfig.from_flat(values)
 
 
+def test_an_old_run_config_naming_the_secret_context_says_where_it_moved():
+    """The secret CKKS context is one hospital's file: the run config, which the coordinator
+    sends to every node, must not carry its path. An old config that still sets it fails,
+    naming the node-config key and the state-folder file that replace it."""
+    old = {"he": True, "he-public-context": "p", "he-secret-context": "/app/he/site_secret.ctx"}
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_flat(old)
+    message = str(caught.value)
+    assert "'he-secret-context' is no longer a run-config key" in message
+    assert "node config key 'he-secret-context'" in message
+    assert "site_secret.ctx in the site's state folder" in message
+    assert "he-secret-context" not in RunConfig().to_flat()
+
+
+def test_a_run_folder_written_before_the_move_still_opens():
+    """``fedmedvit decrypt`` / ``explain`` read a past run's config.json, which named the
+    secret context then: that record is read back, not sent, so the key is dropped."""
+    written_before = RunConfig().to_flat() | {"he-secret-context": "/old/site_secret.ctx"}
+    assert RunConfig.from_record(written_before) == RunConfig()
+    with pytest.raises(ConfigError, match="unknown key 'lora-rnak'"):
+        RunConfig.from_record(written_before | {"lora-rnak": 4})
+
+
 def test_ints_are_accepted_for_floats():
     assert RunConfig.from_flat({"target-epsilon": 3}).target_epsilon == 3.0
 
