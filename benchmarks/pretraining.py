@@ -124,7 +124,9 @@ def finetune(
         model.reset_head(2)
     lora_model = add_lora(model, dataclasses.replace(lora, seed=seed))
     epochs = max(1, round(chunk_steps / len(DABatchSampler(train.das, BATCH))))
-    settings = TrainSettings(local_epochs=epochs, batch_size=BATCH, learning_rate=learning_rate)
+    settings = TrainSettings(
+        local_epochs=epochs, batch_size=BATCH, learning_rate=learning_rate, optimizer="adamw"
+    )
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     curve: list[dict[str, float]] = []

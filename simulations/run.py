@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.config import ConfigError, RunConfig
+from core.config import ConfigError, RunConfig, format_sections
 from core.data.phantoms import generate_hospitals
 from core.federation.sites import list_sites
 from core.pretrain import demo_backbone
@@ -267,9 +267,19 @@ def _fmt(value: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="run-config keys for --set, by section, with their defaults:\n" + format_sections(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("scenario", nargs="?", default="default")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a run-config key (listed below), e.g. --set lora-rank=16",
+    )
     parser.add_argument("--out", type=Path, help="run folder (default runs/<scenario>-<time>)")
     parser.add_argument(
         "--data",

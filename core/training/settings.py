@@ -15,11 +15,16 @@ OptimizerName = Literal["adamw", "sgd"]
 
 @dataclass(frozen=True)
 class TrainSettings:
+    """Local training of one site; the defaults are the run's (run config section ``train``)."""
+
     local_epochs: int = 1
-    batch_size: int = 16  # expected (Poisson) batch size under DP, fixed batch size otherwise
+    # Expected (Poisson) batch size under DP, fixed batch size otherwise: under DP larger
+    # batches drown less in noise.
+    batch_size: int = 32
     max_physical_batch: int = 32  # memory cap for one forward/backward
-    learning_rate: float = 1e-3
-    optimizer: OptimizerName = "adamw"
+    learning_rate: float = 0.05
+    # SGD with momentum 0.9: Adam's per-coordinate scaling amplifies DP noise.
+    optimizer: OptimizerName = "sgd"
     weight_decay: float = 0.0
     multi_label: bool = False
 

@@ -80,7 +80,7 @@ def test_per_sample_gradients_of_the_dice_ce_loss_are_each_images_gradient():
 
 def test_dp_and_plain_training_run_through_the_shared_loops():
     site = SquareSite(8)
-    settings = TrainSettings(batch_size=4, learning_rate=1e-2)
+    settings = TrainSettings(batch_size=4, learning_rate=1e-2, optimizer="adamw")
     plan = DPStepPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=2)
     model = seg_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
