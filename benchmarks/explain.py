@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(arguments)
     torch.set_num_threads(args.threads)
-    cfg = RunConfig.from_flat(json.loads((args.run / "config.json").read_text()))
+    cfg = RunConfig.from_record(json.loads((args.run / "config.json").read_text()))
     model, _ = build_lora_model(cfg)
     load_adapter_folder(model, args.run / "adapters")
     generator = torch.Generator().manual_seed(0)

@@ -41,12 +41,12 @@ from core.model.vit import count_parameters
 from core.pretrain import demo_backbone
 from core.training.loops import (
     DPStepPlan,
-    TrainSettings,
     evaluate,
     mean_metrics,
     train_dp,
     train_plain,
 )
+from core.training.settings import TrainSettings
 from simulations.run import parse_set
 
 RESULTS = Path(__file__).parent / "results" / "federated.json"
@@ -167,7 +167,9 @@ def step_times(cfg: RunConfig, site: Path, repeats: int) -> dict[str, float]:
     plain_times, dp_times = [], []
     for _ in range(repeats):
         model, _ = build_lora_model(cfg)
-        settings = TrainSettings(local_epochs=1, batch_size=batch)
+        settings = TrainSettings(
+            local_epochs=1, batch_size=batch, learning_rate=1e-3, optimizer="adamw"
+        )
         started = time.perf_counter()
         result = train_plain(
             model, dataset, settings, device=torch.device("cpu"), generator=torch.Generator()

@@ -42,7 +42,8 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 
-from core.adapters.lora import LoraSettings, add_lora
+from core.adapters.lora import add_lora
+from core.adapters.settings import LoraSettings
 from core.io import write_json_atomic
 from core.model.vit import create_vit
 

@@ -72,7 +72,7 @@ DP_NOISE = 1.0
 DP_CLIP = 1.0
 DP_DATASET_BATCHES = 8  # DP loader dataset = 8 expected batches, so q = 1/8
 
-# Batch size per measured size and input; the dimensions come from core.model.vit.MODEL_SIZES.
+# Batch size per measured size and input; the dimensions come from core.model.sizes.MODEL_SIZES.
 SIZES: dict[str, dict[str, int]] = {"tiny": {"2d": 8, "3d": 4}, "base": {"2d": 2, "3d": 1}}
 INPUTS: dict[str, tuple[tuple[int, ...], tuple[float, float, float]]] = {
     "2d": ((1, 224, 224), (1e4, 1.0, 1.0)),  # (C, H, W); ours sees (C, 1, H, W)
@@ -100,7 +100,8 @@ class MonaiClassifier(nn.Module):
 
 
 def build_ours(size: str, lora: bool, mode: str = "vanilla") -> nn.Module:
-    from core.adapters.lora import LoraMode, LoraSettings, add_lora
+    from core.adapters.lora import add_lora
+    from core.adapters.settings import LoraMode, LoraSettings
     from core.model.vit import create_vit
 
     torch.manual_seed(0)
@@ -116,7 +117,7 @@ def build_ours(size: str, lora: bool, mode: str = "vanilla") -> nn.Module:
 def build_monai(size: str, dims: str, lora: bool) -> nn.Module:
     from monai.networks.nets import ViT
 
-    from core.model.vit import MODEL_SIZES
+    from core.model.sizes import MODEL_SIZES
 
     spec = MODEL_SIZES[size]
     shape = INPUTS[dims][0]

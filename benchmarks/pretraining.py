@@ -51,14 +51,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.adapters.lora import LoraSettings, add_lora
+from core.adapters.lora import add_lora
+from core.adapters.settings import LoraSettings
 from core.config import RunConfig
 from core.data import DABatchSampler, GridConfig, collate
 from core.data.phantoms import HospitalSpec, generate_hospitals, preset
 from core.model.checkpoint import backbone_state, fingerprint, load_backbone
-from core.model.vit import MODEL_SIZES, UniversalViT, create_vit
+from core.model.sizes import MODEL_SIZES
+from core.model.vit import UniversalViT, create_vit
 from core.pretrain import PHANTOM_PRETRAIN_SEED, ImagePool, MIMSettings, open_pool, pretrain
-from core.training.loops import TrainSettings, evaluate, train_plain
+from core.training.loops import evaluate, train_plain
+from core.training.settings import TrainSettings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pretraining.json"
 FRACTIONS = (1.0, 0.1)
@@ -121,7 +124,9 @@ def finetune(
         model.reset_head(2)
     lora_model = add_lora(model, dataclasses.replace(lora, seed=seed))
     epochs = max(1, round(chunk_steps / len(DABatchSampler(train.das, BATCH))))
-    settings = TrainSettings(local_epochs=epochs, batch_size=BATCH, learning_rate=learning_rate)
+    settings = TrainSettings(
+        local_epochs=epochs, batch_size=BATCH, learning_rate=learning_rate, optimizer="adamw"
+    )
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     curve: list[dict[str, float]] = []

@@ -100,7 +100,8 @@ def measure_import(folder: Path) -> dict[str, Any]:
 
 
 def lora_dp_runner(name: str, backbone: nn.Module, dims: str) -> Runner:
-    from core.adapters.lora import LoraSettings, add_lora
+    from core.adapters.lora import add_lora
+    from core.adapters.settings import LoraSettings
 
     torch.manual_seed(0)
     backbone.reset_head(NUM_CLASSES)  # type: ignore[operator]

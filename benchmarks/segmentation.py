@@ -46,8 +46,9 @@ from core.federation.rounds import (
 from core.federation.sites import list_sites
 from core.model.vit import count_parameters
 from core.pretrain import demo_backbone
-from core.training.loops import TrainSettings, pick_device, train_plain
+from core.training.loops import pick_device, train_plain
 from core.training.segmentation import evaluate_segmentation, predict_masks, segmentation_loss
+from core.training.settings import TrainSettings
 from simulations.run import load_scenario, parse_set
 
 RESULTS = Path(__file__).parent / "results"

@@ -2,8 +2,9 @@
 
 A site is named by the SuperNode's ``--node-config`` in deployment (``site-name``, ``data-dir``,
 optional ``state-dir`` for the privacy ledger and the last release on disk, optional
-``policy-*`` keys) and by its partition id in simulation (the sorted site folders under run
-config ``data-root``; state in ``state-root/<site>``). The site's policy
+``he-secret-context``, else ``site_secret.ctx`` in the state folder, optional ``policy-*``
+keys) and by its partition id in simulation (the sorted site folders under run config
+``data-root``; state, and the secret context, in ``state-root/<site>``). The site's policy
 (``core.federation.policy``) is checked before any data is touched; only the metrics it allows
 leave (never the training loss under DP). Mods (``client.mods``) wrap both handlers: site
 errors leave as a category and an error id; encryption (``client.he_mod``) in HE mode.
@@ -127,6 +128,7 @@ def train(msg: Message, context: Context) -> Message:
         policy=policy,
         last_release=_load_release(context, site) if cfg.dp else None,
         cache_dir=_cache_dir(site),
+        he_secret_context=site.secret_context() if cfg.he else None,
     )
     if outcome.release is not None:
         _save_release(context, site, outcome.release)

@@ -26,7 +26,7 @@ def decrypt_run(run_dir: Path, secret_context: Path, out: Path) -> Path:
     state = latest.get("strategy", {})
     if state.get("global_total") is None:
         raise SystemExit(f"{run_dir} holds no encrypted global adapters (not an HE run?)")
-    cfg = RunConfig.from_flat(json.loads((run_dir / "config.json").read_text()))
+    cfg = RunConfig.from_record(json.loads((run_dir / "config.json").read_text()))
     arrays = load_file(str(run_dir / "checkpoints" / latest["adapters"]))
     adapters = decrypt_average(
         arrays_to_ciphertexts({k: v.numpy() for k, v in arrays.items()}),

@@ -56,7 +56,7 @@ def explain_site(
 
     Raises ConfigError for a run folder without a valid ``config.json``, AdapterStateError
     for missing or mismatched adapters, DatasetError for unreadable site data."""
-    cfg = RunConfig.from_flat(json.loads((run_dir / "config.json").read_text()))
+    cfg = RunConfig.from_record(json.loads((run_dir / "config.json").read_text()))
     model, _ = build_lora_model(cfg)
     load_adapter_folder(model, adapters or run_dir / "adapters")
     dataset = open_split(cfg, site_dir, split)

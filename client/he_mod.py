@@ -6,7 +6,9 @@ sum and hand the handler plaintext adapters, as in a plaintext run. A sum the si
 for is answered with a verdict (the bad uploads by site, or why it does not decrypt) and the
 handler does not run; the server then sums again without them, or keeps the previous global.
 Outgoing (train): weight the handler's plaintext update by its example count, encrypt it under
-the consortium's secret context and tag it. Plaintext runs pass straight through.
+the consortium's secret context and tag it. Plaintext runs pass straight through. The secret
+context is the site's own file, found from the node (``core.federation.sites.SiteRef``), never
+from the run config every node receives.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def he_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Mess
     if not cfg.he:
         return call_next(msg, context)
     site = resolve_site(cfg, context.node_config)
-    secret = load_secret_context(cfg.he_secret_context)
+    secret = load_secret_context(site.secret_context())
     try:
         plain = open_global(msg.content, secret)
     except UnusableGlobal as unusable:

@@ -3,6 +3,16 @@
 Every key of ``[tool.flwr.app.config]`` (and of ``--run-config`` overrides) maps to one field
 here, kebab-case to snake_case. Unknown keys, wrong types and impossible values fail before any
 training, with a message that names the key and the fix.
+
+The fields are declared in sections (:data:`SECTIONS`: model, lora, train, dp, he, federation,
+data) that group the help and the did-you-mean hints, while the keys stay flat: every
+scenario, doc and ``--run-config 'lora-rank=16'`` keeps working, and Flower's run config takes
+only scalars anyway. A default that a settings dataclass uses (``LoraSettings``,
+``TrainSettings``, ``DPSettings``, ``ViTConfig``) is read from that dataclass, its one home;
+``pyproject.toml`` repeats every default because Flower needs them there (a test keeps the two
+equal).
+
+Imports only the torch-free settings modules, so checking a run config costs no torch import.
 """
 
 from __future__ import annotations
@@ -14,10 +24,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from core.adapters.lora import LORA_TARGETS, LoraSettings
-from core.model.vit import HEAD_NORMS, MODEL_SIZES, POOLS
-from core.privacy.ledger import ACCOUNTANTS, DPSettings
-from core.training.loops import TrainSettings
+from core.adapters.settings import LORA_TARGETS, LoraSettings
+from core.model.sizes import HEAD_NORMS, MODEL_SIZES, POOLS, ViTConfig
+from core.privacy.plan import ACCOUNTANTS, DPSettings
+from core.training.settings import TrainSettings
 
 
 class ConfigError(ValueError):
@@ -28,67 +38,101 @@ class ConfigError(ValueError):
 # 10-25 s here (README), and a timed-out round is lost. Flower's own default is 3600 s.
 MIN_ROUND_TIMEOUT = 30.0
 TASKS = ("classification", "segmentation")
+# Keys that left the run config, and where they went: an old config fails with the way out
+# rather than "unknown key".
+MOVED_KEYS = {
+    "he-secret-context": (
+        "the secret CKKS context is a file on one hospital's disk, so the run config that "
+        "the coordinator sends to every node no longer names it. Give each site its own: "
+        "node config key 'he-secret-context' (flower-supernode --node-config "
+        "'he-secret-context=PATH'), or the file site_secret.ctx in the site's state folder "
+        "(node config 'state-dir'; in simulation state-root/<site>)"
+    ),
+}
+
+
+SECTION_NAMES = ("model", "lora", "train", "dp", "he", "federation", "data")
+
+
+def _key(section: str, default: Any) -> Any:
+    """A run-config field in ``section`` (kept in the field's metadata; see :data:`SECTIONS`)
+    whose default is the run config's own: no other dataclass holds this setting."""
+    if section not in SECTION_NAMES:
+        raise ValueError(f"unknown run-config section {section!r}")
+    return dataclasses.field(default=default, metadata={"section": section})
+
+
+def _owned(section: str, owner: type, name: str) -> Any:
+    """A run-config field whose default is the default of ``owner``'s field ``name``: the
+    settings dataclass that uses the value is its one home, so the run and a direct caller of
+    that dataclass cannot drift apart."""
+    defaults = {f.name: f.default for f in dataclasses.fields(owner)}
+    return _key(section, defaults[name])
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    num_server_rounds: int = 3
-    seed: int = 0
+    """Flat fields (``lora-rank``, not ``lora.rank``: every scenario, doc and ``--run-config``
+    uses these keys) declared in sections, each with one home for its default."""
+
+    # model
     # "classification" (a label per image) or "segmentation" (a mask per image: the ViT plus a
     # SAC decoder, core.model.segmentation; num-classes counts the background)
-    task: str = "classification"
-    decoder_features: int = 16  # segmentation: the SAC decoder's channels at full resolution
-    # model
-    model_size: str = "micro"
-    backbone: str = ""  # safetensors path; "" = a backbone built from backbone-seed
-    backbone_seed: int = 0
-    num_classes: int = 2
-    in_channels: int = 1
-    multi_label: bool = False
-    head_pool: str = "stats"  # what the head reads (core.model.pooling.POOLS)
-    # how the pooled features are conditioned (ViTConfig.head_norm); "auto" = "reference" when
+    task: str = _key("model", "classification")
+    decoder_features: int = _key("model", 16)  # segmentation: the decoder's full-res channels
+    model_size: str = _key("model", "micro")
+    backbone: str = _key("model", "")  # safetensors path; "" = built from backbone-seed
+    backbone_seed: int = _key("model", 0)
+    num_classes: int = _key("model", 2)
+    in_channels: int = _owned("model", ViTConfig, "in_channels")
+    # The run's head, set on top of the backbone's stored architecture. ViTConfig's own defaults
+    # ("mean", no norm) say what a checkpoint without these fields meant, so they stay apart.
+    head_pool: str = _key("model", "stats")  # what the head reads (core.model.pooling.POOLS)
+    # How the pooled features are conditioned (ViTConfig.head_norm); "auto" = "reference" when
     # the backbone file carries a reference for head-pool (fedmedvit pretrain writes one),
-    # else "layer"
-    head_norm: str = "auto"
-    # LoRA
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_targets: str = "qv"
-    lora_mode: str = "ffa"
-    # local training
-    local_epochs: int = 1
-    batch_size: int = 32  # expected batch under DP: larger batches drown less in noise
-    max_physical_batch: int = 32
-    learning_rate: float = 0.05
-    optimizer: str = "sgd"  # momentum 0.9; Adam's per-coordinate scaling amplifies DP noise
-    weight_decay: float = 0.0
-    device: str = "auto"
-    # differential privacy
-    dp: bool = True
-    target_epsilon: float = 8.0
-    target_delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    accountant: str = "rdp"
-    dp_planned_rounds: int = 0  # rounds the noise is calibrated for; 0 = num-server-rounds
-    # data and sites
-    data_root: str = ""  # simulation: one sub-folder per site, each with a dataset.json
-    sites: str = ""  # comma-separated site folder names; "" = every sub-folder, sorted
-    in_plane_size: int = 64
-    state_root: str = ""  # simulation: site state (ledger, last release) in state-root/<site>/
+    # else "layer".
+    head_norm: str = _key("model", "auto")
+    # lora
+    lora_rank: int = _owned("lora", LoraSettings, "rank")
+    lora_alpha: int = _owned("lora", LoraSettings, "alpha")
+    lora_dropout: float = _owned("lora", LoraSettings, "dropout")
+    lora_targets: str = _owned("lora", LoraSettings, "targets")
+    lora_mode: str = _owned("lora", LoraSettings, "mode")
+    # train (local training at a site)
+    local_epochs: int = _owned("train", TrainSettings, "local_epochs")
+    batch_size: int = _owned("train", TrainSettings, "batch_size")
+    max_physical_batch: int = _owned("train", TrainSettings, "max_physical_batch")
+    learning_rate: float = _owned("train", TrainSettings, "learning_rate")
+    optimizer: str = _owned("train", TrainSettings, "optimizer")
+    weight_decay: float = _owned("train", TrainSettings, "weight_decay")
+    multi_label: bool = _owned("train", TrainSettings, "multi_label")
+    device: str = _key("train", "auto")
+    # dp (differential privacy)
+    dp: bool = _key("dp", True)
+    target_epsilon: float = _owned("dp", DPSettings, "target_epsilon")
+    target_delta: float = _owned("dp", DPSettings, "target_delta")
+    max_grad_norm: float = _owned("dp", DPSettings, "max_grad_norm")
+    accountant: str = _owned("dp", DPSettings, "accountant")
+    dp_planned_rounds: int = _key("dp", 0)  # rounds the noise is planned for; 0 = all rounds
+    # he (homomorphic encryption)
+    he: bool = _key("he", False)
+    he_public_context: str = _key("he", "")  # the server's; each site's secret is node-local
     # federation
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_train_nodes: int = 2
-    min_available_nodes: int = 2
-    round_timeout: float = 3600.0
-    max_examples_per_site: int = 1_000_000  # cap on a reply's claimed example count
-    out_dir: str = ""  # absolute path of the run folder; "" = runs/<time> under the cwd
-    resume: bool = False
-    # homomorphic encryption
-    he: bool = False
-    he_public_context: str = ""
-    he_secret_context: str = ""
+    num_server_rounds: int = _key("federation", 3)
+    seed: int = _key("federation", 0)
+    fraction_train: float = _key("federation", 1.0)
+    fraction_evaluate: float = _key("federation", 1.0)
+    min_train_nodes: int = _key("federation", 2)
+    min_available_nodes: int = _key("federation", 2)
+    round_timeout: float = _key("federation", 3600.0)
+    max_examples_per_site: int = _key("federation", 1_000_000)  # cap on a claimed count
+    out_dir: str = _key("federation", "")  # absolute run folder; "" = runs/<time> under the cwd
+    resume: bool = _key("federation", False)
+    # data (and each simulated site's state)
+    data_root: str = _key("data", "")  # simulation: one sub-folder per site with a dataset.json
+    sites: str = _key("data", "")  # comma-separated site folder names; "" = every one, sorted
+    in_plane_size: int = _key("data", 64)
+    state_root: str = _key("data", "")  # simulation: site state in state-root/<site>/
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
@@ -137,11 +181,12 @@ class RunConfig:
             )
         if self.in_plane_size < 16 or self.in_plane_size % 16:
             self._fail("in-plane-size", self.in_plane_size, "use a multiple of the patch size 16")
-        if self.he and not (self.he_public_context and self.he_secret_context):
+        if self.he and not self.he_public_context:
             self._fail(
                 "he",
                 self.he,
-                "set he-public-context and he-secret-context (fedmedvit provision)",
+                "set he-public-context (fedmedvit provision); each site finds its secret "
+                "context in its node config or state folder",
             )
         # Sub-settings validate their own ranges; re-raise naming the run-config keys.
         for build in (self.lora, self.training, self.privacy):
@@ -181,6 +226,21 @@ class RunConfig:
         return cls(**cls.check_keys(values, source=source))
 
     @classmethod
+    def from_record(
+        cls, values: Mapping[str, Any], *, source: str = "run folder config.json"
+    ) -> RunConfig:
+        """A run folder's ``config.json`` read back (to decrypt or explain a past run's
+        result). Keys that have since left the run config (:data:`MOVED_KEYS`) are dropped,
+        so a folder written before they moved still opens; no run is started from it, so
+        nothing is sent anywhere.
+
+        Raises:
+            ConfigError: as :meth:`from_flat`, for any other key or value.
+        """
+        kept = {k: v for k, v in values.items() if k not in MOVED_KEYS}
+        return cls.from_flat(kept, source=source)
+
+    @classmethod
     def check_keys(cls, values: Mapping[str, Any], *, source: str = "run config") -> dict[str, Any]:
         """Field name -> coerced value for kebab-case ``values``: every key known and every
         value of its field's type, without the cross-field checks (so a runner can check its
@@ -189,11 +249,18 @@ class RunConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
+            if key in MOVED_KEYS:
+                where = MOVED_KEYS[key]
+                raise ConfigError(f"{source}: key '{key}' is no longer a run-config key: {where}")
             name = key.replace("-", "_")
             if name not in fields:
                 known = [f.replace("_", "-") for f in fields]
                 close = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {known}"
+                hint = (
+                    f"; did you mean '{close[0]}' (section {section_of(close[0])})?"
+                    if close
+                    else f"; valid keys by section: {format_sections(defaults=False)}"
+                )
                 raise ConfigError(f"{source}: unknown key '{key}'{hint}")
             kwargs[name] = _coerce(key, value, type(fields[name].default), source)
         return kwargs
@@ -233,6 +300,42 @@ class RunConfig:
             max_grad_norm=self.max_grad_norm,
             accountant=self.accountant,
         )
+
+
+# Section -> its kebab-case keys, in declaration order: for grouped help and error messages.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    section: tuple(
+        f.name.replace("_", "-")
+        for f in dataclasses.fields(RunConfig)
+        if f.metadata["section"] == section
+    )
+    for section in SECTION_NAMES
+}
+
+
+def section_of(key: str) -> str:
+    """The section of a kebab-case run-config key (KeyError for an unknown key)."""
+    return next(section for section, keys in SECTIONS.items() if key in keys)
+
+
+def format_sections(*, defaults: bool = True) -> str:
+    """Every key grouped by section: one line a section (``model: task, ...; lora: ...``)
+    for an error message, or with ``defaults`` one ``key = default`` line a key, TOML-style,
+    for ``--help``."""
+    if not defaults:
+        return "; ".join(f"{section}: {', '.join(keys)}" for section, keys in SECTIONS.items())
+    values = RunConfig().to_flat()
+    lines = []
+    for section, keys in SECTIONS.items():
+        lines.append(f"{section}:")
+        lines += [f"  {key} = {_toml(values[key])}" for key in keys]
+    return "\n".join(lines)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f'"{value}"' if isinstance(value, str) else repr(value)
 
 
 def _coerce(key: str, value: Any, expected: type, source: str) -> Any:

@@ -146,14 +146,20 @@ def superlink_command(port: int, certs: Path, database: Path, secret: Path) -> l
     ]
 
 
-def supernode_command(site: Site, superlink: str, ca: Path, trusted: Path) -> list[str]:
+def supernode_command(
+    site: Site, superlink: str, ca: Path, trusted: Path, he_secret: Path | None = None
+) -> list[str]:
     """A hospital's SuperNode: dials ``superlink`` (the Fleet-only proxy) over TLS, signs in
-    with its registered key, and runs only apps signed by a key in ``trusted``."""
+    with its registered key, and runs only apps signed by a key in ``trusted``. Its node
+    config names the hospital's own files, the secret HE context among them (HE runs): the
+    run config, which the coordinator sends to every node, names none of them."""
     node_config = {
         "site-name": site.name,
         "data-dir": str(site.data_dir),
         "state-dir": str(site.state_dir),
     }
+    if he_secret is not None:
+        node_config["he-secret-context"] = str(he_secret)
     return [
         str(BIN / "flower-supernode"),
         "--superlink",
@@ -389,7 +395,7 @@ def start_hospital(
     site.state_dir.mkdir(parents=True, exist_ok=True)
     processes.start(
         f"supernode-{site.name}",
-        supernode_command(site, superlink, ca, trusted),
+        supernode_command(site, superlink, ca, trusted, he_secret),
         base_env(homes / f"supernode-{site.name}"),
         role=HOSPITAL,
         mounts=supernode_mounts(site, ca, trusted),
@@ -511,13 +517,13 @@ def run_deployment(
         "min-available-nodes": sites,
         "out-dir": str(out / "run"),
     }
+    he_secret: Path | None = None  # every hospital's node config names it (HE runs)
     if he:
         from core.he.ckks import provision
 
-        secret, public = provision(out / "he", overwrite=True)
-        values |= {"he": True, "he-secret-context": str(secret), "he-public-context": str(public)}
+        he_secret, public = provision(out / "he", overwrite=True)
+        values |= {"he": True, "he-public-context": str(public)}
     values |= dict(run_config or {})
-    he_secret = Path(values["he-secret-context"]) if values.get("he") else None
     from core.config import RunConfig
 
     RunConfig.from_flat(values)  # fail before any process starts

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.config import ConfigError, RunConfig
+from core.config import ConfigError, RunConfig, format_sections
 from core.data.phantoms import generate_hospitals
 from core.federation.sites import list_sites
 from core.pretrain import demo_backbone
@@ -125,13 +125,41 @@ def prepare_backbone(
     print(f"backbone {path} (fingerprint {digest[:12]}...)")
 
 
-def provision_keys(folder: Path) -> dict[str, str]:
-    """Simulation only: make the CKKS contexts beside the run. In a real deployment the
-    coordinator provisions once and hands the secret context to the sites out of band."""
-    from core.he.ckks import provision
+def provision_keys(folder: Path, state_root: Path, sites: Sequence[str]) -> Path:
+    """Simulation only: make the CKKS contexts beside the run and hand each simulated site its
+    copy of the secret one, where the ClientApp looks for it (``site_secret.ctx`` in the
+    site's state folder, ``state-root/<site>``), as the coordinator of a real deployment hands
+    it out of band. The run folder keeps only the public context, like a coordinator.
+    Returns the public context's path (run config ``he-public-context``)."""
+    from core.he.ckks import SECRET_CONTEXT_FILE, provision
+    from core.io import write_bytes_atomic
 
     secret, public = provision(folder, overwrite=True)
-    return {"he-secret-context": str(secret.resolve()), "he-public-context": str(public.resolve())}
+    for site in sites:
+        copy = state_root / site / SECRET_CONTEXT_FILE
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(copy, secret.read_bytes(), mode=0o600)
+    secret.unlink()
+    return public.resolve()
+
+
+def check_site_keys(state_root: Path, sites: Sequence[str]) -> None:
+    """With a ``he-public-context`` of the user's, each site's secret context must already be
+    in its state folder (the runner provisions only when none is given).
+
+    Raises:
+        ConfigError: naming the sites without one and both ways out.
+    """
+    from core.he.ckks import SECRET_CONTEXT_FILE
+
+    missing = [s for s in sites if not (state_root / s / SECRET_CONTEXT_FILE).is_file()]
+    if missing:
+        raise ConfigError(
+            f"run config 'he-public-context' is given, but sites {missing} have no "
+            f"{SECRET_CONTEXT_FILE} in {state_root}/<site>/: copy the matching secret context "
+            "there (mode 600), or leave he-public-context unset to have the runner provision "
+            "new contexts"
+        )
 
 
 def run_scenario(
@@ -146,8 +174,8 @@ def run_scenario(
     # Values and cross-field rules too (e.g. target-epsilon > 0); the CKKS contexts the runner
     # provisions itself below count as given.
     early = dict(scenario.get("run-config", {})) | overrides
-    if early.get("he") and not early.get("he-secret-context"):
-        early |= {"he-public-context": "provisioned", "he-secret-context": "provisioned"}
+    if early.get("he") and not early.get("he-public-context"):
+        early |= {"he-public-context": "provisioned"}
     RunConfig.from_flat(early)
     data_root = resolve_data_root(scenario, overrides, data_cache)
     values = dict(scenario.get("run-config", {})) | overrides
@@ -156,17 +184,20 @@ def run_scenario(
     # resumed run (resume=true, same out-dir) finds them; in deployment it is the site's disk.
     if not values.get("state-root"):
         values["state-root"] = str((out_dir / "state").resolve())
+    chosen = {k: values[k] for k in ("data-root", "sites") if k in values}
+    sites = list_sites(RunConfig.from_flat(chosen))
+    if values.get("he"):  # before pretraining: a missing site key must not wait for it
+        state_root = Path(values["state-root"])
+        if values.get("he-public-context"):
+            check_site_keys(state_root, sites)
+        else:
+            public = provision_keys(out_dir / "he-keys", state_root, sites)
+            values["he-public-context"] = str(public)
     own_sites: list[Path] = []
     if overrides.get("data-root"):  # the user's hospitals: pretrain on their unlabeled images
-        chosen = {k: values[k] for k in ("data-root", "sites") if k in values}
-        own_sites = [data_root / name for name in list_sites(RunConfig.from_flat(chosen))]
+        own_sites = [data_root / name for name in sites]
     prepare_backbone(scenario, values, data_cache, own_sites)
-    if values.get("he") and not values.get("he-secret-context"):
-        values |= provision_keys(out_dir / "he-keys")
     cfg = RunConfig.from_flat(values)  # fail here, before any process starts
-    sites = sorted(p.parent.name for p in data_root.glob("*/dataset.json"))
-    if cfg.sites:
-        sites = [s.strip() for s in cfg.sites.split(",")]
     values.setdefault("min-available-nodes", min(len(sites), cfg.min_available_nodes))
     federation = {"num-supernodes": len(sites), "client-resources-num-cpus": 1}
     about = (
@@ -236,9 +267,19 @@ def _fmt(value: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="run-config keys for --set, by section, with their defaults:\n" + format_sections(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("scenario", nargs="?", default="default")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a run-config key (listed below), e.g. --set lora-rank=16",
+    )
     parser.add_argument("--out", type=Path, help="run folder (default runs/<scenario>-<time>)")
     parser.add_argument(
         "--data",

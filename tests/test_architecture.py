@@ -36,6 +36,7 @@ FORBIDDEN = {
     ),
     # core.data may use core.model.sac: batches are bucketed by the SAC degree of anisotropy.
     "core.data": (
+        "core.model.sizes",
         "core.model.vit",
         "core.model.checkpoint",
         "core.model.convert",
@@ -126,14 +127,17 @@ def test_contract_catches_a_forbidden_import(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "package", ["core", "core.model", "core.privacy", "core.he", "core.federation"]
+    "package",
+    ["core", "core.model", "core.privacy", "core.he", "core.federation", "core.config"],
 )
 def test_importing_a_package_loads_no_heavy_library(package):
-    """``import core.<area>`` alone pulls in no torch, flwr or tenseal (they load where used)."""
+    """``import core.<area>`` alone pulls in no torch, peft, opacus, flwr or tenseal (they load
+    where used). ``core.config`` above all: the runner, the report and every CLI import it to
+    check a run config before any work, which must not cost seconds of torch and peft."""
     code = (
         f"import sys, {package}\n"
-        "heavy = [m for m in ('torch', 'flwr', 'tenseal') if m in sys.modules]\n"
-        "print(','.join(heavy))\n"
+        "heavy = ('torch', 'peft', 'opacus', 'transformers', 'flwr', 'tenseal')\n"
+        "print(','.join(m for m in heavy if m in sys.modules))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -27,44 +26,14 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor, nn
 
+from core.adapters.settings import LORA_TARGETS, LoraSettings
 from core.model.vit import UniversalViT
 
-LoraMode = Literal["ffa", "vanilla"]
-LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "qv": ("q_proj", "v_proj"),
-    "attn": ("q_proj", "k_proj", "v_proj", "out_proj"),
-    # fc1 (GELU MLP) or fc1_g and fc1_x (SwiGLU): peft adapts whichever the model has.
-    "attn-mlp": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc1_g", "fc1_x", "fc2"),
-}
 PEFT_PREFIX = "base_model.model."
 
 
 class AdapterStateError(ValueError):
     """An adapter update does not match the model (keys, shapes, dtypes, values)."""
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    targets: str = "qv"
-    mode: LoraMode = "ffa"
-    seed: int = 0  # every site derives the same A from it
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if self.targets not in LORA_TARGETS:
-            raise ValueError(
-                f"LoRA targets {self.targets!r} unknown; choose {sorted(LORA_TARGETS)}"
-            )
-        if self.mode not in ("ffa", "vanilla"):
-            raise ValueError(f"LoRA mode {self.mode!r} unknown; choose 'ffa' or 'vanilla'")
 
 
 def add_lora(

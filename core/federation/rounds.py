@@ -196,7 +196,7 @@ def secure_noise_available() -> bool:
 
 
 def he_capacity_problem(
-    cfg: RunConfig, global_adapters: Mapping[str, Tensor], num_examples: int
+    secret_context: Path, global_adapters: Mapping[str, Tensor], num_examples: int
 ) -> str:
     """Why an update of this site could not be encrypted ("" when it can), checked before
     training so no budget is spent on an update that cannot be sent.
@@ -207,7 +207,7 @@ def he_capacity_problem(
     """
     from core.he.ckks import CkksError, load_secret_context, make_layout
 
-    context = load_secret_context(cfg.he_secret_context)
+    context = load_secret_context(secret_context)
     try:
         make_layout(global_adapters, context)
     except CkksError as err:
@@ -237,6 +237,7 @@ def train_round(
     last_release: Release | None = None,
     dp_seed: int | None = None,
     cache_dir: str | Path | None = None,
+    he_secret_context: Path | None = None,
 ) -> TrainOutcome:
     """One round of local fine-tuning at a site (DP-SGD unless ``cfg.dp`` is False).
 
@@ -252,6 +253,8 @@ def train_round(
     ``dp_seed`` fixes them for reproducible benchmarks only; the ClientApp never passes it.
     Without DP the round is seeded from ``cfg.seed`` and ``server_round`` (reproducible runs).
     ``cache_dir``: the site's preprocessing cache folder (see :func:`open_split`).
+    ``he_secret_context``: the site's secret CKKS context file (``cfg.he``; the site's own, see
+    ``core.federation.sites.SiteRef.secret_context``), to check the capacity before training.
     """
     policy = policy or SitePolicy()
     refusal = check_run(cfg, policy, server_round)
@@ -274,7 +277,14 @@ def train_round(
     settings = cfg.training()
     device = pick_device(cfg.device)
 
-    he_problem = he_capacity_problem(cfg, global_adapters, len(dataset)) if cfg.he else ""
+    he_problem = ""
+    if cfg.he:
+        if he_secret_context is None:
+            raise ValueError(
+                "he = true but no he_secret_context was given: pass the site's file "
+                "(core.federation.sites.SiteRef.secret_context())"
+            )
+        he_problem = he_capacity_problem(he_secret_context, global_adapters, len(dataset))
     if not cfg.dp:
         if he_problem:
             log.warning("round %d refused: %s", server_round, he_problem)

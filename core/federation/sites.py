@@ -5,6 +5,11 @@ what must survive a restart and never leaves the site: the privacy ledger
 (:data:`LEDGER_FILE`), the last DP release (:data:`RELEASE_FILE`, re-sent if the coordinator
 repeats that round with the same global model) and the full text of errors (:data:`ERROR_LOG`,
 replies carry only an error id).
+
+In an encrypted run the site's secret CKKS context is the site's too, so the node names it,
+never the run config the coordinator sends to every node: node config ``he-secret-context``
+when set (a SuperNode mounting the file read-only elsewhere), else ``site_secret.ctx`` in the
+state folder (:meth:`SiteRef.secret_context`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import ConfigError, RunConfig
+from core.he.keys import SECRET_CONTEXT_FILE
 
 DATALIST = "dataset.json"
 LEDGER_FILE = "privacy-ledger.json"
@@ -27,6 +33,26 @@ class SiteRef:
     name: str
     data_dir: Path
     state_dir: Path | None = None
+    he_secret_context: Path | None = None  # node config 'he-secret-context', if set
+
+    def secret_context(self) -> Path:
+        """The file holding this site's secret CKKS context (encrypted runs).
+
+        Raises:
+            ConfigError: neither the node config nor the state folder holds one, naming both.
+        """
+        path = self.he_secret_context
+        if path is None and self.state_dir is not None:
+            path = self.state_dir / SECRET_CONTEXT_FILE
+        if path is not None and path.is_file():
+            return path
+        where = f"nothing at {path}" if path is not None else "no state folder"
+        raise ConfigError(
+            f"site {self.name}: an encrypted run (he = true) needs the site's secret context, "
+            f"and there is {where}. Put the {SECRET_CONTEXT_FILE} the coordinator provisioned "
+            "(mode 600) in the site's state folder (node config 'state-dir'), or name it with "
+            "node config 'he-secret-context=PATH'"
+        )
 
 
 def list_sites(cfg: RunConfig) -> list[str]:
@@ -58,7 +84,13 @@ def resolve_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteRef:
         data_dir = Path(str(node_config["data-dir"]))
         name = str(node_config.get("site-name", data_dir.name))
         state = node_config.get("state-dir")
-        return SiteRef(name, data_dir, Path(str(state)) if state else None)
+        secret = node_config.get("he-secret-context")
+        return SiteRef(
+            name,
+            data_dir,
+            Path(str(state)) if state else None,
+            Path(str(secret)) if secret else None,
+        )
     if "partition-id" not in node_config:
         raise ConfigError(
             "node config has neither 'data-dir' (deployment: start the SuperNode with "

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from core.io import atomic_path
 from core.model.reference import ReferenceError, split_state
-from core.model.vit import UniversalViT, ViTConfig
+from core.model.sizes import ViTConfig
+from core.model.vit import UniversalViT
 
 CHECKPOINT_FORMAT = "fedmedvit-backbone-v1"
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-POOLS = ("mean", "mean-max", "contrast", "stats", "cls")
+from core.model.sizes import POOLS
+
 _FEATURES_PER_CHANNEL = {"mean-max": 2, "contrast": 2, "stats": 4}
 
 

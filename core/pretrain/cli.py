@@ -16,7 +16,7 @@ import torch
 from core.data import GridConfig
 from core.data.datalist import SPLITS
 from core.model.checkpoint import load_backbone
-from core.model.vit import MODEL_SIZES
+from core.model.sizes import MODEL_SIZES
 from core.pretrain.data import (
     open_pool,
 )

@@ -18,7 +18,8 @@ from core.io import atomic_path
 from core.model.checkpoint import save_backbone
 from core.model.reference import FeatureReference, fit_reference, pooled_features
 from core.model.sac import batch_degree_of_anisotropy
-from core.model.vit import UniversalViT, ViTConfig
+from core.model.sizes import ViTConfig
+from core.model.vit import UniversalViT
 from core.pretrain.data import (
     ImageData,
 )

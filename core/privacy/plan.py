@@ -72,11 +72,12 @@ def check_count(value: object, name: str, minimum: int = 1) -> int:
 
 @dataclass(frozen=True)
 class DPSettings:
-    """A site's privacy budget and clipping norm, validated once at the config boundary."""
+    """A site's privacy budget and clipping norm, validated once at the config boundary. The
+    defaults are the run's (run config section ``dp``)."""
 
-    target_epsilon: float
-    target_delta: float
-    max_grad_norm: float
+    target_epsilon: float = 8.0
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
     accountant: str = "rdp"
 
     def __post_init__(self) -> None:

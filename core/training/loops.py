@@ -17,7 +17,7 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,8 +26,7 @@ from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 
 from core.data import DABatchSampler, PoissonDABatchSampler, collate
-
-OptimizerName = Literal["adamw", "sgd"]
+from core.training.settings import TrainSettings
 
 
 class SiteData(Protocol):
@@ -39,27 +38,6 @@ class SiteData(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> dict[str, Tensor]: ...
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    local_epochs: int = 1
-    batch_size: int = 16  # expected (Poisson) batch size under DP, fixed batch size otherwise
-    max_physical_batch: int = 32  # memory cap for one forward/backward
-    learning_rate: float = 1e-3
-    optimizer: OptimizerName = "adamw"
-    weight_decay: float = 0.0
-    multi_label: bool = False
-
-    def __post_init__(self) -> None:
-        if self.local_epochs < 1:
-            raise ValueError(f"local-epochs must be >= 1, got {self.local_epochs}")
-        if self.batch_size < 1 or self.max_physical_batch < 1:
-            raise ValueError("batch-size and max-physical-batch must be >= 1")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ValueError(f"learning-rate must be a positive number, got {self.learning_rate}")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer {self.optimizer!r} unknown; choose 'adamw' or 'sgd'")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ from peft import PeftModel
 
 from core.adapters.lora import (
     AdapterStateError,
-    LoraSettings,
     adapter_state,
     add_lora,
     load_adapter_state,
@@ -15,6 +14,7 @@ from core.adapters.lora import (
     save_adapters,
     trainable_parameter_names,
 )
+from core.adapters.settings import LoraSettings
 from core.model.vit import count_parameters, create_vit
 
 X2D, S2D = torch.randn(2, 1, 1, 32, 32), (1e4, 1.0, 1.0)

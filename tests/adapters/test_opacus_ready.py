@@ -5,7 +5,8 @@ import torch
 from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 
-from core.adapters.lora import LoraSettings, add_lora
+from core.adapters.lora import add_lora
+from core.adapters.settings import LoraSettings
 from core.model.reference import fit_reference
 from core.model.vit import create_vit
 

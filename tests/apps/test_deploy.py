@@ -355,10 +355,13 @@ def test_each_hospital_mounts_its_own_folders_where_its_node_config_points(
     assert node_config["site-name"] == hospital
     data = mounted_at(clientapp, node_config["data-dir"])
     state = mounted_at(clientapp, node_config["state-dir"])
-    secret = mounted_at(clientapp, run_config["he-secret-context"])
+    secret = mounted_at(clientapp, node_config["he-secret-context"])
     assert data == (f"{own}data", True), "data: this hospital's folder, read-only"
     assert state == (f"{own}state", False), "state (privacy ledger): own folder, writable"
     assert secret == (f"{own}he/site_secret.ctx", True), "HE secret context: own copy, read-only"
+    # The run config goes to every node (and the coordinator): it names no site's secret.
+    assert node_config["he-secret-context"] not in run_config.values()
+    assert not [k for k in run_config if "secret" in k]
     assert all(host.startswith(own) for host, _ in mounts(clientapp).values())
     assert all(host.startswith(own) for host, _ in mounts(supernode).values())
 

@@ -71,12 +71,14 @@ def update(node: int) -> dict[str, torch.Tensor]:
 
 
 def context(node: int, keys, tmp_path, *, foreign: bool = False) -> Context:
-    run_config = {
-        "he": True,
+    """Every node gets the same run config; each names its own secret context in its node
+    config (the outsider's holds a foreign key)."""
+    run_config = {"he": True, "he-public-context": str(keys["public"])}
+    node_config = {
+        "data-dir": str(tmp_path / NAMES[node]),
+        "site-name": NAMES[node],
         "he-secret-context": str(keys["foreign" if foreign else "secret"]),
-        "he-public-context": str(keys["public"]),
     }
-    node_config = {"data-dir": str(tmp_path / NAMES[node]), "site-name": NAMES[node]}
     return Context(1, node, node_config, RecordDict(), run_config)
 
 

@@ -10,8 +10,15 @@ import pytest
 
 from core.config import ConfigError
 from core.data import HospitalSpec, PhantomSite, generate_hospitals
+from core.he.ckks import SECRET_CONTEXT_FILE, provision
 from core.model.checkpoint import load_backbone
-from simulations.run import load_scenario, main, prepare_backbone, resolve_data_root
+from simulations.run import (
+    load_scenario,
+    main,
+    prepare_backbone,
+    resolve_data_root,
+    run_scenario,
+)
 
 
 def test_data_root_is_honoured_and_no_phantoms_are_generated(tmp_path):
@@ -71,3 +78,35 @@ def test_a_bad_value_fails_before_any_data_is_generated(tmp_path, capsys):
     assert main(["default", "--set", "target-epsilon=-1", "--data-cache", str(cache)]) == 2
     assert "target" in capsys.readouterr().err
     assert not cache.exists()  # no phantoms generated, no backbone pretrained
+
+
+def test_he_with_the_users_public_context_needs_each_sites_secret_in_its_state(tmp_path):
+    """Given a public context, the runner provisions nothing: each simulated site must already
+    hold its secret context where its ClientApp looks (state-root/<site>/). A missing one is
+    named before any pretraining or process start; with all in place the run config carries
+    only the public context."""
+    mine = tmp_path / "my-sites"
+    spec = HospitalSpec(
+        (PhantomSite("h1", "xr2d", 12, (16, 16)), PhantomSite("h2", "xr2d", 10, (16, 16)))
+    )
+    generate_hospitals(mine, spec, seed=0)
+    secret, public = provision(tmp_path / "keys")
+    state = tmp_path / "state"
+    (state / "h1").mkdir(parents=True)
+    (state / "h1" / SECRET_CONTEXT_FILE).write_bytes(secret.read_bytes())
+    overrides = {
+        "data-root": str(mine),
+        "state-root": str(state),
+        "he": True,
+        "he-public-context": str(public),
+    }
+    cache = tmp_path / "cache"
+    with pytest.raises(ConfigError, match=r"sites \['h2'\] have no site_secret.ctx"):
+        run_scenario(
+            load_scenario("default"),
+            overrides=overrides,
+            out_dir=tmp_path / "run",
+            data_cache=cache,
+            quiet=True,
+        )
+    assert not cache.exists()  # nothing pretrained

@@ -7,6 +7,7 @@ runs two: every site refuses round 2 to stay within budget, and the server carri
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 from core.config import RunConfig
 from core.federation.rounds import initial_adapters
+from core.he.context import SECRET_MAGIC
 from core.model.checkpoint import load_backbone
 from simulations.run import load_scenario, run_scenario
 
@@ -35,6 +37,12 @@ PHANTOMS = {"phantoms": {"preset": "many", "n-sites": 2, "seed": 3}, "pretrain":
 @pytest.fixture(scope="module")
 def data_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("phantoms")
+
+
+def holds_secret_key(path: Path) -> bool:
+    """A fedmedvit secret CKKS context, by its file magic (core.he.context)."""
+    with path.open("rb") as handle:
+        return handle.read(len(SECRET_MAGIC)) == SECRET_MAGIC
 
 
 def run(tmp_path, data_cache, quiet=True, **overrides):
@@ -139,9 +147,19 @@ def test_encrypted_run_matches_the_plaintext_run_without_dp_noise(tmp_path, data
         assert all(set(site) == {"num-examples"} for site in entry["sites"].values())
     assert not (encrypted / "adapters").exists()
 
-    decrypted_dir = decrypt_run(
-        encrypted, encrypted / "he-keys" / "site_secret.ctx", tmp_path / "d"
-    )
+    # What the coordinator holds names no secret context and is none: the run config that
+    # Flower sent every node (config.json is the ServerApp's copy) and, in the run folder
+    # outside the simulated sites' state folders, every file.
+    distributed = json.loads((encrypted / "config.json").read_text())
+    assert not [k for k in distributed if "secret" in k]
+    named = [Path(v) for v in distributed.values() if isinstance(v, str) and v.startswith("/")]
+    assert not [p for p in named if p.is_file() and holds_secret_key(p)], distributed
+    coordinator = [p for p in encrypted.rglob("*") if "state" not in p.relative_to(encrypted).parts]
+    assert not [p for p in coordinator if p.is_file() and holds_secret_key(p)]
+    # A site decrypts the result with its own copy, where the ClientApp found it.
+    site_copies = sorted((encrypted / "state").glob("*/site_secret.ctx"))
+    assert len(site_copies) == 2 and all(holds_secret_key(p) for p in site_copies)
+    decrypted_dir = decrypt_run(encrypted, site_copies[0], tmp_path / "d")
     cfg = RunConfig.from_flat(json.loads((plain / "config.json").read_text()))
     he_model, _ = build_lora_model(cfg)
     load_adapter_folder(he_model, decrypted_dir)  # peft's folder, loaded strictly

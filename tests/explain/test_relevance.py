@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.adapters.lora import LoraSettings, add_lora
+from core.adapters.lora import add_lora
+from core.adapters.settings import LoraSettings
 from core.explain.relevance import METHODS, ExplainError, explain, token_grid
 from core.model.sac import degree_of_anisotropy
-from core.model.vit import UniversalViT, ViTConfig, create_vit
+from core.model.sizes import ViTConfig
+from core.model.vit import UniversalViT, create_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,6 +11,54 @@ def test_defaults_are_valid_and_round_trip():
     assert cfg.lora().mode == "ffa" and cfg.privacy().target_epsilon == 8.0
 
 
+def test_each_default_has_one_home_and_the_run_uses_it():
+    """A setting's default lives in the dataclass that owns it (LoRA in LoraSettings, local
+    training in TrainSettings, DP in DPSettings); the run config takes it from there, so the
+    run and a direct caller of the dataclass cannot disagree (they did: TrainSettings had lr
+    1e-3 AdamW, batch 16, the run 0.05 SGD, batch 32)."""
+    from core.adapters.settings import LoraSettings
+    from core.privacy.plan import DPSettings
+    from core.training.settings import TrainSettings
+
+    cfg = RunConfig()
+    assert cfg.lora() == LoraSettings()
+    assert cfg.training() == TrainSettings()
+    assert cfg.privacy() == DPSettings()
+    # The values the run used before the defaults moved (behaviour unchanged).
+    assert (cfg.learning_rate, cfg.optimizer, cfg.batch_size) == (0.05, "sgd", 32)
+    assert (cfg.target_epsilon, cfg.target_delta, cfg.max_grad_norm) == (8.0, 1e-5, 1.0)
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_mode) == (8, 16, "qv", "ffa")
+
+
+def test_every_key_sits_in_one_section():
+    from core.config import SECTIONS, section_of
+
+    assert list(SECTIONS) == ["model", "lora", "train", "dp", "he", "federation", "data"]
+    keys = [key for section in SECTIONS.values() for key in section]
+    assert sorted(keys) == sorted(RunConfig().to_flat()) and len(keys) == len(set(keys))
+    assert section_of("lora-rank") == "lora" and section_of("target-epsilon") == "dp"
+    assert section_of("he-public-context") == "he" and section_of("data-root") == "data"
+
+
+def test_an_unknown_key_names_the_closest_key_and_its_section():
+    with pytest.raises(ConfigError, match=r"did you mean 'lora-rank' \(section lora\)\?"):
+        RunConfig.from_flat({"lora-rnak": 4})
+    with pytest.raises(ConfigError, match=r"valid keys by section: model: .*; lora: lora-rank"):
+        RunConfig.from_flat({"zzzzzz": 1})
+
+
+def test_simulate_help_lists_the_keys_by_section_with_their_defaults(capsys):
+    from simulations.run import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    shown = capsys.readouterr().out
+    assert "lora:\n  lora-rank = 8\n  lora-alpha = 16" in shown
+    assert "dp:\n  dp = true\n  target-epsilon = 8.0" in shown
+    assert shown.index("model:") < shown.index("lora:") < shown.index("data:")
+
+
 def test_pyproject_app_config_declares_every_key_with_its_default():
     """Flower only accepts --run-config overrides of keys the app declares."""
     import tomllib
@@ -47,6 +95,29 @@ def test_pyproject_app_config_declares_every_key_with_its_default():
 def test_bad_values_name_the_key(values, match):
     with pytest.raises(ConfigError, match=match):
         RunConfig.from_flat(values)
+
+
+def test_an_old_run_config_naming_the_secret_context_says_where_it_moved():
+    """The secret CKKS context is one hospital's file: the run config, which the coordinator
+    sends to every node, must not carry its path. An old config that still sets it fails,
+    naming the node-config key and the state-folder file that replace it."""
+    old = {"he": True, "he-public-context": "p", "he-secret-context": "/app/he/site_secret.ctx"}
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_flat(old)
+    message = str(caught.value)
+    assert "'he-secret-context' is no longer a run-config key" in message
+    assert "node config key 'he-secret-context'" in message
+    assert "site_secret.ctx in the site's state folder" in message
+    assert "he-secret-context" not in RunConfig().to_flat()
+
+
+def test_a_run_folder_written_before_the_move_still_opens():
+    """``fedmedvit decrypt`` / ``explain`` read a past run's config.json, which named the
+    secret context then: that record is read back, not sent, so the key is dropped."""
+    written_before = RunConfig().to_flat() | {"he-secret-context": "/old/site_secret.ctx"}
+    assert RunConfig.from_record(written_before) == RunConfig()
+    with pytest.raises(ConfigError, match="unknown key 'lora-rnak'"):
+        RunConfig.from_record(written_before | {"lora-rnak": 4})
 
 
 def test_ints_are_accepted_for_floats():

@@ -143,14 +143,15 @@ def test_the_site_policy_refuses_a_weaker_run_config_before_touching_data(
         "in-plane-size": 32,
         "target-epsilon": 4.0,
         "he": True,
-        "he-secret-context": str(secret),
         "he-public-context": str(public),
     }
     cfg = RunConfig.from_flat(base | override)
-    outcome = one_round(cfg, tmp_path, policy=policy)
+    outcome = one_round(cfg, tmp_path, policy=policy, he_secret_context=secret)
     assert outcome.status == "refused" and words in outcome.reason
     assert str(tmp_path / "policy.toml") in outcome.reason
-    past = one_round(RunConfig.from_flat(base), tmp_path, server_round=3, policy=policy)
+    past = one_round(
+        RunConfig.from_flat(base), tmp_path, server_round=3, policy=policy, he_secret_context=secret
+    )
     assert past.status == "refused" and "max-rounds 2" in past.reason
 
 
@@ -184,9 +185,7 @@ def test_under_dp_the_training_loss_never_leaves_and_he_sends_only_the_weight(si
         "num-examples",
         "epsilon",
     }
-    he = RunConfig.from_flat(
-        {"he": True, "he-secret-context": "s", "he-public-context": "p", "dp": False}
-    )
+    he = RunConfig.from_flat({"he": True, "he-public-context": "p", "dp": False})
     evaluation = {"num-examples": 6, "auc": 0.7, "loss": 0.6, "accuracy": 0.5}
     assert released_metrics(he, SitePolicy(), evaluation) == {"num-examples": 6}
     assert released_metrics(he, SitePolicy(allowed_metrics=("auc",)), evaluation) == {
@@ -211,13 +210,13 @@ def test_an_update_he_cannot_carry_is_refused_before_any_budget_is_spent(site_cf
     cfg, site_dir = site_cfg
     # scale 2^52 leaves one site about 1.3 of weighted value: 18 examples cannot be encrypted.
     secret, public = provision(tmp_path, CkksParams(scale_bits=52))
-    keys = {"he-secret-context": str(secret), "he-public-context": str(public)}
-    he = RunConfig.from_flat(cfg.to_flat() | {"he": True} | keys)
-    outcome = one_round(he, site_dir)
+    he = RunConfig.from_flat(cfg.to_flat() | {"he": True, "he-public-context": str(public)})
+    outcome = one_round(he, site_dir, he_secret_context=secret)
     assert outcome.status == "refused" and "CKKS capacity" in outcome.reason
     ledger = PrivacyLedger.from_dict(outcome.ledger)
     assert ledger.total_steps == 0 and ledger.epsilon() == 0.0
-    plain = one_round(RunConfig.from_flat(he.to_flat() | {"dp": False}), site_dir)
+    no_dp = RunConfig.from_flat(he.to_flat() | {"dp": False})
+    plain = one_round(no_dp, site_dir, he_secret_context=secret)
     assert plain.status == "refused" and "CKKS capacity" in plain.reason
 
 

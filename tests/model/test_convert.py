@@ -28,7 +28,7 @@ from core.model.convert import (
     main,
     read_state_dict,
 )
-from core.model.vit import MODEL_SIZES, ViTConfig
+from core.model.sizes import MODEL_SIZES, ViTConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,8 @@ from core.config import RunConfig
 from core.federation.rounds import build_backbone
 from core.model.checkpoint import BackboneError, load_backbone, save_backbone
 from core.model.reference import ReferenceError, fit_reference, pooled_features
-from core.model.vit import ClassifierHead, ViTConfig, create_vit
+from core.model.sizes import ViTConfig
+from core.model.vit import ClassifierHead, create_vit
 
 
 def correlated(n: int, width: int, seed: int = 0) -> torch.Tensor:

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
+from core.model.sizes import MODEL_SIZES, ViTConfig
 from core.model.vit import (
-    MODEL_SIZES,
-    ViTConfig,
     apply_rope,
     count_parameters,
     create_vit,

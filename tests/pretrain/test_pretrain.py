@@ -9,7 +9,8 @@ import torch
 from core.data import DABatchSampler, GridConfig, HospitalSpec, PhantomSite, generate_hospitals
 from core.model.checkpoint import BackboneError, load_backbone
 from core.model.sac import sum_depth_taps
-from core.model.vit import MODEL_SIZES, create_vit
+from core.model.sizes import MODEL_SIZES
+from core.model.vit import create_vit
 from core.pretrain import (
     MaskedImageModel,
     MIMSettings,

@@ -116,7 +116,7 @@ def test_report_shows_each_sites_policy_replays_and_what_left_it(tmp_path):
     ledger.record_replay(1, "a" * 64, "re-sent after a crash")
     ledger.record_refusal(1, ledger.check_round(1, "b" * 64).reason, replay=True)
     policy = SitePolicy(require_dp=True, max_epsilon=8.0, source="policy.toml")
-    cfg = RunConfig.from_flat({"he": True, "he-secret-context": "s", "he-public-context": "p"})
+    cfg = RunConfig.from_flat({"he": True, "he-public-context": "p"})
     stated = {"site-a": {"policy": policy.to_dict(), "released": release_manifest(cfg, policy)}}
     write_privacy_json(tmp_path, {"site-a": ledger}, disclosures=stated)
     write_metrics_json(tmp_path, {"rounds": [{"round": 1}]})

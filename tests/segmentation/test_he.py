@@ -3,7 +3,8 @@ encrypted sum decrypts to the plaintext FedAvg and loads strictly into the model
 
 import torch
 
-from core.adapters.lora import LoraSettings, adapter_state, add_lora, load_adapter_state
+from core.adapters.lora import adapter_state, add_lora, load_adapter_state
+from core.adapters.settings import LoraSettings
 from core.he import ckks
 from core.model.segmentation import SEGMENTATION_TRAINABLE, create_segmenter
 from core.model.vit import create_vit

@@ -7,7 +7,8 @@ import torch
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
-from core.adapters.lora import LoraSettings, adapter_state, add_lora
+from core.adapters.lora import adapter_state, add_lora
+from core.adapters.settings import LoraSettings
 from core.model.segmentation import SEGMENTATION_TRAINABLE, create_segmenter
 from core.model.vit import create_vit
 

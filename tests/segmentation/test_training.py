@@ -8,11 +8,13 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from core.adapters.lora import LoraSettings, add_lora
+from core.adapters.lora import add_lora
+from core.adapters.settings import LoraSettings
 from core.model.segmentation import SEGMENTATION_TRAINABLE, create_segmenter
 from core.model.vit import create_vit
-from core.training.loops import DPStepPlan, TrainSettings, train_dp, train_plain
+from core.training.loops import DPStepPlan, train_dp, train_plain
 from core.training.segmentation import _case_metrics, evaluate_segmentation, segmentation_loss
+from core.training.settings import TrainSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 CPU = torch.device("cpu")
@@ -78,7 +80,7 @@ def test_per_sample_gradients_of_the_dice_ce_loss_are_each_images_gradient():
 
 def test_dp_and_plain_training_run_through_the_shared_loops():
     site = SquareSite(8)
-    settings = TrainSettings(batch_size=4, learning_rate=1e-2)
+    settings = TrainSettings(batch_size=4, learning_rate=1e-2, optimizer="adamw")
     plan = DPStepPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=2)
     model = seg_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -7,17 +7,18 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from core.adapters.lora import LoraSettings, adapter_state, add_lora
+from core.adapters.lora import adapter_state, add_lora
+from core.adapters.settings import LoraSettings
 from core.model.vit import create_vit
 from core.training.loops import (
     DPStepPlan,
-    TrainSettings,
     balanced_accuracy,
     evaluate,
     mean_metrics,
     train_dp,
     train_plain,
 )
+from core.training.settings import TrainSettings
 
 CPU = torch.device("cpu")
 
@@ -110,7 +111,7 @@ def test_plain_training_learns_the_task():
     train, test = bright_square_site(64, seed=0), bright_square_site(32, seed=1)
     model = lora_model()
     untrained = evaluate(model, test, batch_size=16, device=CPU)
-    settings = TrainSettings(local_epochs=5, batch_size=16, learning_rate=1e-2)
+    settings = TrainSettings(local_epochs=5, batch_size=16, learning_rate=1e-2, optimizer="adamw")
     train_plain(model, train, settings, device=CPU, generator=torch.Generator().manual_seed(0))
     metrics = evaluate(model, test, batch_size=16, device=CPU)
     assert metrics["auc"] > 0.8 and metrics["auc"] > untrained["auc"] + 0.15

@@ -10,7 +10,7 @@ from pathlib import Path
 from core.model.checkpoint import save_backbone
 from core.model.convert.common import IMAGENET_NORM, PretrainedImportError
 from core.model.convert.mapping import FORMATS, import_checkpoint
-from core.model.vit import MODEL_SIZES
+from core.model.sizes import MODEL_SIZES
 
 
 def main(argv: Sequence[str] | None = None) -> int:

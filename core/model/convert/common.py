@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.model.vit import ViTConfig
+from core.model.sizes import ViTConfig
 
 IMAGENET_NORM: tuple[tuple[float, ...], tuple[float, ...]] = (
     (0.485, 0.456, 0.406),

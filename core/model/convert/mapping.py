@@ -26,7 +26,8 @@ from core.model.convert.common import (
 )
 from core.model.convert.pumit import PUMIT
 from core.model.convert.timm import TIMM
-from core.model.vit import MODEL_SIZES, UniversalViT, ViTConfig, resample_position_grid
+from core.model.sizes import MODEL_SIZES, ViTConfig
+from core.model.vit import UniversalViT, resample_position_grid
 
 # The dispatch table: format name -> its rules.
 FORMATS: dict[str, SourceFormat] = {f.name: f for f in (TIMM, PUMIT)}
