@@ -251,8 +251,8 @@ REFERENCE_POOL = "stats"  # the run config's default head-pool
 
 
 def reference_of(encoder: UniversalViT, pool: ImageData) -> FeatureReference:
-    """The head-input reference of the pretrained encoder over its own pretraining images
-    (unlabeled; :mod:`core.model.reference`), batches of 16 sharing one DA, in pool order."""
+    """The head-input reference of the pretrained encoder over its own pretraining images,
+    unlabeled (:mod:`core.model.reference`); batches of 16 that share one DA, in pool order."""
     batches = (
         (batch["image"], batch["spacing"])
         for batch in (

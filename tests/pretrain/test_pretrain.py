@@ -8,6 +8,7 @@ import torch
 
 from core.data import DABatchSampler, GridConfig, HospitalSpec, PhantomSite, generate_hospitals
 from core.model.checkpoint import BackboneError, load_backbone
+from core.model.pooling import pool_tokens
 from core.model.sac import sum_depth_taps
 from core.model.sizes import MODEL_SIZES
 from core.model.vit import create_vit
@@ -282,6 +283,34 @@ def test_cli_writes_a_loadable_backbone_with_the_printed_fingerprint_and_resumes
     assert printed.split("fingerprint: ")[1].strip() == load_backbone(out)[1]
     assert main([*common, "--steps", "4", "--resume", str(ckpt), "--mask-ratio", "0.5"]) == 2
     assert "mask_ratio" in capsys.readouterr().err
+
+
+def test_the_backbone_carries_a_head_reference_that_whitens_its_own_pretraining_images(
+    sites, pool, tmp_path
+):
+    out = tmp_path / "backbone.safetensors"
+    args = ["--data", str(sites), "--splits", "training,validation", "--in-plane", "32"]
+    assert main([*args, "--batch-size", "8", "--steps", "2", "--out", str(out)]) == 0
+    model, _ = load_backbone(out)
+    reference = model.references["stats"]
+    # Oracle: the loaded encoder's own stats-pooled features of every pretraining image, one
+    # image at a time, are centred and white after the stored projection.
+    with torch.no_grad():
+        rows = [
+            pool_tokens(
+                model.forward_features(item["image"][None], item["spacing"][None]), "stats", 1e-6
+            )[0]
+            for item in (pool[i] for i in range(len(pool)))
+        ]
+    features = torch.stack(rows).double()  # (N, 384)
+    assert reference.components == min(64, len(pool) - 1)
+    projected = (features - reference.shift.double()) @ reference.projection.double()
+    k = reference.components
+    torch.testing.assert_close(
+        projected.mean(0), torch.zeros(k, dtype=torch.float64), atol=1e-3, rtol=0
+    )
+    covariance = projected.T @ projected / len(projected)
+    torch.testing.assert_close(covariance, torch.eye(k, dtype=torch.float64), atol=2e-2, rtol=0)
 
 
 def test_demo_backbone_is_built_once_then_reused_and_checked(tmp_path, capsys):
