@@ -19,6 +19,9 @@ Podman here: the ``runc`` runtime, explicit ulimits, host networking (the compon
 over loopback, TLS from the SuperNodes to the proxy and the SuperLink, as in the local run).
 Run as root (rootful Podman): files a container reads are handed to the images' user
 (uid 49999), as ``chown -R 49999`` does in a real deployment.
+
+Over 500 lines: build context, layer scan, launcher and isolation check are the four steps of
+one command and share the image names and the hardened ``podman run`` flags defined here.
 """
 
 from __future__ import annotations

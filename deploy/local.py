@@ -20,6 +20,10 @@ registering its own node key and starting its own app through the address the ho
 dial; and, as if the Control API had been reached anyway, its unsigned app and an app signed
 with its own key, run through the coordinator's Control API. Every process started here is
 stopped by its PID (process group) on exit.
+
+Over 500 lines: the deployment is one ordered script (PKI, release, coordinator, hospitals,
+study, checks) whose steps share the run's paths and processes; process handling and the
+outsider's attempts already live in ``deploy.processes`` and ``deploy.outsider``.
 """
 
 from __future__ import annotations
