@@ -12,9 +12,10 @@ its own validation split (:func:`core.training.loops.calibrate_threshold`). Arms
   non-private, ``rounds`` epochs.
 * ``local-dp``: each site alone, DP-SGD at epsilon 8 over ``rounds`` rounds (what a site gets
   without the federation).
-* ``fl``: federated, non-private; ``fl-dp8`` / ``fl-dp3``: federated, DP at epsilon 8 / 3.
-* ``fl-dp8-local-head``: as ``fl-dp8``, but each site keeps its own head (FedPer): only the
-  LoRA adapters are averaged.
+* ``fl``: federated, non-private; ``fl-dp8`` / ``fl-dp3``: federated, DP at epsilon 8 / 3;
+  all three share the head (run config ``head-sharing = "shared"``).
+* ``fl-dp8-local-head``: as ``fl-dp8``, but each site keeps its own head (FedPer, the run
+  config's default ``head-sharing = "local"``): only the LoRA adapters are averaged.
 
 The federated arms run in-process with the recipe's pieces (``build_lora_model``,
 ``train_plain`` / ``train_dp`` with the site's ``plan_dp`` plan, the server's example-weighted

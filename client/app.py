@@ -16,6 +16,7 @@ import json
 import logging
 from pathlib import Path
 
+import safetensors.torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -25,6 +26,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from torch import Tensor
 
 from client.mods import client_mods
 from core.config import RunConfig
@@ -50,13 +52,20 @@ from core.federation.protocol import (
     int_of,
 )
 from core.federation.rounds import Release, evaluate_round, train_round
-from core.federation.sites import LEDGER_FILE, RELEASE_FILE, SiteRef, resolve_site
+from core.federation.sites import (
+    LEDGER_FILE,
+    LOCAL_HEAD_FILE,
+    RELEASE_FILE,
+    SiteRef,
+    resolve_site,
+)
 from core.io import write_bytes_atomic, write_json_atomic
 
 app = ClientApp()
 log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: its handler prints INFO
 LEDGER_KEY = "privacy-ledger"
 RELEASE_KEY = "last-release"
+LOCAL_HEAD_KEY = "local-head"
 
 
 def _load_ledger(context: Context, site: SiteRef) -> dict | None:
@@ -98,6 +107,26 @@ def _save_release(context: Context, site: SiteRef, release: Release) -> None:
         write_bytes_atomic(site.state_dir / RELEASE_FILE, data, mode=0o600)
 
 
+def _load_local_head(context: Context, site: SiteRef) -> dict[str, Tensor] | None:
+    """The head this site keeps under head-sharing "local": node memory, else disk, else none
+    (the first round starts from the global head)."""
+    record = context.state.config_records.get(LOCAL_HEAD_KEY)
+    if record is not None:
+        return safetensors.torch.load(bytes(record["bytes"]))  # type: ignore[arg-type]
+    if site.state_dir is not None and (site.state_dir / LOCAL_HEAD_FILE).is_file():
+        return safetensors.torch.load((site.state_dir / LOCAL_HEAD_FILE).read_bytes())
+    return None
+
+
+def _save_local_head(context: Context, site: SiteRef, head: dict[str, Tensor]) -> None:
+    """Kept before the reply is sent, like the release: the next round trains on from it."""
+    data = safetensors.torch.save({k: v.contiguous() for k, v in head.items()})
+    context.state[LOCAL_HEAD_KEY] = ConfigRecord({"bytes": data})
+    if site.state_dir is not None:
+        site.state_dir.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(site.state_dir / LOCAL_HEAD_FILE, data, mode=0o600)
+
+
 def _cache_dir(site: SiteRef) -> Path | None:
     """The site's preprocessing cache: inside its own state folder, never sent anywhere."""
     return site.state_dir / "preprocess-cache" if site.state_dir is not None else None
@@ -129,7 +158,10 @@ def train(msg: Message, context: Context) -> Message:
         last_release=_load_release(context, site) if cfg.dp else None,
         cache_dir=_cache_dir(site),
         he_secret_context=site.secret_context() if cfg.he else None,
+        local_head=_load_local_head(context, site),
     )
+    if outcome.local_head is not None:
+        _save_local_head(context, site, outcome.local_head)
     if outcome.release is not None:
         _save_release(context, site, outcome.release)
     if outcome.ledger is not None:
@@ -170,6 +202,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         global_adapters=msg.content.array_records[ARRAYS].to_torch_state_dict(),
         expected_fingerprint=str(config.get(BACKBONE_FINGERPRINT, "")),
         cache_dir=_cache_dir(site),
+        local_head=_load_local_head(context, site),
     )
     content = RecordDict(
         {METRICS: MetricRecord(dict(released_metrics(cfg, policy, metrics))), SITE: info}

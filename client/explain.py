@@ -1,10 +1,12 @@
 """Where the federated model looks, case by case, at this site (nothing leaves the site).
 
     fedmedvit explain RUN_DIR --site-dir DIR --out DIR [--split test] [--method grad-attention]
-        [--adapters DIR] [--limit N]
+        [--adapters DIR] [--state-dir DIR] [--limit N]
 
 Loads the run's final global adapters (``RUN_DIR/adapters``; in an encrypted run, decrypt them
-first with ``fedmedvit decrypt``) onto the federation's backbone, explains every case of the
+first with ``fedmedvit decrypt``) onto the federation's backbone, with the site's own head from
+its state folder when the run kept heads at the sites (head-sharing "local"; ``--state-dir``,
+default ``RUN_DIR/state/<site folder name>`` as a simulation writes it), explains every case of the
 site's split (``core.explain``), and writes one PNG overlay per case and ``index.html``: score,
 label and overlay per case, sorted by score (highest first).
 """
@@ -18,13 +20,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from core.adapters.lora import load_adapter_folder
+from core.adapters.lora import adapter_state, load_adapter_folder, load_adapter_state
 from core.config import RunConfig
 from core.explain.overlay import render_overlay
 from core.explain.relevance import METHODS, explain
-from core.federation.rounds import build_lora_model, open_split
+from core.federation.rounds import build_lora_model, open_split, with_local_head
+from core.federation.sites import LOCAL_HEAD_FILE
 from core.io import write_text_atomic
 
 INDEX = "index.html"
@@ -50,15 +54,25 @@ def explain_site(
     split: str = "test",
     method: str = "grad-attention",
     adapters: Path | None = None,
+    state_dir: Path | None = None,
     limit: int | None = None,
 ) -> Path:
     """Write overlays and ``index.html`` for a site's split into ``out``; returns the index.
 
     Raises ConfigError for a run folder without a valid ``config.json``, AdapterStateError
-    for missing or mismatched adapters, DatasetError for unreadable site data."""
+    for missing or mismatched adapters, FileNotFoundError for a run that kept heads at the
+    sites when the site's head is not found, DatasetError for unreadable site data."""
     cfg = RunConfig.from_record(json.loads((run_dir / "config.json").read_text()))
     model, _ = build_lora_model(cfg)
     load_adapter_folder(model, adapters or run_dir / "adapters")
+    if cfg.head_sharing == "local":
+        head_file = (state_dir or run_dir / "state" / site_dir.name) / LOCAL_HEAD_FILE
+        if not head_file.is_file():
+            raise FileNotFoundError(
+                f"{head_file} not found: this run kept each site's head at the site "
+                "(head-sharing = local); pass --state-dir, the site's state folder"
+            )
+        load_adapter_state(model, with_local_head(cfg, adapter_state(model), load_file(head_file)))
     dataset = open_split(cfg, site_dir, split)
     names = dataset.info.class_names
     count = len(dataset) if limit is None else min(limit, len(dataset))
@@ -105,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--method", default="grad-attention", choices=METHODS)
     parser.add_argument("--adapters", type=Path, help="default RUN_DIR/adapters")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help="the site's state folder (its own head when the run kept heads at the sites); "
+        "default RUN_DIR/state/<site folder name>",
+    )
     parser.add_argument("--limit", type=int, help="explain only the first N cases")
     args = parser.parse_args(argv)
     index = explain_site(
@@ -114,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         split=args.split,
         method=args.method,
         adapters=args.adapters,
+        state_dir=args.state_dir,
         limit=args.limit,
     )
     print(index)

@@ -126,6 +126,10 @@ class RunConfig:
     min_available_nodes: int = _key("federation", 2)
     round_timeout: float = _key("federation", 3600.0)
     max_examples_per_site: int = _key("federation", 1_000_000)  # cap on a claimed count
+    # "local": each site keeps the head it trains (FedPer): only the adapters are averaged, and
+    # sites whose lesion prevalence and cues differ each get their own read-out; "shared": the
+    # head is averaged with the adapters.
+    head_sharing: str = _key("federation", "local")
     out_dir: str = _key("federation", "")  # absolute run folder; "" = runs/<time> under the cwd
     resume: bool = _key("federation", False)
     # data (and each simulated site's state)
@@ -149,6 +153,8 @@ class RunConfig:
             self._fail("num-classes", self.num_classes, "a classifier needs 2 or more classes")
         if self.head_pool not in POOLS:
             self._fail("head-pool", self.head_pool, f"choose one of {list(POOLS)}")
+        if self.head_sharing not in ("shared", "local"):
+            self._fail("head-sharing", self.head_sharing, "choose 'shared' or 'local'")
         if self.head_norm not in ("auto", *HEAD_NORMS):
             self._fail("head-norm", self.head_norm, f"choose one of {['auto', *HEAD_NORMS]}")
         if self.lora_targets not in LORA_TARGETS:

@@ -39,11 +39,18 @@ def adapters_readme(cfg: RunConfig, fingerprint: str) -> str:
         if cfg.dp
         else "without differential privacy"
     )
+    head = (
+        "Each site trained and kept its own head (head-sharing = local): the head here is the "
+        "untrained global one; a site loads its own from `local-head.safetensors` in its state "
+        "folder (`fedmedvit explain` does)."
+        if cfg.head_sharing == "local"
+        else "The head was averaged with the adapters (head-sharing = shared)."
+    )
     return f"""# Federated LoRA adapters (fedmedvit)
 
 LoRA adapters ({cfg.lora_mode} mode, rank {cfg.lora_rank}, targets {cfg.lora_targets!r}) and a
 {cfg.num_classes}-class head for the `{cfg.model_size}` universal ViT, averaged over the sites
-with FedAvg for {cfg.num_server_rounds} rounds, trained {privacy}.
+with FedAvg for {cfg.num_server_rounds} rounds, trained {privacy}. {head}
 
 They only work on the backbone with SHA-256 fingerprint
 

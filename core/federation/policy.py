@@ -236,13 +236,11 @@ def release_manifest(cfg: RunConfig, policy: SitePolicy) -> list[dict[str, Any]]
     and its figures are released as they are.
     """
     form = "CKKS ciphertexts" if cfg.he else "plaintext adapters"
+    note = f"{form}, DP-SGD" if cfg.dp else f"{form}, no DP"
+    if cfg.head_sharing == "local":
+        note += "; the site's head stays at the site (the global head is returned unchanged)"
     items: list[dict[str, Any]] = [
-        {
-            "item": "adapter update",
-            "reply": "train",
-            "covered": cfg.dp,
-            "note": f"{form}, DP-SGD" if cfg.dp else f"{form}, no DP",
-        }
+        {"item": "adapter update", "reply": "train", "covered": cfg.dp, "note": note}
     ]
     train_names = (NUM_EXAMPLES, *LEDGER_METRICS) if cfg.dp else (TRAIN_LOSS, NUM_EXAMPLES)
     evaluated = ("loss", *SEGMENTATION_METRICS) if cfg.task == "segmentation" else EVAL_METRICS

@@ -97,6 +97,7 @@ class TrainOutcome:
     release: Release | None = None  # a new DP release the site keeps for a re-sent round
     replayed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    local_head: dict[str, Tensor] | None = None  # head-sharing "local": kept, never sent
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,39 @@ def he_capacity_problem(
     return ""
 
 
+HEAD_PREFIX = "head."
+
+
+def with_local_head(
+    cfg: RunConfig, global_adapters: Mapping[str, Tensor], local_head: Mapping[str, Tensor] | None
+) -> dict[str, Tensor]:
+    """The adapters a site trains and evaluates: the global ones, with the site's own head
+    when ``cfg.head_sharing`` is "local" and it has one (FedPer: Arivazhagan et al., 2019)."""
+    if cfg.head_sharing != "local" or not local_head:
+        return dict(global_adapters)
+    unknown = sorted(set(local_head) - {k for k in global_adapters if k.startswith(HEAD_PREFIX)})
+    if unknown:
+        raise ValueError(
+            f"the site's local head has tensors {unknown} the run's head does not; it belongs "
+            "to another run configuration. Remove local-head.safetensors from the site's "
+            "state folder to start the head from the global one"
+        )
+    return dict(global_adapters) | dict(local_head)
+
+
+def _split_head(
+    cfg: RunConfig, trained: dict[str, Tensor], global_adapters: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """(what the site sends, what it keeps). With a local head the reply carries the global
+    head unchanged, so the wire format and the server's average stay as they are while the
+    trained head never leaves the site."""
+    if cfg.head_sharing != "local":
+        return trained, None
+    head = {k: v for k, v in trained.items() if k.startswith(HEAD_PREFIX)}
+    sent = trained | {k: global_adapters[k].detach().clone() for k in head}
+    return sent, head
+
+
 def train_round(
     cfg: RunConfig,
     *,
@@ -238,6 +272,7 @@ def train_round(
     dp_seed: int | None = None,
     cache_dir: str | Path | None = None,
     he_secret_context: Path | None = None,
+    local_head: Mapping[str, Tensor] | None = None,
 ) -> TrainOutcome:
     """One round of local fine-tuning at a site (DP-SGD unless ``cfg.dp`` is False).
 
@@ -255,6 +290,8 @@ def train_round(
     ``cache_dir``: the site's preprocessing cache folder (see :func:`open_split`).
     ``he_secret_context``: the site's secret CKKS context file (``cfg.he``; the site's own, see
     ``core.federation.sites.SiteRef.secret_context``), to check the capacity before training.
+    ``local_head``: with ``cfg.head_sharing == "local"``, the head this site trained last round
+    (None: start from the global head); the outcome's ``local_head`` is the one to keep.
     """
     policy = policy or SitePolicy()
     refusal = check_run(cfg, policy, server_round)
@@ -272,7 +309,7 @@ def train_round(
         return TrainOutcome(REFUSED, reason, None, {NUM_EXAMPLES: 0})
 
     model = _checked_model(cfg, expected_fingerprint)
-    load_adapter_state(model, global_adapters)
+    load_adapter_state(model, with_local_head(cfg, global_adapters, local_head))
     dataset = open_task_split(cfg, site_dir, "training", cache_dir)
     settings = cfg.training()
     device = pick_device(cfg.device)
@@ -302,7 +339,8 @@ def train_round(
             criterion=task_loss(cfg),
         )
         metrics = {TRAIN_LOSS: result.loss, NUM_EXAMPLES: result.num_examples}
-        return TrainOutcome(TRAINED, "", adapter_state(model), metrics)
+        sent, head = _split_head(cfg, adapter_state(model), global_adapters)
+        return TrainOutcome(TRAINED, "", sent, metrics, local_head=head)
 
     ledger = PrivacyLedger.resume_or_start(
         ledger_state, settings=cfg.privacy(), dataset_size=len(dataset)
@@ -391,9 +429,11 @@ def train_round(
         "sample-rate": plan.sample_rate,
         "steps": result.steps,
     }
-    adapters = adapter_state(model)
+    adapters, head = _split_head(cfg, adapter_state(model), global_adapters)
     release = Release(server_round, digest, adapters, metrics)
-    return TrainOutcome(TRAINED, "", adapters, metrics, ledger.to_dict(), release=release)
+    return TrainOutcome(
+        TRAINED, "", adapters, metrics, ledger.to_dict(), release=release, local_head=head
+    )
 
 
 def evaluate_round(
@@ -405,8 +445,10 @@ def evaluate_round(
     split: str = "validation",
     calibration_split: str = "validation",
     cache_dir: str | Path | None = None,
+    local_head: Mapping[str, Tensor] | None = None,
 ) -> dict[str, float]:
-    """Evaluate the global adapters on the site's held-out ``split``.
+    """Evaluate the global adapters (with the site's ``local_head`` under head-sharing
+    "local") on the site's held-out ``split``.
 
     For a binary single-label task the site picks its own decision threshold on
     ``calibration_split`` (the one maximising balanced accuracy there; sites differ in
@@ -421,12 +463,12 @@ def evaluate_round(
         return evaluate_segmentation_round(
             cfg,
             site_dir=site_dir,
-            global_adapters=global_adapters,
+            global_adapters=with_local_head(cfg, global_adapters, local_head),
             expected_fingerprint=expected_fingerprint,
             split=split,
         )
     model = _checked_model(cfg, expected_fingerprint)
-    load_adapter_state(model, global_adapters)
+    load_adapter_state(model, with_local_head(cfg, global_adapters, local_head))
     device = pick_device(cfg.device)
     logits, labels = predict(
         model,

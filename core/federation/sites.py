@@ -3,8 +3,9 @@
 A site's state folder (node config ``state-dir``, or ``state-root/<site>`` in simulation) holds
 what must survive a restart and never leaves the site: the privacy ledger
 (:data:`LEDGER_FILE`), the last DP release (:data:`RELEASE_FILE`, re-sent if the coordinator
-repeats that round with the same global model) and the full text of errors (:data:`ERROR_LOG`,
-replies carry only an error id).
+repeats that round with the same global model), the site's own head under head-sharing "local"
+(:data:`LOCAL_HEAD_FILE`) and the full text of errors (:data:`ERROR_LOG`, replies carry only an
+error id).
 
 In an encrypted run the site's secret CKKS context is the site's too, so the node names it,
 never the run config the coordinator sends to every node: node config ``he-secret-context``
@@ -25,6 +26,7 @@ from core.he.keys import SECRET_CONTEXT_FILE
 DATALIST = "dataset.json"
 LEDGER_FILE = "privacy-ledger.json"
 RELEASE_FILE = "last-release.safetensors"
+LOCAL_HEAD_FILE = "local-head.safetensors"
 ERROR_LOG = "errors.log"
 
 

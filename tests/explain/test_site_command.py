@@ -49,3 +49,7 @@ def test_overlays_and_index_from_a_simulated_run(tmp_path):
     labels = [row.split("</td><td>")[3] for row in index.split("<tr><td>")[1:]]
     assert set(labels) <= {"no lesion", "lesion"}
     assert per_case < 30  # generous: a loaded CI machine; the benchmark measures it properly
+    # The run kept each site's head at the site: without it the command refuses, by name.
+    elsewhere = ["--state-dir", str(tmp_path / "not-the-site"), "--limit", "1"]
+    with pytest.raises(FileNotFoundError, match="head-sharing = local"):
+        main([str(run), "--site-dir", str(site), "--out", str(tmp_path / "x"), *elsewhere])
