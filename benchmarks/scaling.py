@@ -111,8 +111,8 @@ def process_kind(cmdline: Sequence[str], name: str) -> str:
     ):
         if needle in script or (needle == "benchmarks.scaling" and needle in text):
             return kind
-    if "flwr" in first and "run" in cmdline[1:2]:
-        return "flwr-run"
+    if Path(script).name == "flwr" or program == "flwr":  # the CLI: `flwr run ... --stream`
+        return "flwr-cli"
     return program or name or "other"
 
 

@@ -48,6 +48,7 @@ def test_process_kinds_of_a_simulation_tree():
     assert process_kind(["/v/bin/python", "-m", "benchmarks.scaling", "--child", "2"], "p") == (
         "runner"
     )
+    assert process_kind(["/v/bin/python3", "/v/bin/flwr", "run", ".", "local"], "x") == "flwr-cli"
 
 
 def test_quick_mode_measures_two_real_simulations_and_fits_their_points(tmp_path):
@@ -69,8 +70,10 @@ def test_quick_mode_measures_two_real_simulations_and_fits_their_points(tmp_path
         assert 0 < p["train_s"] < p["round_s"] < p["run_s"] < p["wall_s"]
         assert p["round_s"] == pytest.approx(p["train_s"] + p["evaluate_s"])
         # The whole tree was seen: the runner, Flower's processes and Ray's.
-        for kind in ("runner", "superlink", "flwr-simulation", "ray-raylet", "ray-worker"):
-            assert p["processes"].get(kind, 0) >= 1, (kind, p["processes"])
+        for kind in ("runner", "superlink", "flwr-cli", "flwr-simulation", "ray-raylet"):
+            assert p["processes"].get(kind, 0) == 1, (kind, p["processes"])
+        assert p["processes"].get("ray-worker", 0) >= 1  # the actors that ran the ClientApps
+        assert "python3" not in p["processes"]  # every process of the tree has a kind
         assert p["ray_workers"] == p["processes"]["ray-worker"]
         assert p["peak_rss_mib"] >= p["peak_pss_mib"] > 500  # torch alone is hundreds of MiB
         parts = p["peak_breakdown"].values()
