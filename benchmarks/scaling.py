@@ -28,10 +28,10 @@ Measured per point:
   psutil (PSS from ``/proc/PID/smaps_rollup``); the tree is the child's descendants plus every
   process carrying the run's tag in its environment (found every ~2 s; Ray's processes may
   leave the session). ``peak_breakdown`` splits the PSS peak by kind of process;
-* ``processes``: the most processes of each kind alive at once, e.g. ``ray-worker`` (the Ray
-  actors that run the ClientApps; Flower's Ray backend makes ``floor(CPUs /
-  client-resources-num-cpus)`` of them and every simulated node's messages run, one at a time,
-  in one of them).
+* ``processes``: the most processes of each kind alive at once, e.g. ``ray-actor`` (Flower's
+  ``ClientAppActor``: the Ray backend makes ``floor(Ray CPUs / client-resources-num-cpus)`` of
+  them and every simulated node's messages run, one at a time, in one of them; ``ray_actors``)
+  and ``ray-worker`` (Ray's idle workers, two started in advance).
 
 Then least-squares lines of ``round_s`` and of each peak against the number of sites: slope
 (seconds, or MiB, per site), intercept and R^2. Writes ``benchmarks/results/scaling.json`` and
@@ -89,7 +89,9 @@ def process_kind(cmdline: Sequence[str], name: str) -> str:
     first = cmdline[0] if cmdline else name
     if first.startswith("ray::"):  # Ray processes rename themselves after what they run
         what = first[5:].split(".")[0]
-        return "ray-worker" if what in ("ClientAppActor", "IDLE") else f"ray-{what}"
+        if what == "ClientAppActor":  # Flower's actor: runs the simulated nodes' messages
+            return "ray-actor"
+        return "ray-worker" if what == "IDLE" else f"ray-{what}"
     program = Path(first).name
     if program in ("raylet", "gcs_server"):
         return "ray-" + program.replace("_server", "")
@@ -143,7 +145,6 @@ class TreeSampler(threading.Thread):
         super().__init__(daemon=True)
         self.root, self.tag, self.interval, self.scan_every = root, tag, interval, scan_every
         self.known: dict[int, psutil.Process] = {}
-        self.kinds: dict[int, str] = {}
         self.result = TreeMemory()
         self._halt = threading.Event()
         self._t0 = time.perf_counter()
@@ -170,11 +171,8 @@ class TreeSampler(threading.Thread):
                 self.known[proc.pid] = proc
 
     def _kind(self, proc: psutil.Process) -> str:
-        kind = self.kinds.get(proc.pid)
-        if kind is None or kind in ("python", "python3", "other"):  # not renamed yet: look again
-            kind = process_kind(proc.cmdline(), proc.name())
-            self.kinds[proc.pid] = kind
-        return kind
+        """Looked up at every sample: a Ray worker renames itself when it becomes an actor."""
+        return process_kind(proc.cmdline(), proc.name())
 
     def sample(self, scan: bool = False) -> None:
         self._discover(scan)
@@ -315,7 +313,7 @@ def measure(
         "peak_pss_at_s": memory.peak_pss_at_s,
         "peak_breakdown": memory.breakdown,
         "processes": memory.processes,
-        "ray_workers": memory.processes.get("ray-worker", 0),
+        "ray_actors": memory.processes.get("ray-actor", 0),
         "samples": memory.samples,
         "sample_period_s": memory.mean_period_s,
         "leftover_processes": leftover,
@@ -374,7 +372,7 @@ def targets(points: Sequence[dict[str, Any]], fit: dict[str, Any]) -> dict[str, 
 def table(points: Sequence[dict[str, Any]], fit: dict[str, Any]) -> str:
     lines = [
         "| sites | round (s) | train / evaluate (s) | run (s) | wall (s) | peak PSS (GiB) | "
-        "peak RSS sum (GiB) | Ray workers | trained |",
+        "peak RSS sum (GiB) | Ray actors | trained |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
@@ -384,7 +382,7 @@ def table(points: Sequence[dict[str, Any]], fit: dict[str, Any]) -> str:
         lines.append(
             f"| {p['sites']} | {p['round_s']:.1f} | {p['train_s']:.1f} / {p['evaluate_s']:.1f} | "
             f"{p['run_s']:.1f} | {p['wall_s']:.1f} | {p['peak_pss_mib'] / 1024:.2f} | "
-            f"{p['peak_rss_mib'] / 1024:.2f} | {p['ray_workers']} | {p['trained']}/{p['sites']} |"
+            f"{p['peak_rss_mib'] / 1024:.2f} | {p['ray_actors']} | {p['trained']}/{p['sites']} |"
         )
     for key, label, unit in (
         ("round_s", "round time", "s"),
