@@ -86,12 +86,16 @@ def scenario_for(sites: int) -> dict[str, Any]:
 def process_kind(cmdline: Sequence[str], name: str) -> str:
     """A short label for a process of the simulation tree, from its command line."""
     text = " ".join(cmdline)
+    if not cmdline and not name.startswith("ray::"):
+        return "exiting"  # no command line left: a process on its way out
+    # The name is the command line's first 15 bytes when the command line cannot be read.
     first = cmdline[0] if cmdline else name
     if first.startswith("ray::"):  # Ray processes rename themselves after what they run
         what = first[5:].split(".")[0]
-        if what == "ClientAppActor":  # Flower's actor: runs the simulated nodes' messages
+        if what.startswith("ClientApp"):  # Flower's actor: runs the simulated nodes' messages
             return "ray-actor"
-        return "ray-worker" if what == "IDLE" else f"ray-{what}"
+        renamed = {"IDLE": "ray-worker", "DashboardAgent": "ray-dashboard-agent"}
+        return renamed.get(what, "ray-runtime-env-agent" if "RuntimeEnv" in what else "ray-other")
     program = Path(first).name
     if program in ("raylet", "gcs_server"):
         return "ray-" + program.replace("_server", "")
@@ -115,6 +119,8 @@ def process_kind(cmdline: Sequence[str], name: str) -> str:
             return kind
     if Path(script).name == "flwr" or program == "flwr":  # the CLI: `flwr run ... --stream`
         return "flwr-cli"
+    if "multiprocessing" in text:  # a resource tracker, fork server or pool worker
+        return "multiprocessing"
     return program or name or "other"
 
 

@@ -37,7 +37,11 @@ def test_process_kinds_of_a_simulation_tree():
     ray = "/v/lib/python3.11/site-packages/ray"
     assert process_kind(["ray::ClientAppActor.run"], "ray::ClientAppActor") == "ray-actor"
     assert process_kind(["ray::IDLE"], "ray::IDLE") == "ray-worker"
-    assert process_kind(["ray::DashboardAgent"], "ray::DashboardAgent") == "ray-DashboardAgent"
+    assert process_kind(["ray::DashboardAgent"], "x") == "ray-dashboard-agent"
+    assert process_kind([], "ray::ClientAppA") == "ray-actor"  # only the 15-byte name left
+    assert process_kind([], "python3") == "exiting"
+    tracker = ["/v/bin/python", "-c", "from multiprocessing.resource_tracker import main;main(8)"]
+    assert process_kind(tracker, "python") == "multiprocessing"
     # A worker before it renames itself: its options name the raylet, it is not one.
     worker = ["/v/bin/python3", f"{ray}/_private/workers/default_worker.py", "--raylet-name=x"]
     assert process_kind(worker, "python3") == "ray-worker"
@@ -71,10 +75,10 @@ def test_quick_mode_measures_two_real_simulations_and_fits_their_points(tmp_path
         assert p["round_s"] == pytest.approx(p["train_s"] + p["evaluate_s"])
         # The whole tree was seen: the runner, Flower's processes and Ray's.
         for kind in ("runner", "superlink", "flwr-cli", "flwr-simulation", "ray-raylet"):
-            assert p["processes"].get(kind, 0) == 1, (kind, p["processes"])
+            assert p["processes"].get(kind, 0) >= 1, (kind, p["processes"])
         # Flower's Ray actors ran the ClientApps: at most one per CPU (1 CPU per client).
         assert 1 <= p["ray_actors"] == p["processes"]["ray-actor"] <= doc["machine"]["cpus"]
-        assert "python3" not in p["processes"]  # every process of the tree has a kind
+        assert not {"python", "python3"} & set(p["processes"])  # every process has a kind
         assert p["peak_rss_mib"] >= p["peak_pss_mib"] > 500  # torch alone is hundreds of MiB
         parts = p["peak_breakdown"].values()
         assert sum(v["pss_mib"] for v in parts) == pytest.approx(p["peak_pss_mib"])
