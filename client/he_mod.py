@@ -14,6 +14,7 @@ from the run config every node receives.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
@@ -21,15 +22,12 @@ from flwr.clientapp.typing import ClientAppCallable
 from core.config import RunConfig
 from core.federation import protocol as P
 from core.federation.sites import resolve_site
-from core.he.ckks import (
-    CkksContext,
-    CkksError,
-    CkksLayout,
-    decrypt_average,
-    encrypt_update,
-    load_secret_context,
-)
-from core.he.provenance import SumProvenance, find_bad_uploads, tag_upload, verdict_json
+
+if TYPE_CHECKING:
+    from core.he.ckks import CkksContext
+
+# core.he (and through it TenSEAL, on the first context loaded) is imported only in HE mode:
+# Flower starts a ClientApp process per message, and a plaintext run's process needs none of it.
 
 log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: its handler prints INFO
 
@@ -50,6 +48,9 @@ def open_global(content: RecordDict, secret_ctx: CkksContext) -> ArrayRecord | N
     """The plaintext global adapters of a server message, or None when they travel in the
     clear (round 1). Raises UnusableGlobal when an upload of the sum fails its tag or count
     slot, or the sum does not decrypt."""
+    from core.he.ckks import CkksError, CkksLayout, decrypt_average
+    from core.he.provenance import SumProvenance, find_bad_uploads, verdict_json
+
     config = content.config_records[P.CONFIG]
     if P.HE_TOTAL not in config:
         return None
@@ -83,6 +84,9 @@ def seal_upload(
 ) -> None:
     """Replace a train reply's plaintext ``ARRAYS`` by the weighted, encrypted update, and add
     its layout and tag to ``SITE`` (in place)."""
+    from core.he.ckks import encrypt_update
+    from core.he.provenance import tag_upload
+
     adapters = content.array_records[P.ARRAYS].to_torch_state_dict()
     count = P.int_of(content.metric_records[P.METRICS], P.NUM_EXAMPLES)
     update = encrypt_update(adapters, count, secret_ctx)
@@ -106,6 +110,8 @@ def he_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Mess
     cfg = RunConfig.from_flat(context.run_config)
     if not cfg.he:
         return call_next(msg, context)
+    from core.he.ckks import load_secret_context
+
     site = resolve_site(cfg, context.node_config)
     secret = load_secret_context(site.secret_context())
     try:

@@ -45,17 +45,26 @@ def run_rounds(
     num_rounds: int,
     timeout: float,
 ) -> ArrayRecord:
-    """Flower's ``Strategy.start`` loop, plus a checkpoint after every round and a first round
-    other than 1 (resume)."""
+    """Flower's ``Strategy.start`` loop, plus a checkpoint after every round, a first round
+    other than 1 (resume), and the round's wall time in metrics.json (``RoundLog.seconds``)."""
     for server_round in range(first_round, num_rounds + 1):
         log.info("[ROUND %d/%d]", server_round, num_rounds)
+        started = time.perf_counter()
         replies = grid.send_and_receive(
             strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=timeout
         )
         aggregated, _ = strategy.aggregate_train(server_round, replies)
         if aggregated is not None:
             arrays = aggregated
+        trained = time.perf_counter()
         arrays, metrics = evaluate_and_settle(strategy, grid, server_round, arrays, timeout)
+        evaluated = time.perf_counter()
+        seconds = strategy.round_log(server_round).seconds
+        seconds |= {
+            "train": trained - started,
+            "evaluate": evaluated - trained,
+            "round": evaluated - started,
+        }
         folder.save_round(server_round, arrays.to_torch_state_dict(), strategy)
         log.info("round %d evaluation: %s", server_round, dict(metrics or {}))
         for line in site_progress(strategy.round_log(server_round)):

@@ -3,7 +3,8 @@
 Layout (``out-dir``)::
 
     config.json                 the validated run config
-    metrics.json                per round: aggregated train/eval metrics, per-site metrics, events
+    metrics.json                per round: aggregated train/eval metrics, per-site metrics, events,
+                                wall time in seconds (train, evaluate, round)
     privacy.json, report.md, privacy.png    the privacy-budget report (core.privacy.report)
     checkpoints/round-NNN.safetensors       global adapters after round NNN
     checkpoints/latest.json     round, fingerprint, strategy state: what a resumed server needs

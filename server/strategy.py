@@ -43,6 +43,11 @@ class RoundLog:
     sites: dict[str, dict[str, float | None]] = field(default_factory=dict)  # numbers only
     status: dict[str, str] = field(default_factory=dict)  # trained/refused/rejected/error
     events: list[dict[str, Any]] = field(default_factory=list)
+    # Wall-clock seconds the ServerApp spent on this round: "train" (send, wait for every
+    # train reply, aggregate), "evaluate" (the same for evaluation, re-evaluations included)
+    # and "round" (the two; the checkpoint and report writing after them are not included).
+    # Empty when the round was not driven by server.app.run_rounds.
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def site(self, name: str) -> dict[str, float | None]:
         return self.sites.setdefault(name, {})
@@ -67,6 +72,7 @@ class RoundLog:
             "sites": self.sites,
             "status": self.status,
             "events": self.events,
+            "seconds": self.seconds,
         }
 
     def event(self, site: str, kind: str, reason: str) -> None:

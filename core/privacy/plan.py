@@ -18,6 +18,7 @@ Opacus is imported lazily: it pulls in torch (seconds), which the report CLI nev
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -162,8 +163,6 @@ def calibrate_noise(
     Calls Opacus's ``get_noise_multiplier`` over ``planned_rounds * steps_per_round`` steps, so
     the result is at most ``epsilon_tolerance`` below the target after the last planned round.
     """
-    from opacus.accountants.utils import get_noise_multiplier
-
     rate = check_sample_rate(sample_rate)
     total_steps = check_count(steps_per_round, "steps_per_round") * check_count(
         planned_rounds, "planned_rounds"
@@ -172,20 +171,14 @@ def calibrate_noise(
         epsilon_tolerance, "epsilon_tolerance", "use e.g. 0.01 (Opacus's default)"
     )
     try:
-        with warnings.catch_warnings():
-            # The bisection probes huge noise levels whose tiny epsilons sit at the largest RDP
-            # order; those probes are not the answer, so their warning is noise in the logs.
-            warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
-            return float(
-                get_noise_multiplier(
-                    target_epsilon=settings.target_epsilon,
-                    target_delta=settings.target_delta,
-                    sample_rate=rate,
-                    steps=total_steps,
-                    accountant=settings.accountant,
-                    epsilon_tolerance=tolerance,
-                )
-            )
+        return _noise_multiplier(
+            settings.target_epsilon,
+            settings.target_delta,
+            rate,
+            total_steps,
+            settings.accountant,
+            tolerance,
+        )
     except ValueError as err:
         raise PrivacyConfigError(
             f"cannot reach target_epsilon={settings.target_epsilon} at "
@@ -193,6 +186,39 @@ def calibrate_noise(
             f"({err}); raise the budget, plan fewer rounds or local epochs, or use a larger "
             "dataset / smaller batch"
         ) from err
+
+
+# Calibration is a pure function of its inputs and costs 1-10 s of Python (Opacus's RDP series
+# for fractional orders, about 16 bisection probes): measured 8.5 s for one phantom site of the
+# many-sites scenario. Simulated sites share a few Ray worker processes, and many of them have
+# the same sample rate and step count, so a process-wide memo makes every repeat free
+# (benchmarks/scaling.py). Bounded: an entry is a few floats.
+@functools.lru_cache(maxsize=4096)
+def _noise_multiplier(
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    epsilon_tolerance: float,
+) -> float:
+    """Opacus's ``get_noise_multiplier``, memoised (a ValueError is raised again, not kept)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        # The bisection probes huge noise levels whose tiny epsilons sit at the largest RDP
+        # order; those probes are not the answer, so their warning is noise in the logs.
+        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=target_delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=epsilon_tolerance,
+            )
+        )
 
 
 def plan_dp(
@@ -230,9 +256,21 @@ def compose_steps(
 
 
 def epsilon_of_history(history: Sequence[AccountantStep], accountant: str, delta: float) -> float:
-    """Epsilon of a history, by a fresh Opacus accountant whose ``.history`` is set to it."""
+    """Epsilon of a history, by a fresh Opacus accountant whose ``.history`` is set to it.
+
+    Memoised process-wide like the noise calibration (0.4 s per call for a phantom site's
+    first round): sites in one simulation process often compose the same history.
+    """
     if not history:
         return 0.0
+    steps = tuple((float(n), float(q), int(k)) for n, q, k in history)
+    return _epsilon_of_steps(steps, accountant, float(delta))
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon_of_steps(
+    steps: tuple[tuple[float, float, int], ...], accountant: str, delta: float
+) -> float:
     fresh = new_accountant(accountant)
-    fresh.history = [tuple(step) for step in history]
+    fresh.history = list(steps)
     return float(fresh.get_epsilon(delta=delta))

@@ -215,7 +215,8 @@ def evaluate(
     device: torch.device,
     multi_label: bool = False,
 ) -> dict[str, float]:
-    """Loss, accuracy, balanced accuracy and ROC AUC (macro over classes, MONAI's).
+    """Loss, accuracy, balanced accuracy and ROC AUC (macro over classes, MONAI's definition:
+    :mod:`core.training.auc`).
 
     Balanced accuracy (the mean recall over the classes present; per label (TPR + TNR) / 2 for
     multi-label) does not reward predicting the majority class, which plain accuracy does on a
@@ -227,7 +228,7 @@ def evaluate(
 
 def metrics_from_logits(logits: Tensor, labels: Tensor, *, multi_label: bool) -> dict[str, float]:
     """The metrics of :func:`evaluate` from logits (N, K) and labels ((N,) or (N, K))."""
-    from monai.metrics import compute_roc_auc
+    from core.training.auc import macro_roc_auc  # MONAI's numbers without importing MONAI
 
     criterion = loss_function(multi_label)
     n = len(labels)
@@ -243,11 +244,7 @@ def metrics_from_logits(logits: Tensor, labels: Tensor, *, multi_label: bool) ->
     present = onehot.sum(dim=0)
     usable = (present > 0) & (present < n)  # AUC needs both outcomes of a class
     balanced = balanced_accuracy(probs, labels, multi_label=multi_label)
-    auc = (
-        float(compute_roc_auc(probs[:, usable], onehot[:, usable], average="macro"))  # type: ignore[arg-type]
-        if usable.any()
-        else float("nan")
-    )
+    auc = macro_roc_auc(probs[:, usable], onehot[:, usable]) if usable.any() else float("nan")
     return {
         "loss": loss,
         "accuracy": accuracy,

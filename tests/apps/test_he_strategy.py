@@ -357,6 +357,11 @@ def test_the_serverapp_loop_leaves_the_outsider_out_every_round(keys, tmp_path):
             "outsider": outsider,
         }
         assert entry["evaluate"]["loss"] == pytest.approx(0.1)
+        # The round's wall time, for the scaling benchmark (benchmarks/scaling.py).
+        seconds = entry["seconds"]
+        assert set(seconds) == {"train", "evaluate", "round"}
+        assert seconds["train"] > 0 and seconds["evaluate"] > 0
+        assert seconds["round"] == pytest.approx(seconds["train"] + seconds["evaluate"])
     assert_close_to(seen[1], weighted_mean([1, 2]))
     latest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())
     assert latest["round"] == 2 and latest["strategy"]["global_total"] == COUNTS[1] + COUNTS[2]

@@ -76,6 +76,7 @@ def test_two_sites_two_rounds_with_dp(tmp_path, data_cache, capsys):
         # Under DP the unnoised training loss never leaves a site.
         assert all("train-loss" not in site for site in entry["sites"].values())
         assert entry["train"]["loss"] is None
+        assert 0 < entry["seconds"]["train"] < entry["seconds"]["round"]  # its wall time
 
     # The run federated from the pretrained demo backbone, and announced its fingerprint.
     cfg_values = json.loads((out / "config.json").read_text())

@@ -112,6 +112,48 @@ def test_calibrated_noise_reaches_target_after_planned_rounds_and_not_before():
     assert not ledger.check_budget(noise, rate, steps).allowed
 
 
+def test_a_repeated_calibration_or_epsilon_is_computed_once_and_the_same(monkeypatch):
+    """Sites sharing a simulation process often plan with the same sample rate and steps
+    (benchmarks/scaling.py: 8.5 s each before); the second site reuses the first's result,
+    which equals Opacus's own answer, and a PRV plan is not served from the RDP one. Opacus
+    runs for real; the spies only count its calls."""
+    import opacus.accountants.utils
+
+    settings = DPSettings(target_epsilon=7.25, target_delta=DELTA, max_grad_norm=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = get_noise_multiplier(
+            target_epsilon=7.25, target_delta=DELTA, sample_rate=0.3, steps=8, accountant="rdp"
+        )
+    reference = RDPAccountant()
+    reference.history = [(expected, 0.3, 8)]
+    expected_eps = {d: reference.get_epsilon(delta=d) for d in (DELTA, 1e-6)}
+    calls = {"noise": 0, "epsilon": 0}
+
+    def counted(name, real):
+        def spy(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return spy
+
+    real_noise = opacus.accountants.utils.get_noise_multiplier
+    monkeypatch.setattr(
+        opacus.accountants.utils, "get_noise_multiplier", counted("noise", real_noise)
+    )
+    monkeypatch.setattr(RDPAccountant, "get_epsilon", counted("epsilon", RDPAccountant.get_epsilon))
+    plans = [calibrate_noise(settings, 0.3, 4, 2) for _ in range(50)]
+    assert plans == [expected] * 50 and calls["noise"] == 1
+    prv = calibrate_noise(DPSettings(7.25, DELTA, 1.0, accountant="prv"), 0.3, 4, 2)
+    assert prv != expected and calls["noise"] == 2
+    calls["epsilon"] = 0  # the calibrations' own probes counted too
+    for history in ([AccountantStep(expected, 0.3, 8)], [(expected, 0.3, 8)]):
+        for _ in range(20):
+            assert epsilon_of_history(history, "rdp", DELTA) == expected_eps[DELTA]
+    assert epsilon_of_history([(expected, 0.3, 8)], "rdp", 1e-6) == expected_eps[1e-6]
+    assert calls["epsilon"] == 2  # one per delta
+
+
 def test_unreachable_budget_is_a_clear_error():
     tiny = DPSettings(target_epsilon=1e-4, target_delta=DELTA, max_grad_norm=1.0)
     with pytest.raises(PrivacyConfigError, match=r"cannot reach target_epsilon=0\.0001"):

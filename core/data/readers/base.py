@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import nibabel as nib
 import numpy as np
 
 from core.data.errors import DatasetError
@@ -75,6 +74,8 @@ def to_canonical(
     array: np.ndarray, spacing: Sequence[float], affine: np.ndarray
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Permute/flip (C, A0, A1, A2) into the closest RAS voxel order; spacing follows the axes."""
+    import nibabel as nib  # on the first NIfTI or DICOM volume, not with the readers
+
     ornt = nib.orientations.io_orientation(affine)
     out = array
     for axis in range(3):

@@ -18,13 +18,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pydicom
-from pydicom.errors import InvalidDicomError
-from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut
 
 from core.data.errors import DatasetError
 from core.data.readers.base import (
@@ -41,6 +37,14 @@ from core.data.readers.base import (
 )
 
 logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    import pydicom
+
+# pydicom (0.6-0.8 s to import) is imported on the first DICOM read, not with this module:
+# the reader registry (core.data.readers) loads every format's suffixes and magic bytes, and a
+# site without DICOM files, or one whose items all come from the preprocessing cache, never
+# needs pydicom (benchmarks/start_cost.py).
 
 SUFFIXES = (".dcm", ".dicom", ".ima")
 _SLICE_GAP_TOLERANCE = 0.1  # DICOM slice gaps may differ from their median by 10 %
@@ -113,6 +117,9 @@ def read_dicom(path: Path, spacing_hint: Sequence[float] | None) -> Volume:
 
 
 def _dcmread(path: Path) -> pydicom.Dataset:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError as err:
@@ -148,6 +155,8 @@ def _numbers(path: Path, holder: Any, keyword: str) -> tuple[float, ...] | None:
         ) from err
     if value is None or value == "":
         return None
+    from pydicom.multival import MultiValue  # loaded: the holder came from pydicom
+
     values = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
     try:
         numbers = tuple(float(v) for v in values if v not in (None, ""))
@@ -263,6 +272,8 @@ def _rescale(path: Path, ds: pydicom.Dataset, frame: int, stored: np.ndarray) ->
     """Stored values -> modality units (HU for CT): the Modality LUT, else RescaleSlope and
     RescaleIntercept (per-frame / shared functional groups first)."""
     if ds.get("ModalityLUTSequence"):
+        from pydicom.pixels import apply_modality_lut
+
         return np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
     holder = _holder(ds, frame, "PixelValueTransformationSequence", "RescaleSlope")
     slope = _scalar(path, holder, "RescaleSlope")
@@ -316,6 +327,8 @@ def _planes(path: Path, ds: pydicom.Dataset) -> list[_Plane]:
                 "convert it with dcm2niix and list the NIfTI, or export one file per slice",
             )
         if photometric == _PALETTE:
+            from pydicom.pixels import apply_color_lut
+
             pixels = np.asarray(apply_color_lut(stored[frame], ds), dtype=np.float64)
             display = (0.0, 0.0)
         elif photometric in _GREY:

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from core.data.errors import DatasetError
@@ -44,7 +43,11 @@ def has_magic(head: bytes) -> bool:
 
 def _load_nifti(path: Path) -> Any:
     """A nibabel image; a file whose name does not say NIfTI (found by its magic) is parsed
-    from its bytes, since nibabel picks the image class by the suffix."""
+    from its bytes, since nibabel picks the image class by the suffix. nibabel is imported
+    here, on the first NIfTI read: a site of PNG or DICOM files, or one served from its
+    preprocessing cache, never loads it (benchmarks/start_cost.py)."""
+    import nibabel as nib
+
     if path.name.lower().endswith(SUFFIXES):
         return nib.load(str(path))
     raw = path.read_bytes()
