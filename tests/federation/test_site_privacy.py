@@ -64,7 +64,10 @@ def test_every_release_draws_fresh_noise_the_server_cannot_choose(site_cfg):
     first = one_round(cfg, site_dir)
     second = one_round(cfg, site_dir)
     assert first.status == second.status == "trained"
-    assert not torch.equal(first.adapters["head.fc.weight"], second.adapters["head.fc.weight"])
+    sent = [k for k in first.adapters if "lora_B" in k]  # the head stays at the site
+    assert sent and all(not torch.equal(first.adapters[k], second.adapters[k]) for k in sent)
+    assert first.local_head is not None and second.local_head is not None
+    assert not torch.equal(first.local_head["head.fc.weight"], second.local_head["head.fc.weight"])
 
 
 def test_a_trained_round_number_is_refused_with_another_global_and_replayed_with_the_same(

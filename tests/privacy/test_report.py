@@ -125,7 +125,9 @@ def test_report_shows_each_sites_policy_replays_and_what_left_it(tmp_path):
     assert "| replay refused |" in text and "- Round 1: replay refused: round 1" in text
     assert "Site policy (source: policy.toml):" in text and "| Require DP | yes |" in text
     assert "| Maximum epsilon | 8.0 |" in text
-    assert "| adapter update | train | yes | CKKS ciphertexts, DP-SGD |" in text
+    assert (
+        "| adapter update | train | yes | CKKS ciphertexts, DP-SGD; the site's head stays" in text
+    )
     assert "| metric num-examples | evaluate | NO |" in text
     assert "metric auc" not in text  # HE default: evaluation metrics stay at the site
     summary = next(line for line in text.splitlines() if line.startswith("| site-a |"))
