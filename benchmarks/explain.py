@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from core.adapters.lora import load_adapter_folder
+from client.explain import load_site_head
+from core.adapters.lora import adapter_state, load_adapter_folder, load_adapter_state
 from core.config import RunConfig
 from core.data.datalist import read_datalist
 from core.data.preprocess import GridConfig, pad_depth, resample_to_grid
@@ -169,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     load_adapter_folder(model, args.run / "adapters")
     generator = torch.Generator().manual_seed(0)
     sites = {}
+    global_adapters = adapter_state(model)
     for name in list_sites(cfg):
         started = time.perf_counter()
+        load_adapter_state(model, global_adapters)
+        load_site_head(model, cfg, args.run / "state" / name)  # the run kept heads at the sites
         sites[name] = benchmark_site(
             cfg, model, Path(cfg.data_root) / name, args.split, args.limit, generator
         )

@@ -68,9 +68,12 @@ def federated_round(
     ledgers: dict[Path, Any],
     server_round: int,
     seed_base: int,
+    heads: dict[Path, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One round in-process: every site's ``train_round`` (its ledger kept in ``ledgers``),
-    then the server's example-weighted average; the new global (the old one if none trained)."""
+    """One round in-process: every site's ``train_round`` (its ledger kept in ``ledgers``, its
+    own head in ``heads`` under head-sharing "local"), then the server's example-weighted
+    average; the new global (the old one if none trained)."""
+    heads = {} if heads is None else heads
     updates = []
     for index, site in enumerate(sites):
         outcome = train_round(
@@ -81,17 +84,26 @@ def federated_round(
             expected_fingerprint=fingerprint,
             ledger_state=ledgers.get(site),
             dp_seed=seed_base + index,  # distinct per site; reproducible
+            local_head=heads.get(site),
         )
         ledgers[site] = outcome.ledger
+        if outcome.local_head is not None:
+            heads[site] = outcome.local_head
         if outcome.adapters is not None:
             updates.append((outcome.adapters, int(outcome.metrics["num-examples"])))
     return weighted_average(updates) if updates else global_state
 
 
 def site_test_metrics(
-    cfg: RunConfig, sites: list[Path], global_state: dict[str, torch.Tensor], fingerprint: str
+    cfg: RunConfig,
+    sites: list[Path],
+    global_state: dict[str, torch.Tensor],
+    fingerprint: str,
+    heads: dict[Path, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Every site's ``evaluate_round`` of the global adapters on its test split, by name."""
+    """Every site's ``evaluate_round`` of the global adapters (with its own head from
+    ``heads`` under head-sharing "local") on its test split, by name."""
+    heads = {} if heads is None else heads
     return {
         site.name: evaluate_round(
             cfg,
@@ -99,6 +111,7 @@ def site_test_metrics(
             global_adapters=global_state,
             expected_fingerprint=fingerprint,
             split="test",
+            local_head=heads.get(site),
         )
         for site in sites
     }
@@ -108,12 +121,13 @@ def run_federated(cfg: RunConfig, sites: list[Path]) -> list[dict[str, float]]:
     """Rounds of train (every site) -> weighted average -> evaluate (every site's test split)."""
     global_state, fingerprint = initial_adapters(cfg)
     ledgers: dict[Path, Any] = {}
+    heads: dict[Path, Any] = {}
     history = []
     for server_round in range(1, cfg.num_server_rounds + 1):
         global_state = federated_round(
-            cfg, sites, global_state, fingerprint, ledgers, server_round, 1_000 * cfg.seed
+            cfg, sites, global_state, fingerprint, ledgers, server_round, 1_000 * cfg.seed, heads
         )
-        per_site = site_test_metrics(cfg, sites, global_state, fingerprint)
+        per_site = site_test_metrics(cfg, sites, global_state, fingerprint, heads)
         summary = mean_metrics(per_site)
         epsilons = [
             ledger["rounds"][-1]["epsilon"] for ledger in ledgers.values() if ledger is not None

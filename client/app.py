@@ -160,12 +160,12 @@ def train(msg: Message, context: Context) -> Message:
         he_secret_context=site.secret_context() if cfg.he else None,
         local_head=_load_local_head(context, site),
     )
-    if outcome.local_head is not None:
-        _save_local_head(context, site, outcome.local_head)
     if outcome.release is not None:
         _save_release(context, site, outcome.release)
     if outcome.ledger is not None:
         _save_ledger(context, site, outcome.ledger)
+    if outcome.local_head is not None:  # after the ledger: a crash loses a head, not budget
+        _save_local_head(context, site, outcome.local_head)
     metrics = released_metrics(cfg, policy, outcome.metrics)
     content = RecordDict(
         {

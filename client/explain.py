@@ -46,6 +46,20 @@ def class_label(label: Any, names: tuple[str, ...] | None) -> str:
     return names[int(value)] if names and 0 <= int(value) < len(names) else str(value)
 
 
+def load_site_head(model: Any, cfg: RunConfig, state_dir: Path) -> None:
+    """Put the site's own head (``state_dir/local-head.safetensors``) on ``model`` when the run
+    kept heads at the sites; nothing otherwise. Raises FileNotFoundError naming the file."""
+    if not cfg.keeps_local_head:
+        return
+    head_file = state_dir / LOCAL_HEAD_FILE
+    if not head_file.is_file():
+        raise FileNotFoundError(
+            f"{head_file} not found: this run kept each site's head at the site "
+            "(head-sharing = local); pass --state-dir, the site's state folder"
+        )
+    load_adapter_state(model, with_local_head(cfg, adapter_state(model), load_file(head_file)))
+
+
 def explain_site(
     run_dir: Path,
     site_dir: Path,
@@ -65,14 +79,7 @@ def explain_site(
     cfg = RunConfig.from_record(json.loads((run_dir / "config.json").read_text()))
     model, _ = build_lora_model(cfg)
     load_adapter_folder(model, adapters or run_dir / "adapters")
-    if cfg.head_sharing == "local":
-        head_file = (state_dir or run_dir / "state" / site_dir.name) / LOCAL_HEAD_FILE
-        if not head_file.is_file():
-            raise FileNotFoundError(
-                f"{head_file} not found: this run kept each site's head at the site "
-                "(head-sharing = local); pass --state-dir, the site's state folder"
-            )
-        load_adapter_state(model, with_local_head(cfg, adapter_state(model), load_file(head_file)))
+    load_site_head(model, cfg, state_dir or run_dir / "state" / site_dir.name)
     dataset = open_split(cfg, site_dir, split)
     names = dataset.info.class_names
     count = len(dataset) if limit is None else min(limit, len(dataset))

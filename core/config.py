@@ -129,7 +129,7 @@ class RunConfig:
     # "local": each site keeps the head it trains (FedPer): only the adapters are averaged, and
     # sites whose lesion prevalence and cues differ each get their own read-out; "shared": the
     # head is averaged with the adapters.
-    head_sharing: str = _key("federation", "local")
+    head_sharing: str = _key("federation", "local")  # classification; see keeps_local_head
     out_dir: str = _key("federation", "")  # absolute run folder; "" = runs/<time> under the cwd
     resume: bool = _key("federation", False)
     # data (and each simulated site's state)
@@ -231,6 +231,12 @@ class RunConfig:
         """Build from kebab-case keys; unknown keys and wrong types raise ConfigError."""
         return cls(**cls.check_keys(values, source=source))
 
+    @property
+    def keeps_local_head(self) -> bool:
+        """Whether each site keeps its classifier head (head-sharing "local"); a segmentation
+        model's decoder and head always travel."""
+        return self.head_sharing == "local" and self.task == "classification"
+
     @classmethod
     def from_record(
         cls, values: Mapping[str, Any], *, source: str = "run folder config.json"
@@ -244,6 +250,9 @@ class RunConfig:
             ConfigError: as :meth:`from_flat`, for any other key or value.
         """
         kept = {k: v for k, v in values.items() if k not in MOVED_KEYS}
+        if isinstance(kept.get("head-norm"), bool):  # before head-norm modes: a LayerNorm or none
+            kept["head-norm"] = "layer" if kept["head-norm"] else "none"
+        kept.setdefault("head-sharing", "shared")  # runs before head-sharing averaged the head
         return cls.from_flat(kept, source=source)
 
     @classmethod

@@ -44,8 +44,8 @@ def adapters_readme(cfg: RunConfig, fingerprint: str) -> str:
         "Each site trained and kept its own head (head-sharing = local): the head here is the "
         "untrained global one; a site loads its own from `local-head.safetensors` in its state "
         "folder (`fedmedvit explain` does)."
-        if cfg.head_sharing == "local"
-        else "The head was averaged with the adapters (head-sharing = shared)."
+        if cfg.keeps_local_head
+        else "The head was averaged with the adapters."
     )
     return f"""# Federated LoRA adapters (fedmedvit)
 

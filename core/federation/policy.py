@@ -237,7 +237,7 @@ def release_manifest(cfg: RunConfig, policy: SitePolicy) -> list[dict[str, Any]]
     """
     form = "CKKS ciphertexts" if cfg.he else "plaintext adapters"
     note = f"{form}, DP-SGD" if cfg.dp else f"{form}, no DP"
-    if cfg.head_sharing == "local":
+    if cfg.keeps_local_head:
         note += "; the site's head stays at the site (the global head is returned unchanged)"
     items: list[dict[str, Any]] = [
         {"item": "adapter update", "reply": "train", "covered": cfg.dp, "note": note}

@@ -234,14 +234,16 @@ def with_local_head(
 ) -> dict[str, Tensor]:
     """The adapters a site trains and evaluates: the global ones, with the site's own head
     when ``cfg.head_sharing`` is "local" and it has one (FedPer: Arivazhagan et al., 2019)."""
-    if cfg.head_sharing != "local" or not local_head:
+    if not cfg.keeps_local_head or not local_head:
         return dict(global_adapters)
-    unknown = sorted(set(local_head) - {k for k in global_adapters if k.startswith(HEAD_PREFIX)})
-    if unknown:
+    expected = {k: tuple(v.shape) for k, v in global_adapters.items() if k.startswith(HEAD_PREFIX)}
+    found = {k: tuple(v.shape) for k, v in local_head.items()}
+    if found != expected:
         raise ValueError(
-            f"the site's local head has tensors {unknown} the run's head does not; it belongs "
-            "to another run configuration. Remove local-head.safetensors from the site's "
-            "state folder to start the head from the global one"
+            f"the site's local head {found} does not fit the run's head {expected}: it was "
+            "trained under another run configuration (num-classes, head-pool, head-norm or "
+            "backbone). Remove local-head.safetensors from the site's state folder to start "
+            "the head from the global one"
         )
     return dict(global_adapters) | dict(local_head)
 
@@ -252,7 +254,7 @@ def _split_head(
     """(what the site sends, what it keeps). With a local head the reply carries the global
     head unchanged, so the wire format and the server's average stay as they are while the
     trained head never leaves the site."""
-    if cfg.head_sharing != "local":
+    if not cfg.keeps_local_head:
         return trained, None
     head = {k: v for k, v in trained.items() if k.startswith(HEAD_PREFIX)}
     sent = trained | {k: global_adapters[k].detach().clone() for k in head}

@@ -12,6 +12,11 @@ private learning (Zhou, Wu & Banerjee, "Bypassing the Ambient Dimension: Private
 Gradient Subspace Identification", ICLR 2021; Tramèr & Boneh, "Differentially Private Learning
 Needs Better Features (or Much More Data)", ICLR 2021).
 
+Where the backbone is pretrained on the sites' own unlabeled training images (the simulation
+runner's ``--data`` without a backbone), the reference comes from those images too, like the
+backbone's weights: a simulation convenience, not for a real deployment, where the backbone and
+its reference come from public data.
+
 The projection is part of what every site must share, so it lives in the backbone file under
 ``reference.<pool>.shift`` (F,) and ``reference.<pool>.projection`` (F, K) and is covered by the
 backbone fingerprint (:mod:`core.model.checkpoint`).

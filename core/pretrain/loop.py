@@ -16,7 +16,12 @@ from torch import Tensor, nn
 from core.data import DABatchSampler, collate
 from core.io import atomic_path
 from core.model.checkpoint import save_backbone
-from core.model.reference import FeatureReference, fit_reference, pooled_features
+from core.model.reference import (
+    FeatureReference,
+    ReferenceError,
+    fit_reference,
+    pooled_features,
+)
 from core.model.sac import batch_degree_of_anisotropy
 from core.model.sizes import ViTConfig
 from core.model.vit import UniversalViT
@@ -312,8 +317,12 @@ def pretrain(
         log_every=log_every,
         log=log,
     )
-    encoder = state.model.encoder.cpu()
-    encoder.references = {REFERENCE_POOL: reference_of(encoder, pool)}
+    encoder = state.model.encoder  # on ``device``: the reference is fit there (on the CPU)
+    try:
+        encoder.references = {REFERENCE_POOL: reference_of(encoder, pool)}
+    except ReferenceError as err:  # the run config's head-norm "auto" then uses "layer"
+        log(f"no head-input reference stored with the backbone: {err}")
+    encoder = encoder.cpu()
     digest = save_backbone(encoder, out)
     tail = state.losses[-10:] or [float("nan")]
     return PretrainOutcome(

@@ -93,3 +93,28 @@ def test_a_local_head_of_another_configuration_is_refused_by_name(site):
             expected_fingerprint=digest,
             local_head={"head.other.weight": torch.zeros(2, 2)},
         )
+
+
+def test_a_local_head_of_another_shape_is_refused_by_name(site):
+    root, site_dir = site
+    cfg = config(root)
+    global_adapters, digest = initial_adapters(cfg)
+    three_classes = {k: torch.zeros(3, *v.shape[1:]) for k, v in heads(global_adapters).items()}
+    with pytest.raises(ValueError, match=r"another run configuration.*local-head\.safetensors"):
+        evaluate_round(
+            cfg,
+            site_dir=site_dir,
+            global_adapters=global_adapters,
+            expected_fingerprint=digest,
+            local_head=three_classes,
+        )
+
+
+def test_segmentation_keeps_no_local_head_and_old_run_folders_shared_theirs():
+    assert RunConfig.from_flat({}).keeps_local_head
+    assert not RunConfig.from_flat({"task": "segmentation"}).keeps_local_head
+    assert not RunConfig.from_flat({"head-sharing": "shared"}).keeps_local_head
+    # A run folder written before head-sharing and head-norm modes still opens, as it ran.
+    old = RunConfig.from_record({"head-norm": True, "head-pool": "contrast"})
+    assert (old.head_norm, old.head_sharing, old.keeps_local_head) == ("layer", "shared", False)
+    assert RunConfig.from_record({"head-norm": False}).head_norm == "none"
