@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from core.config import ConfigError, RunConfig
-from core.he.keys import SECRET_CONTEXT_FILE
 
 DATALIST = "dataset.json"
 LEDGER_FILE = "privacy-ledger.json"
@@ -43,6 +42,8 @@ class SiteRef:
         Raises:
             ConfigError: neither the node config nor the state folder holds one, naming both.
         """
+        from core.he.keys import SECRET_CONTEXT_FILE  # core.he only in encrypted runs
+
         path = self.he_secret_context
         if path is None and self.state_dir is not None:
             path = self.state_dir / SECRET_CONTEXT_FILE
