@@ -55,7 +55,8 @@ def load_site_head(model: Any, cfg: RunConfig, state_dir: Path) -> None:
     if not head_file.is_file():
         raise FileNotFoundError(
             f"{head_file} not found: this run kept each site's head at the site "
-            "(head-sharing = local); pass --state-dir, the site's state folder"
+            "(head-sharing = local); point --state-dir at the site's state folder (default "
+            "RUN_DIR/state/<site folder name>)"
         )
     load_adapter_state(model, with_local_head(cfg, adapter_state(model), load_file(head_file)))
 
@@ -134,16 +135,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--limit", type=int, help="explain only the first N cases")
     args = parser.parse_args(argv)
-    index = explain_site(
-        args.run_dir,
-        args.site_dir,
-        args.out,
-        split=args.split,
-        method=args.method,
-        adapters=args.adapters,
-        state_dir=args.state_dir,
-        limit=args.limit,
-    )
+    try:
+        index = explain_site(
+            args.run_dir,
+            args.site_dir,
+            args.out,
+            split=args.split,
+            method=args.method,
+            adapters=args.adapters,
+            state_dir=args.state_dir,
+            limit=args.limit,
+        )
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(index)
     return 0
 

@@ -43,7 +43,8 @@ def adapters_readme(cfg: RunConfig, fingerprint: str) -> str:
     head = (
         "Each site trained and kept its own head (head-sharing = local): the head here is the "
         "untrained global one; a site loads its own from `local-head.safetensors` in its state "
-        "folder (`fedmedvit explain` does)."
+        "folder (`fedmedvit explain` does; in Python, load it after the adapters with "
+        "`core.federation.rounds.with_local_head`)."
         if cfg.keeps_local_head
         else "The head was averaged with the adapters."
     )

@@ -14,7 +14,7 @@ from simulations.run import load_scenario, run_scenario
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def test_overlays_and_index_from_a_simulated_run(tmp_path):
+def test_overlays_and_index_from_a_simulated_run(tmp_path, capsys):
     scenario = load_scenario("default") | {
         "phantoms": {"preset": "many", "n-sites": 2, "seed": 3},
         "pretrain": {"steps": 3},
@@ -51,5 +51,9 @@ def test_overlays_and_index_from_a_simulated_run(tmp_path):
     assert per_case < 30  # generous: a loaded CI machine; the benchmark measures it properly
     # The run kept each site's head at the site: without it the command refuses, by name.
     elsewhere = ["--state-dir", str(tmp_path / "not-the-site"), "--limit", "1"]
-    with pytest.raises(FileNotFoundError, match="head-sharing = local"):
-        main([str(run), "--site-dir", str(site), "--out", str(tmp_path / "x"), *elsewhere])
+    capsys.readouterr()  # drop the first call's progress bars
+    code = main([str(run), "--site-dir", str(site), "--out", str(tmp_path / "x"), *elsewhere])
+    assert code == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: ") and "head-sharing = local" in message
+    assert "local-head.safetensors" in message and "--state-dir" in message
