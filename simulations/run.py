@@ -266,6 +266,20 @@ def _fmt(value: Any) -> str:
     return f"{value:6.3f}" if isinstance(value, int | float) else "   n/a"
 
 
+def run_folder(scenario: dict[str, Any], out: Path | None, overrides: dict[str, Any]) -> Path:
+    """The run folder: ``--out``, else ``--set out-dir=...`` (taken out of ``overrides``: the
+    runner writes the resolved folder into the run config itself), else
+    ``runs/<scenario>-<time>``. Raises ConfigError when both name different folders."""
+    chosen = overrides.pop("out-dir", None)
+    if chosen and out is not None and Path(chosen).resolve() != out.resolve():
+        raise ConfigError(
+            f"--out {out} and --set out-dir={chosen} name different run folders; give one"
+        )
+    if out is None and chosen:
+        out = Path(chosen)
+    return out or ROOT / "runs" / f"{scenario['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -295,11 +309,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path.stem:16} {load_scenario(path.stem).get('description', '')}")
         return 0
     scenario = load_scenario(args.scenario)
-    out = args.out or ROOT / "runs" / f"{scenario['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
     overrides = parse_set(args.set)
     if args.data is not None:
         overrides["data-root"] = str(args.data)
     try:
+        out = run_folder(scenario, args.out, overrides)
         run_scenario(scenario, overrides=overrides, out_dir=out, data_cache=args.data_cache)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -17,6 +17,7 @@ from simulations.run import (
     main,
     prepare_backbone,
     resolve_data_root,
+    run_folder,
     run_scenario,
 )
 
@@ -110,3 +111,17 @@ def test_he_with_the_users_public_context_needs_each_sites_secret_in_its_state(t
             quiet=True,
         )
     assert not cache.exists()  # nothing pretrained
+
+
+def test_out_dir_set_in_the_run_config_is_the_run_folder(tmp_path, capsys):
+    """``--set out-dir=X`` was silently replaced by ``runs/<scenario>-<time>``."""
+    scenario = load_scenario("default")
+    overrides = {"out-dir": str(tmp_path / "mine")}
+    assert run_folder(scenario, None, overrides) == tmp_path / "mine"
+    assert "out-dir" not in overrides  # the runner writes the resolved folder itself
+    same = {"out-dir": str(tmp_path / "mine")}
+    assert run_folder(scenario, tmp_path / "mine", same) == tmp_path / "mine"
+    args = ["--out", str(tmp_path / "a"), "--set", f'out-dir="{tmp_path / "b"}"']
+    assert main(["default", *args, "--data-cache", str(tmp_path / "c")]) == 2
+    assert "name different run folders" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
