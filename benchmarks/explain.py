@@ -36,7 +36,14 @@ from core.data.datalist import read_datalist
 from core.data.preprocess import GridConfig, pad_depth, resample_to_grid
 from core.data.readers import read_image
 from core.explain.overlay import render_overlay
-from core.explain.relevance import METHODS, explain, to_image_grid, token_grid, universal_vit
+from core.explain.relevance import (
+    DEFAULT_METHOD,
+    METHODS,
+    explain,
+    to_image_grid,
+    token_grid,
+    universal_vit,
+)
 from core.federation.rounds import build_lora_model, open_split
 from core.federation.sites import list_sites
 from core.io import write_json_atomic
@@ -137,7 +144,7 @@ def benchmark_site(
         if render_seconds is None:
             with tempfile.TemporaryDirectory() as folder:
                 started = time.perf_counter()
-                result = explain(model, image, spacing, method="grad-attention")
+                result = explain(model, image, spacing, method=DEFAULT_METHOD)
                 render_overlay(
                     image, result.image_map, Path(folder) / "case.png", spacing=spacing.tolist()
                 )

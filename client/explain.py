@@ -1,6 +1,6 @@
 """Where the federated model looks, case by case, at this site (nothing leaves the site).
 
-    fedmedvit explain RUN_DIR --site-dir DIR --out DIR [--split test] [--method grad-attention]
+    fedmedvit explain RUN_DIR --site-dir DIR --out DIR [--split test] [--method occlusion]
         [--adapters DIR] [--state-dir DIR] [--limit N]
 
 Loads the run's final global adapters (``RUN_DIR/adapters``; in an encrypted run, decrypt them
@@ -26,7 +26,7 @@ from tqdm import tqdm
 from core.adapters.lora import adapter_state, load_adapter_folder, load_adapter_state
 from core.config import RunConfig
 from core.explain.overlay import render_overlay
-from core.explain.relevance import METHODS, explain
+from core.explain.relevance import DEFAULT_METHOD, METHODS, explain
 from core.federation.rounds import build_lora_model, open_split, with_local_head
 from core.federation.sites import LOCAL_HEAD_FILE
 from core.io import write_text_atomic
@@ -67,7 +67,7 @@ def explain_site(
     out: Path,
     *,
     split: str = "test",
-    method: str = "grad-attention",
+    method: str = DEFAULT_METHOD,
     adapters: Path | None = None,
     state_dir: Path | None = None,
     limit: int | None = None,
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site-dir", type=Path, required=True, help="folder with dataset.json")
     parser.add_argument("--out", type=Path, required=True, help="folder for overlays + index")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--method", default="grad-attention", choices=METHODS)
+    parser.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
     parser.add_argument("--adapters", type=Path, help="default RUN_DIR/adapters")
     parser.add_argument(
         "--state-dir",

@@ -12,7 +12,19 @@ Three methods (``METHODS``):
 * ``"gradcam"``: Grad-CAM (Selvaraju et al., 2017) on the token grid entering the last block
   (the last layer where patch tokens still reach a CLS-pooled head): channel weights are the
   token-averaged gradients of y with respect to those tokens, ``relu(sum_e alpha_e *
-  tokens[:, e])``. Class-specific.
+  tokens[:, e])``. Class-specific. Its token-averaged weights suit a mean- or CLS-pooled head;
+  under max/min pooling ("stats", "contrast") the deciding token's gradient is averaged away.
+* ``"token-gradient"``: gradient x activation (Shrikumar et al., 2016, "Not Just a Black Box:
+  Learning Important Features Through Propagating Activation Differences") on the tokens the
+  head pools, ``relu(sum_e dy/dtokens[t, e] * tokens[t, e])`` per token t: under max/min
+  pooling only the selected tokens get a gradient, so the map follows whatever pooling the
+  head uses (for a CLS head: the tokens entering the last block). Class-specific.
+* ``"occlusion"``: occlusion sensitivity (Zeiler & Fergus, 2014, "Visualizing and Understanding
+  Convolutional Networks") on the token grid: each token's patch in turn is replaced by its own
+  mean (the structure inside the patch goes, its brightness stays), one forward pass per token,
+  relevance ``relu(y - y_occluded)``.
+  Model-agnostic and class-specific; costs T forward passes (32 for a 64 x 64 x 32 CT at the
+  micro size).
 
 The row that is read out follows the head: the CLS row for ``pool == "cls"``, otherwise the mean
 of the patch-token rows (the head pools the patch tokens), with the identity (a token's own
@@ -35,7 +47,10 @@ from torch import Tensor, nn
 from core.model.sac import batch_degree_of_anisotropy
 from core.model.vit import Attention, UniversalViT
 
-METHODS = ("rollout", "grad-attention", "gradcam")
+METHODS = ("rollout", "grad-attention", "gradcam", "token-gradient", "occlusion")
+# The site command's default: the best pointing-game hit rate on the default scenario's model
+# (benchmarks/explain.py; README "Where the model looks").
+DEFAULT_METHOD = "occlusion"
 
 
 class ExplainError(ValueError):
@@ -136,6 +151,14 @@ def _grad_attention(attentions: list[Tensor], grads: list[Tensor], pool: str) ->
     return _readout(relevance, pool, subtract_identity=True)
 
 
+def _margin(logits: Tensor, target: int) -> Tensor:
+    """(N, K) logits -> (N,) the explained quantity: ``logit[target] - mean(logits)`` (invariant
+    to a shift of all logits, as softmax is); +-logit for a single-output (sigmoid) head."""
+    if logits.shape[-1] == 1:
+        return logits[:, 0] if target == 1 else -logits[:, 0]
+    return logits[:, target] - logits.mean(dim=-1)
+
+
 def _objective(logits: Tensor, target: int | None) -> tuple[Tensor, float, int]:
     """(objective to differentiate, probability of the target, target) for logits (1, K)."""
     classes = logits.shape[-1]
@@ -145,9 +168,41 @@ def _objective(logits: Tensor, target: int | None) -> tuple[Tensor, float, int]:
         raise ExplainError(f"target {target} out of range for a head with {classes} outputs")
     if classes == 1:
         score = float(torch.sigmoid(logits.detach()[0, 0]))
-        return (logits[0, 0] if target == 1 else -logits[0, 0]), score, target
-    score = float(logits.detach().softmax(dim=-1)[0, target])
-    return logits[0, target] - logits[0].mean(), score, target
+    else:
+        score = float(logits.detach().softmax(dim=-1)[0, target])
+    return _margin(logits, target)[0], score, target
+
+
+def _occlusion(
+    vit: UniversalViT, x: Tensor, spacing: Tensor, da: int, target: int, batch: int = 16
+) -> Tensor:
+    """(1, C, D, H, W) -> (T,) drop of the margin when each token's patch in turn is replaced by
+    its own per-channel mean, in batches of ``batch`` occluded copies.
+
+    Hand-written rather than MONAI's ``OcclusionSensitivity`` (1.6.1): its ``mean_patch`` mode
+    multiplies the patch by its mean instead of replacing it (checked: a [2, 0] patch becomes
+    [2, 0] x 1, not [1, 1]), and a callable mode raises.
+    """
+    patch = vit.config.patch_size
+    depth_patch = max(patch >> da, 1)
+    _, c, D, H, W = x.shape
+    d, h, w = D // depth_patch, H // patch, W // patch
+    blocks = x.reshape(c, d, depth_patch, h, patch, w, patch)
+    means = blocks.mean(dim=(2, 4, 6), keepdim=True).expand_as(blocks)
+    drops = []
+    with torch.no_grad():
+        base = _margin(vit(x, spacing), target)  # (1,)
+        tokens = [(k, i, j) for k in range(d) for i in range(h) for j in range(w)]
+        for start in range(0, len(tokens), batch):
+            copies = []
+            for k, i, j in tokens[start : start + batch]:
+                copy = blocks.clone()
+                copy[:, k, :, i, :, j, :] = means[:, k, :, i, :, j, :]
+                copies.append(copy.reshape(c, D, H, W))
+            occluded = torch.stack(copies)  # (B, C, D, H, W)
+            logits = vit(occluded, spacing.expand(len(copies), 3))  # (B, K)
+            drops.append(base - _margin(logits, target))
+    return torch.cat(drops).double()  # (T,) in token order (d, h, w)
 
 
 def explain(
@@ -155,7 +210,7 @@ def explain(
     image: Tensor,
     spacing: Sequence[float] | Tensor,
     *,
-    method: str = "grad-attention",
+    method: str = DEFAULT_METHOD,
     target: int | None = None,
 ) -> Explanation:
     """Relevance of each part of ``image`` for the model's score of class ``target``.
@@ -189,14 +244,24 @@ def explain(
     hook = vit.blocks[-1].register_forward_pre_hook(keep_input)
     try:
         with torch.enable_grad(), recording_attention(vit) as records:
-            logits = vit.forward_head(vit.forward_features(x, spacing_t))  # (1, K)
+            features = vit.forward_features(x, spacing_t)  # (1, 1 + T, E), what the head pools
+            features.retain_grad()
+            logits = vit.forward_head(features)  # (1, K)
             objective, score, target = _objective(logits.double(), target)
             objective.backward()
     finally:
         hook.remove()
     attentions = [block[0][0].detach() for block in records]  # (heads, 1 + T, 1 + T)
     pool = vit.config.pool
-    if method == "rollout":
+    if method == "occlusion":
+        relevance = _occlusion(vit, x.detach(), spacing_t.to(x.device), da, target)
+    elif method == "token-gradient":
+        # A CLS head reads no patch token after the last block: there, the tokens entering it.
+        read = last_input[0] if pool == "cls" else features
+        assert read.grad is not None
+        tokens, grad = read[0, 1:].detach(), read.grad[0, 1:]  # (T, E) each
+        relevance = (tokens * grad).sum(dim=-1).double()  # (T,)
+    elif method == "rollout":
         relevance = _rollout(attentions, pool)
     elif method == "grad-attention":
         grads = [block[0].grad[0] for block in records]  # type: ignore[index]
