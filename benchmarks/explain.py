@@ -18,7 +18,6 @@ It also times one overlay (explanation + PNG) per site. Prints a table and write
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -44,7 +43,8 @@ from core.explain.relevance import (
     token_grid,
     universal_vit,
 )
-from core.federation.rounds import build_lora_model, open_split
+from core.federation.rounds import open_split
+from core.federation.runs import build_run_model
 from core.federation.sites import list_sites
 from core.io import write_json_atomic
 from core.model.sac import degree_of_anisotropy
@@ -172,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(arguments)
     torch.set_num_threads(args.threads)
-    cfg = RunConfig.from_record(json.loads((args.run / "config.json").read_text()))
-    model, _ = build_lora_model(cfg)
+    cfg, model, digest = build_run_model(args.run)  # refused unless the run's backbone
     load_adapter_folder(model, args.run / "adapters")
     generator = torch.Generator().manual_seed(0)
     sites = {}
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in list_sites(cfg):
         started = time.perf_counter()
         load_adapter_state(model, global_adapters)
-        load_site_head(model, cfg, args.run / "state" / name)  # the run kept heads at the sites
+        load_site_head(model, cfg, args.run / "state" / name, digest)  # the run kept heads there
         sites[name] = benchmark_site(
             cfg, model, Path(cfg.data_root) / name, args.split, args.limit, generator
         )

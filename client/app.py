@@ -16,7 +16,6 @@ import json
 import logging
 from pathlib import Path
 
-import safetensors.torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -26,10 +25,10 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
-from torch import Tensor
 
 from client.mods import client_mods
 from core.config import RunConfig
+from core.federation.local_head import LocalHead
 from core.federation.policy import (
     SitePolicy,
     check_run,
@@ -107,20 +106,21 @@ def _save_release(context: Context, site: SiteRef, release: Release) -> None:
         write_bytes_atomic(site.state_dir / RELEASE_FILE, data, mode=0o600)
 
 
-def _load_local_head(context: Context, site: SiteRef) -> dict[str, Tensor] | None:
+def _load_local_head(context: Context, site: SiteRef) -> LocalHead | None:
     """The head this site keeps under head-sharing "local": node memory, else disk, else none
-    (the first round starts from the global head)."""
+    (the first round starts from the global head). The round checks its provenance against
+    the run before using it (``core.federation.local_head``)."""
     record = context.state.config_records.get(LOCAL_HEAD_KEY)
     if record is not None:
-        return safetensors.torch.load(bytes(record["bytes"]))  # type: ignore[arg-type]
-    if site.state_dir is not None and (site.state_dir / LOCAL_HEAD_FILE).is_file():
-        return safetensors.torch.load((site.state_dir / LOCAL_HEAD_FILE).read_bytes())
-    return None
+        # The same bytes as the file (written together): errors name the file to remove.
+        source = str(site.state_dir / LOCAL_HEAD_FILE) if site.state_dir else "node memory"
+        return LocalHead.from_bytes(bytes(record["bytes"]), source=source)  # type: ignore[arg-type]
+    return LocalHead.read(site.state_dir) if site.state_dir is not None else None
 
 
-def _save_local_head(context: Context, site: SiteRef, head: dict[str, Tensor]) -> None:
+def _save_local_head(context: Context, site: SiteRef, head: LocalHead) -> None:
     """Kept before the reply is sent, like the release: the next round trains on from it."""
-    data = safetensors.torch.save({k: v.contiguous() for k, v in head.items()})
+    data = head.to_bytes()
     context.state[LOCAL_HEAD_KEY] = ConfigRecord({"bytes": data})
     if site.state_dir is not None:
         site.state_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +158,7 @@ def train(msg: Message, context: Context) -> Message:
         last_release=_load_release(context, site) if cfg.dp else None,
         cache_dir=_cache_dir(site),
         he_secret_context=site.secret_context() if cfg.he else None,
-        local_head=_load_local_head(context, site),
+        local_head=_load_local_head(context, site) if cfg.keeps_local_head else None,
     )
     if outcome.release is not None:
         _save_release(context, site, outcome.release)
@@ -202,7 +202,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         global_adapters=msg.content.array_records[ARRAYS].to_torch_state_dict(),
         expected_fingerprint=str(config.get(BACKBONE_FINGERPRINT, "")),
         cache_dir=_cache_dir(site),
-        local_head=_load_local_head(context, site),
+        local_head=_load_local_head(context, site) if cfg.keeps_local_head else None,
     )
     content = RecordDict(
         {METRICS: MetricRecord(dict(released_metrics(cfg, policy, metrics))), SITE: info}

@@ -4,32 +4,36 @@
         [--adapters DIR] [--state-dir DIR] [--limit N]
 
 Loads the run's final global adapters (``RUN_DIR/adapters``; in an encrypted run, decrypt them
-first with ``fedmedvit decrypt``) onto the federation's backbone, with the site's own head from
-its state folder when the run kept heads at the sites (head-sharing "local"; ``--state-dir``,
-default ``RUN_DIR/state/<site folder name>`` as a simulation writes it), explains every case of the
-site's split (``core.explain``), and writes one PNG overlay per case and ``index.html``: score,
-label and overlay per case, sorted by score (highest first).
+first with ``fedmedvit decrypt``) onto the federation's backbone (refused unless it has the
+fingerprint the run recorded: ``core.federation.runs``), with the site's own head from its state
+folder when the run kept heads at the sites (head-sharing "local"; ``--state-dir``, default
+``RUN_DIR/state/<site folder name>`` as a simulation writes it; refused when it was trained for
+another run: ``core.federation.local_head``), explains every case of the site's split
+(``core.explain``), and writes one PNG overlay per case and ``index.html``: which adapters and
+head file were loaded, then score, label and overlay per case, sorted by score (highest first).
 """
 
 from __future__ import annotations
 
 import argparse
 import html
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
+from torch import nn
 from tqdm import tqdm
 
 from core.adapters.lora import adapter_state, load_adapter_folder, load_adapter_state
-from core.config import RunConfig
+from core.config import ConfigError, RunConfig
 from core.explain.overlay import render_overlay
 from core.explain.relevance import DEFAULT_METHOD, METHODS, explain
-from core.federation.rounds import build_lora_model, open_split, with_local_head
+from core.federation.local_head import LocalHead, head_provenance, with_local_head
+from core.federation.rounds import open_split
+from core.federation.runs import build_run_model
 from core.federation.sites import LOCAL_HEAD_FILE
 from core.io import write_text_atomic
+from core.model.checkpoint import BackboneError
 
 INDEX = "index.html"
 
@@ -46,19 +50,29 @@ def class_label(label: Any, names: tuple[str, ...] | None) -> str:
     return names[int(value)] if names and 0 <= int(value) < len(names) else str(value)
 
 
-def load_site_head(model: Any, cfg: RunConfig, state_dir: Path) -> None:
-    """Put the site's own head (``state_dir/local-head.safetensors``) on ``model`` when the run
-    kept heads at the sites; nothing otherwise. Raises FileNotFoundError naming the file."""
+def load_site_head(
+    model: nn.Module, cfg: RunConfig, state_dir: Path, backbone_fingerprint: str
+) -> Path | None:
+    """Put the site's own head (``state_dir/local-head.safetensors``) on ``model`` (built on
+    the backbone with ``backbone_fingerprint``) when the run kept heads at the sites; returns
+    that file, None when the run shared its head (the adapters hold it).
+
+    Raises:
+        FileNotFoundError: the run kept heads at the sites and the file is not there.
+        LocalHeadError: the file was trained for another run (or predates provenance).
+    """
     if not cfg.keeps_local_head:
-        return
-    head_file = state_dir / LOCAL_HEAD_FILE
-    if not head_file.is_file():
+        return None
+    head = LocalHead.read(state_dir)
+    if head is None:
         raise FileNotFoundError(
-            f"{head_file} not found: this run kept each site's head at the site "
-            "(head-sharing = local); point --state-dir at the site's state folder (default "
+            f"{state_dir / LOCAL_HEAD_FILE} not found: this run kept each site's head at the "
+            "site (head-sharing = local); point --state-dir at the site's state folder (default "
             "RUN_DIR/state/<site folder name>)"
         )
-    load_adapter_state(model, with_local_head(cfg, adapter_state(model), load_file(head_file)))
+    current = head_provenance(cfg, model, backbone_fingerprint)
+    load_adapter_state(model, with_local_head(cfg, adapter_state(model), head, current))
+    return state_dir / LOCAL_HEAD_FILE
 
 
 def explain_site(
@@ -74,13 +88,14 @@ def explain_site(
 ) -> Path:
     """Write overlays and ``index.html`` for a site's split into ``out``; returns the index.
 
-    Raises ConfigError for a run folder without a valid ``config.json``, AdapterStateError
-    for missing or mismatched adapters, FileNotFoundError for a run that kept heads at the
-    sites when the site's head is not found, DatasetError for unreadable site data."""
-    cfg = RunConfig.from_record(json.loads((run_dir / "config.json").read_text()))
-    model, _ = build_lora_model(cfg)
-    load_adapter_folder(model, adapters or run_dir / "adapters")
-    load_site_head(model, cfg, state_dir or run_dir / "state" / site_dir.name)
+    Raises ConfigError for a run folder without a valid ``config.json``, BackboneError for a
+    backbone other than the run's, AdapterStateError for missing or mismatched adapters,
+    FileNotFoundError for a run that kept heads at the sites when the site's head is not
+    found, LocalHeadError for a head of another run, DatasetError for unreadable site data."""
+    cfg, model, digest = build_run_model(run_dir)
+    adapters = adapters or run_dir / "adapters"
+    load_adapter_folder(model, adapters)
+    head_file = load_site_head(model, cfg, state_dir or run_dir / "state" / site_dir.name, digest)
     dataset = open_split(cfg, site_dir, split)
     names = dataset.info.class_names
     count = len(dataset) if limit is None else min(limit, len(dataset))
@@ -101,10 +116,17 @@ def explain_site(
         rows.append((result.score, index, label_text, name))
     explained = class_label(1 if cfg.num_classes <= 2 else None, names)
     rows.sort(key=lambda row: (-row[0], row[1]))
+    head_text = (
+        f"<code>{html.escape(str(head_file))}</code> (the site's own)"
+        if head_file is not None
+        else "the run's shared head (in the adapters)"
+    )
     lines = [
         "<!doctype html><meta charset='utf-8'>",
         f"<title>Explanations: {html.escape(split)} split, {html.escape(method)}</title>",
         f"<h1>{html.escape(split)} split: {count} cases, method {html.escape(method)}</h1>",
+        f"<p>Model: adapters <code>{html.escape(str(adapters))}</code>, head {head_text}, "
+        f"backbone <code>{digest[:12]}</code>.</p>",
         f"<p>Score: the model's probability of <b>{html.escape(explained)}</b>; each overlay "
         "shows where that score comes from (colour bar: relevance, 1 = the case's maximum). "
         "Sorted by score.</p>",
@@ -146,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             state_dir=args.state_dir,
             limit=args.limit,
         )
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ConfigError, BackboneError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(index)

@@ -18,8 +18,10 @@ from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
 from core.config import RunConfig
+from core.federation.protocol import LOCAL_HEAD
 from core.federation.rounds import initial_adapters
 from core.federation.sites import list_sites
+from core.privacy.report import INITIAL_HEAD
 from server.run_files import RunFolder
 from server.strategy import AdapterFedAvg, RoundLog
 
@@ -78,11 +80,15 @@ def run_rounds(
 def site_progress(record: RoundLog) -> list[str]:
     """One line per site: the AUC and the rates at the site's own calibrated threshold that
     its evaluate reply reported (core.federation.rounds.evaluate_round), the site's epsilon
-    so far, and its status when it did not train."""
+    so far, and its status when it did not train. A site that evaluated with the initial
+    global head (head-sharing "local", no head of its own yet) is marked so: those numbers
+    are not its model's."""
     lines = []
     for site in sorted(record.sites.keys() | record.status.keys()):
         values = record.sites.get(site, {})
         parts = [f"round {record.round} site {site}:"]
+        if values.get(LOCAL_HEAD) == 0.0:
+            parts.append(f"[{INITIAL_HEAD}]")
         for key, label, spec in (
             ("auc", "AUC", ".3f"),
             ("balanced-accuracy", "balanced accuracy", ".3f"),

@@ -24,12 +24,11 @@ from safetensors.torch import load_file, save_file
 from core.adapters.lora import load_adapter_state, save_adapters
 from core.config import RunConfig
 from core.federation.rounds import build_lora_model
+from core.federation.runs import CHECKPOINTS, CONFIG_FILE, LATEST
 from core.io import atomic_path, write_json_atomic, write_text_atomic
 from core.privacy.ledger import PrivacyLedger
 from core.privacy.report import render_report, write_metrics_json, write_privacy_json
 from server.strategy import AdapterFedAvg, RoundLog
-
-LATEST = "latest.json"
 
 
 def adapters_readme(cfg: RunConfig, fingerprint: str) -> str:
@@ -43,8 +42,9 @@ def adapters_readme(cfg: RunConfig, fingerprint: str) -> str:
     head = (
         "Each site trained and kept its own head (head-sharing = local): the head here is the "
         "untrained global one; a site loads its own from `local-head.safetensors` in its state "
-        "folder (`fedmedvit explain` does; in Python, load it after the adapters with "
-        "`core.federation.rounds.with_local_head`)."
+        "folder (`fedmedvit explain` does; in Python, read it with "
+        "`core.federation.local_head.LocalHead.read` and load it after the adapters with "
+        "`with_local_head`, which checks that it was trained for this run)."
         if cfg.keeps_local_head
         else "The head was averaged with the adapters."
     )
@@ -70,13 +70,15 @@ looks), or in Python `core.federation.rounds.build_lora_model(cfg)` then
 class RunFolder:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
-        self.checkpoints = self.root / "checkpoints"
+        self.checkpoints = self.root / CHECKPOINTS
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         self.planned_rounds = 0  # the run config's num-server-rounds, set by write_config
+        self.head_sharing = ""  # "local" or "shared" as the run did it, set by write_config
 
     def write_config(self, cfg: RunConfig) -> None:
-        write_json_atomic(self.root / "config.json", cfg.to_flat())
+        write_json_atomic(self.root / CONFIG_FILE, cfg.to_flat())
         self.planned_rounds = cfg.num_server_rounds
+        self.head_sharing = "local" if cfg.keeps_local_head else "shared"
 
     def save_round(
         self, server_round: int, adapters: dict[str, torch.Tensor], strategy: AdapterFedAvg
@@ -116,6 +118,7 @@ class RunFolder:
             "run": self.root.name,
             "backbone_fingerprint": strategy.backbone_fingerprint,
             "num_server_rounds": self.planned_rounds,
+            **({"head_sharing": self.head_sharing} if self.head_sharing else {}),
             "updated_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
         }
         write_metrics_json(self.root, {"run": run, "rounds": rounds})

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import ConfigError, RunConfig
-from core.federation.protocol import EPSILON, NUM_EXAMPLES, TRAIN_LOSS
+from core.federation.protocol import EPSILON, LOCAL_HEAD, NUM_EXAMPLES, TRAIN_LOSS
 from core.training.loops import EVAL_METRICS, SEGMENTATION_METRICS
 
 POLICY_FILE = "policy.toml"
@@ -216,7 +216,9 @@ def released_metrics(
 ) -> dict[str, float]:
     """The metrics that may leave the site: the policy's list (or the default for the mode),
     never an unnoised training metric under DP; the example count always (it weights the
-    average and is needed for any reply the server can use)."""
+    average and is needed for any reply the server can use); the local-head flag whenever
+    another evaluation number leaves (it says which head that number comes from, a fact about
+    the site's model, not its data)."""
     allowed = set(
         default_metrics(cfg, list(metrics))
         if policy.allowed_metrics is None
@@ -225,7 +227,10 @@ def released_metrics(
     allowed.add(WEIGHT_METRIC)
     if cfg.dp:
         allowed -= set(UNNOISED_TRAIN_METRICS)
-    return {name: value for name, value in metrics.items() if name in allowed}
+    released = {name: value for name, value in metrics.items() if name in allowed}
+    if LOCAL_HEAD in metrics and set(released) - {WEIGHT_METRIC, LOCAL_HEAD}:
+        released[LOCAL_HEAD] = metrics[LOCAL_HEAD]
+    return released
 
 
 def release_manifest(cfg: RunConfig, policy: SitePolicy) -> list[dict[str, Any]]:
@@ -243,13 +248,18 @@ def release_manifest(cfg: RunConfig, policy: SitePolicy) -> list[dict[str, Any]]
         {"item": "adapter update", "reply": "train", "covered": cfg.dp, "note": note}
     ]
     train_names = (NUM_EXAMPLES, *LEDGER_METRICS) if cfg.dp else (TRAIN_LOSS, NUM_EXAMPLES)
-    evaluated = ("loss", *SEGMENTATION_METRICS) if cfg.task == "segmentation" else EVAL_METRICS
+    evaluated: tuple[str, ...] = (
+        ("loss", *SEGMENTATION_METRICS) if cfg.task == "segmentation" else EVAL_METRICS
+    )
+    evaluated += (LOCAL_HEAD,) if cfg.keeps_local_head else ()
     for reply, names in (("train", train_names), ("evaluate", (*evaluated, NUM_EXAMPLES))):
         for name in released_metrics(cfg, policy, dict.fromkeys(names, 0.0)):
             if name in LEDGER_METRICS:
                 note = "a figure of the ledger, which travels beside it"
             elif name == WEIGHT_METRIC:
                 note = "example count, needed to weight the average"
+            elif name == LOCAL_HEAD:
+                note = "whether the site had a head of its own yet (1) or used the initial one"
             else:
                 note = "computed on the site's data without noise"
             items.append({"item": f"metric {name}", "reply": reply, "covered": False, "note": note})

@@ -27,7 +27,9 @@ site -> server (train reply)
 
 site -> server (evaluate reply)
     ``METRICS`` and ``SITE`` (``SITE_NAME`` only) as above, no arrays; no metrics when the
-    site's policy refuses.
+    site's policy refuses. Under head-sharing "local", ``LOCAL_HEAD`` (1: evaluated with the
+    site's own head, 0: with the untrained initial head, the site has not trained yet) comes
+    with the other evaluation metrics.
 
 site -> server (HE verdict, instead of a train or evaluate reply)
     ``SITE`` only: ``SITE_NAME`` and ``HE_VERDICT`` (JSON: the uploads of the encrypted sum
@@ -66,6 +68,7 @@ HE_PROBES = "he-probes"
 NUM_EXAMPLES = "num-examples"  # the averaging weight (Flower FedAvg's ``weighted_by_key``)
 TRAIN_LOSS = "train-loss"
 EPSILON = "epsilon"
+LOCAL_HEAD = "local-head"  # evaluate: 1 the site's own head, 0 the initial global head
 
 # Keys of a reply's SITE ConfigRecord.
 SITE_NAME = "name"

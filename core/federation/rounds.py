@@ -25,8 +25,22 @@ from torch import Tensor, nn
 from core.adapters.lora import adapter_state, add_lora, load_adapter_state
 from core.config import RunConfig
 from core.data import GridConfig, SiteDataset, open_site
+from core.federation.local_head import (
+    HEAD_PREFIX,
+    HeadProvenance,
+    LocalHead,
+    head_provenance,
+    with_local_head,
+)
 from core.federation.policy import SitePolicy, check_noise, check_run
-from core.federation.protocol import EPSILON, NUM_EXAMPLES, REFUSED, TRAIN_LOSS, TRAINED
+from core.federation.protocol import (
+    EPSILON,
+    LOCAL_HEAD,
+    NUM_EXAMPLES,
+    REFUSED,
+    TRAIN_LOSS,
+    TRAINED,
+)
 from core.model.checkpoint import BackboneError, backbone_state, fingerprint, load_backbone
 from core.model.vit import UniversalViT, create_vit
 from core.privacy.ledger import PrivacyLedger, plan_dp
@@ -97,7 +111,7 @@ class TrainOutcome:
     release: Release | None = None  # a new DP release the site keeps for a re-sent round
     replayed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-    local_head: dict[str, Tensor] | None = None  # head-sharing "local": kept, never sent
+    local_head: LocalHead | None = None  # head-sharing "local": kept, never sent
 
 
 @dataclass(frozen=True)
@@ -175,7 +189,8 @@ def task_loss(cfg: RunConfig) -> nn.Module | None:
     return None
 
 
-def _checked_model(cfg: RunConfig, expected_fingerprint: str) -> nn.Module:
+def _checked_model(cfg: RunConfig, expected_fingerprint: str) -> tuple[nn.Module, str]:
+    """:func:`build_lora_model`, refused unless the backbone is the one the round uses."""
     model, digest = build_lora_model(cfg)
     if expected_fingerprint and digest != expected_fingerprint:
         raise BackboneError(
@@ -183,7 +198,22 @@ def _checked_model(cfg: RunConfig, expected_fingerprint: str) -> nn.Module:
             f"{expected_fingerprint[:12]}...; install the federation's backbone checkpoint "
             f"(run config 'backbone' = {cfg.backbone or '<seeded>'!r}) and restart the site"
         )
-    return model
+    return model, digest
+
+
+def _site_model(
+    cfg: RunConfig,
+    expected_fingerprint: str,
+    global_adapters: Mapping[str, Tensor],
+    local_head: LocalHead | Mapping[str, Tensor] | None,
+) -> tuple[nn.Module, HeadProvenance]:
+    """The checked model with the global adapters and the site's own head (a kept head is
+    checked against this run first: ``core.federation.local_head``), and what a head trained
+    on it is for."""
+    model, digest = _checked_model(cfg, expected_fingerprint)
+    provenance = head_provenance(cfg, model, digest)
+    load_adapter_state(model, with_local_head(cfg, global_adapters, local_head, provenance))
+    return model, provenance
 
 
 def fresh_seed() -> int:
@@ -226,31 +256,12 @@ def he_capacity_problem(
     return ""
 
 
-HEAD_PREFIX = "head."
-
-
-def with_local_head(
-    cfg: RunConfig, global_adapters: Mapping[str, Tensor], local_head: Mapping[str, Tensor] | None
-) -> dict[str, Tensor]:
-    """The adapters a site trains and evaluates: the global ones, with the site's own head
-    when ``cfg.head_sharing`` is "local" and it has one (FedPer: Arivazhagan et al., 2019)."""
-    if not cfg.keeps_local_head or not local_head:
-        return dict(global_adapters)
-    expected = {k: tuple(v.shape) for k, v in global_adapters.items() if k.startswith(HEAD_PREFIX)}
-    found = {k: tuple(v.shape) for k, v in local_head.items()}
-    if found != expected:
-        raise ValueError(
-            f"the site's local head {found} does not fit the run's head {expected}: it was "
-            "trained under another run configuration (num-classes, head-pool, head-norm or "
-            "backbone). Remove local-head.safetensors from the site's state folder to start "
-            "the head from the global one"
-        )
-    return dict(global_adapters) | dict(local_head)
-
-
 def _split_head(
-    cfg: RunConfig, trained: dict[str, Tensor], global_adapters: Mapping[str, Tensor]
-) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    cfg: RunConfig,
+    trained: dict[str, Tensor],
+    global_adapters: Mapping[str, Tensor],
+    provenance: HeadProvenance,
+) -> tuple[dict[str, Tensor], LocalHead | None]:
     """(what the site sends, what it keeps). With a local head the reply carries the global
     head unchanged, so the wire format and the server's average stay as they are while the
     trained head never leaves the site."""
@@ -258,7 +269,7 @@ def _split_head(
         return trained, None
     head = {k: v for k, v in trained.items() if k.startswith(HEAD_PREFIX)}
     sent = trained | {k: global_adapters[k].detach().clone() for k in head}
-    return sent, head
+    return sent, LocalHead(head, provenance)
 
 
 def train_round(
@@ -274,7 +285,7 @@ def train_round(
     dp_seed: int | None = None,
     cache_dir: str | Path | None = None,
     he_secret_context: Path | None = None,
-    local_head: Mapping[str, Tensor] | None = None,
+    local_head: LocalHead | Mapping[str, Tensor] | None = None,
 ) -> TrainOutcome:
     """One round of local fine-tuning at a site (DP-SGD unless ``cfg.dp`` is False).
 
@@ -293,7 +304,9 @@ def train_round(
     ``he_secret_context``: the site's secret CKKS context file (``cfg.he``; the site's own, see
     ``core.federation.sites.SiteRef.secret_context``), to check the capacity before training.
     ``local_head``: with ``cfg.head_sharing == "local"``, the head this site trained last round
-    (None: start from the global head); the outcome's ``local_head`` is the one to keep.
+    (None: start from the global head; a :class:`LocalHead` read from the site's state is
+    refused, before any data is opened, when it was trained for another run); the outcome's
+    ``local_head`` is the one to keep, with its provenance.
     """
     policy = policy or SitePolicy()
     refusal = check_run(cfg, policy, server_round)
@@ -310,8 +323,7 @@ def train_round(
         log.warning("round %d refused: %s", server_round, reason)
         return TrainOutcome(REFUSED, reason, None, {NUM_EXAMPLES: 0})
 
-    model = _checked_model(cfg, expected_fingerprint)
-    load_adapter_state(model, with_local_head(cfg, global_adapters, local_head))
+    model, provenance = _site_model(cfg, expected_fingerprint, global_adapters, local_head)
     dataset = open_task_split(cfg, site_dir, "training", cache_dir)
     settings = cfg.training()
     device = pick_device(cfg.device)
@@ -341,7 +353,7 @@ def train_round(
             criterion=task_loss(cfg),
         )
         metrics = {TRAIN_LOSS: result.loss, NUM_EXAMPLES: result.num_examples}
-        sent, head = _split_head(cfg, adapter_state(model), global_adapters)
+        sent, head = _split_head(cfg, adapter_state(model), global_adapters, provenance)
         return TrainOutcome(TRAINED, "", sent, metrics, local_head=head)
 
     ledger = PrivacyLedger.resume_or_start(
@@ -431,7 +443,7 @@ def train_round(
         "sample-rate": plan.sample_rate,
         "steps": result.steps,
     }
-    adapters, head = _split_head(cfg, adapter_state(model), global_adapters)
+    adapters, head = _split_head(cfg, adapter_state(model), global_adapters, provenance)
     release = Release(server_round, digest, adapters, metrics)
     return TrainOutcome(
         TRAINED, "", adapters, metrics, ledger.to_dict(), release=release, local_head=head
@@ -447,10 +459,14 @@ def evaluate_round(
     split: str = "validation",
     calibration_split: str = "validation",
     cache_dir: str | Path | None = None,
-    local_head: Mapping[str, Tensor] | None = None,
+    local_head: LocalHead | Mapping[str, Tensor] | None = None,
 ) -> dict[str, float]:
     """Evaluate the global adapters (with the site's ``local_head`` under head-sharing
     "local") on the site's held-out ``split``.
+
+    Under head-sharing "local" the metrics say which head they come from (``LOCAL_HEAD``: 1
+    the site's own, 0 the untrained initial global head of a site that has not trained yet),
+    so that the coordinator does not present the initial head's numbers as the site's model.
 
     For a binary single-label task the site picks its own decision threshold on
     ``calibration_split`` (the one maximising balanced accuracy there; sites differ in
@@ -469,8 +485,8 @@ def evaluate_round(
             expected_fingerprint=expected_fingerprint,
             split=split,
         )
-    model = _checked_model(cfg, expected_fingerprint)
-    load_adapter_state(model, with_local_head(cfg, global_adapters, local_head))
+    model, _ = _site_model(cfg, expected_fingerprint, global_adapters, local_head)
+    own = {LOCAL_HEAD: float(bool(local_head))} if cfg.keeps_local_head else {}
     device = pick_device(cfg.device)
     logits, labels = predict(
         model,
@@ -478,7 +494,7 @@ def evaluate_round(
         batch_size=cfg.max_physical_batch,
         device=device,
     )
-    metrics = metrics_from_logits(logits, labels, multi_label=cfg.multi_label)
+    metrics = metrics_from_logits(logits, labels, multi_label=cfg.multi_label) | own
     if cfg.multi_label or cfg.num_classes != 2:
         return metrics
     if calibration_split == split:

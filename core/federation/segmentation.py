@@ -59,7 +59,7 @@ def evaluate_segmentation_round(
     split: str = "validation",
 ) -> dict[str, float]:
     """Dice, HD95 (mm), empty-case accuracy and loss of the global model on ``split``."""
-    model = _checked_model(cfg, expected_fingerprint)
+    model, _ = _checked_model(cfg, expected_fingerprint)
     load_adapter_state(model, global_adapters)
     return evaluate_segmentation(
         model,

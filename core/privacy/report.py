@@ -78,6 +78,10 @@ REPORT_VERSION = 1
 # AUC first: under DP a noisy head often predicts the majority class, so plain accuracy can sit
 # at the prevalence while the ranking (AUC) and balanced accuracy show what was learned.
 PREFERRED_METRICS = ("auc", "balanced-accuracy", "accuracy", "loss")
+# A site's evaluate metric (core.federation.protocol.LOCAL_HEAD, which core.privacy may not
+# import): 0 when it evaluated with the initial global head, having no head of its own yet.
+LOCAL_HEAD = "local-head"
+INITIAL_HEAD = "no local head yet (initial head)"
 DASH = "—"
 
 
@@ -280,6 +284,15 @@ RUN_LABELS = {
 }
 
 
+# The summary's line on where the classifier heads went (run fact "head_sharing").
+HEAD_SHARING_LINES = {
+    "local": "Classifier heads: **local**. Each site trained and kept its own head; it never "
+    "left the site (only the adapters were averaged; replies carried the initial global head).",
+    "shared": "Classifier heads: **shared**. Each site's trained head left the site with its "
+    "adapter update and was averaged over the sites (under DP, covered like the adapters).",
+}
+
+
 def parse_run_facts(data: Any, *, source: str = METRICS_FILE) -> dict[str, str]:
     """The optional ``run`` block of a ``metrics.json`` document: names to strings/numbers."""
     raw = data.get("run", {}) if isinstance(data, Mapping) else {}
@@ -459,16 +472,22 @@ def render_markdown(
     """The text of ``report.md``: which run, summary, the explanation, one table per site,
     model quality. ``run``: facts identifying the run (``metrics.json``'s ``run`` block)."""
     accountants = sorted({site.settings.accountant.upper() for site in sites})
+    facts = {k: v for k, v in (run or {}).items() if k != "head_sharing"}
     lines = ["# Privacy-budget report", ""]
-    if run:
+    if facts:
         lines += ["| Run | |", "|---|---|"]
-        lines += [f"| {_cell(RUN_LABELS.get(k, k))} | {_cell(v)} |" for k, v in run.items()]
+        lines += [f"| {_cell(RUN_LABELS.get(k, k))} | {_cell(v)} |" for k, v in facts.items()]
         lines.append("")
     lines += [
         f"![Cumulative epsilon per round and model quality]({plot_name})",
         "",
         "## Summary",
         "",
+    ]
+    sharing = (run or {}).get("head_sharing")
+    if sharing:
+        lines += [HEAD_SHARING_LINES.get(sharing, f"Classifier heads: {_cell(sharing)}."), ""]
+    lines += [
         "| Site | Epsilon spent | Target epsilon | Delta | Accountant | Clipping norm "
         "| Dataset size | Rounds trained | Rounds refused | Status |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---|",
@@ -624,19 +643,41 @@ def _metric_names(metrics: Sequence[RoundMetrics]) -> list[str]:
     return preferred + sorted(seen - set(preferred))
 
 
+def initial_head_sites(row: RoundMetrics) -> list[str]:
+    """Sites whose evaluation in ``row`` used the initial global head: they had no head of
+    their own yet (head-sharing "local", not trained yet), so their numbers are not theirs."""
+    return sorted(name for name, values in row.sites.items() if values.get(LOCAL_HEAD) == 0.0)
+
+
 def _metrics_section(metrics: Sequence[RoundMetrics]) -> list[str]:
     names = _metric_names(metrics)
     lines = ["## Global model quality per round", ""]
     if not names:
-        return [*lines, "No aggregated evaluation metrics were recorded.", ""]
-    lines += [
-        "| Round | " + " | ".join(_cell(metric_label(name)) for name in names) + " |",
-        "|---:|" + "---:|" * len(names),
-    ]
-    for row in metrics:
-        cells = [_format_optional(row.evaluate.get(name), ".4f") for name in names]
-        lines.append(f"| {row.server_round} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
+        lines += ["No aggregated evaluation metrics were recorded.", ""]
+    else:
+        lines += [
+            "| Round | " + " | ".join(_cell(metric_label(name)) for name in names) + " |",
+            "|---:|" + "---:|" * len(names),
+        ]
+        for row in metrics:
+            cells = [_format_optional(row.evaluate.get(name), ".4f") for name in names]
+            lines.append(f"| {row.server_round} | " + " | ".join(cells) + " |")
+        lines.append("")
+    initial = [(row.server_round, initial_head_sites(row)) for row in metrics]
+    if any(sites for _, sites in initial):
+        lines += [
+            f"Evaluated with {INITIAL_HEAD}: these sites had not trained a head of their own "
+            "yet, so their numbers (and their share of the means above; hollow markers in the "
+            "plot) are the untrained initial head's, not the site's model quality.",
+            "",
+        ]
+        lines += [
+            f"- Round {r}: {', '.join(_cell(name) for name in sites)}"
+            for r, sites in initial
+            if sites
+        ]
+        lines.append("")
+    return lines
 
 
 # -- plot ------------------------------------------------------------------------------------
@@ -709,6 +750,8 @@ def render_plot(
     plotted = False
     site_names = sorted({name for row in metrics for name in row.sites})
     extra_colors = iter(f"C{index % 10}" for index in range(len(colors), len(colors) + 100))
+    initial_heads = {row.server_round: initial_head_sites(row) for row in metrics}
+    initial_label = INITIAL_HEAD  # one legend entry for every hollow marker
     for name in site_names:
         points = [
             (row.server_round, row.sites[name][metric])
@@ -720,6 +763,13 @@ def render_plot(
             color = colors.get(name) or next(extra_colors)
             metric_axes.plot(xs, ys, marker=".", alpha=0.75, color=color, label=name)
             plotted = True
+            initial = [(r, y) for r, y in points if name in initial_heads.get(r, ())]
+            if initial:  # not the site's model: hollow markers over the line
+                xs, ys = zip(*initial, strict=True)
+                metric_axes.plot(
+                    xs, ys, "o", color=color, markerfacecolor="none", label=initial_label
+                )
+                initial_label = "_nolegend_"
     global_points = [
         (row.server_round, row.evaluate[metric])
         for row in metrics

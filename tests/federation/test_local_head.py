@@ -4,11 +4,18 @@ the global head unchanged, so the coordinator never sees a site's head."""
 from __future__ import annotations
 
 import pytest
+import safetensors.torch
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import safe_open, save_file
 
 from core.config import RunConfig
 from core.data import HospitalSpec, PhantomSite, generate_hospitals
+from core.federation.policy import SitePolicy, release_manifest, released_metrics
 from core.federation.rounds import evaluate_round, initial_adapters, train_round
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +43,11 @@ def test_the_reply_carries_the_global_head_and_the_site_keeps_its_trained_head(s
     kwargs = {"site_dir": site_dir, "expected_fingerprint": digest, "ledger_state": None}
     outcome = train_round(cfg, global_adapters=global_adapters, server_round=1, **kwargs)
     assert outcome.adapters is not None and outcome.local_head is not None
+    kept = outcome.local_head.tensors
     for key, value in heads(global_adapters).items():
         assert torch.equal(outcome.adapters[key], value)  # nothing of the trained head is sent
-        assert not torch.equal(outcome.local_head[key], value)  # but it was trained
-    assert set(outcome.local_head) == set(heads(global_adapters))
+        assert not torch.equal(kept[key], value)  # but it was trained
+    assert set(kept) == set(heads(global_adapters))
     moved = [k for k in global_adapters if "lora_B" in k]
     assert any(not torch.equal(outcome.adapters[k], global_adapters[k]) for k in moved)
 
@@ -70,11 +78,13 @@ def test_the_site_trains_and_evaluates_from_its_own_head(site):
     )
     assert outcome.local_head is not None
     for key, value in own.items():  # training started from the site's head, not the global one
-        torch.testing.assert_close(outcome.local_head[key], value)
+        torch.testing.assert_close(outcome.local_head.tensors[key], value)
     kwargs = {"site_dir": site_dir, "global_adapters": global_adapters}
     with_own = evaluate_round(cfg, expected_fingerprint=digest, local_head=own, **kwargs)
     with_global = evaluate_round(cfg, expected_fingerprint=digest, **kwargs)
     assert with_own["loss"] != pytest.approx(with_global["loss"])
+    # The metrics say which head they come from: the site's own, or the initial one.
+    assert (with_own.pop("local-head"), with_global.pop("local-head")) == (1.0, 0.0)
     shared = config(root, **{"head-sharing": "shared"})  # a shared-head run ignores it
     assert evaluate_round(shared, expected_fingerprint=digest, local_head=own, **kwargs) == (
         pytest.approx(with_global)
@@ -107,3 +117,131 @@ def test_segmentation_keeps_no_local_head_and_old_run_folders_shared_theirs():
     old = RunConfig.from_record({"head-norm": True, "head-pool": "contrast"})
     assert (old.head_norm, old.head_sharing, old.keeps_local_head) == ("layer", "shared", False)
     assert RunConfig.from_record({"head-norm": False}).head_norm == "none"
+
+
+def message(adapters, fingerprint, server_round, kind, node=1):
+    """A server message as Flower delivers it to the ClientApp's handlers."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    config = ConfigRecord({"server-round": server_round, "backbone-fingerprint": fingerprint})
+    content = RecordDict({"arrays": ArrayRecord(adapters), "config": config})
+    return Message(content, dst_node_id=node, message_type=kind)
+
+
+def node(cfg, partition=0, partitions=1):
+    """A fresh simulated node (nothing in its memory): what it keeps is on disk."""
+    where = {"partition-id": partition, "num-partitions": partitions}
+    return Context(1, partition + 1, where, RecordDict(), cfg.to_flat())
+
+
+def test_a_kept_head_records_what_it_was_trained_for_and_another_runs_is_refused(site, tmp_path):
+    """The real ClientApp handlers, a real state folder: the kept head's file records the
+    backbone, head-pool, head-norm as resolved, num-classes and task. A run that differs in
+    any of them (here: another backbone, another head-norm; the head's shapes are the same, so
+    shapes alone let it through before) refuses to train or evaluate from it, naming the file,
+    the field (stored vs current) and the fix, and leaves the file as it was. A head file from
+    before provenance is refused too: it cannot be shown to be this run's."""
+    from client.app import evaluate, train
+
+    root, _ = site
+    cfg = config(root, **{"state-root": str(tmp_path / "state")})
+    adapters, digest = initial_adapters(cfg)
+    reply = train(message(adapters, digest, 1, "train"), node(cfg))
+    assert reply.content["site"]["status"] == "trained"
+    head_file = tmp_path / "state" / "xr" / "local-head.safetensors"
+    with safe_open(str(head_file), framework="pt") as handle:
+        assert handle.metadata() == {
+            "format": "fedmedvit.local-head",
+            "version": "1",
+            "backbone_fingerprint": digest,
+            "head_pool": "stats",
+            "head_norm": "layer",  # "auto" on a backbone without a reference
+            "num_classes": "2",
+            "task": "classification",
+        }
+    kept = head_file.read_bytes()
+
+    def shapes(state):
+        return {k: v.shape for k, v in heads(state).items()}
+
+    for overrides, difference in (
+        ({"backbone-seed": 1}, f"backbone fingerprint: stored '{digest}', current '"),
+        ({"head-norm": "none"}, "head-norm (resolved): stored 'layer', current 'none'"),
+    ):
+        other = RunConfig.from_flat(cfg.to_flat() | overrides)
+        other_adapters, other_digest = initial_adapters(other)
+        assert shapes(other_adapters) == shapes(adapters)  # the shapes cannot tell
+        for handler, kind in ((train, "train"), (evaluate, "evaluate")):
+            with pytest.raises(ValueError) as caught:
+                handler(message(other_adapters, other_digest, 2, kind), node(other))
+            text = str(caught.value)
+            assert str(head_file) in text and difference in text, text
+            assert "Remove it" in text and "state-dir" in text
+        assert head_file.read_bytes() == kept  # neither deleted nor overwritten
+
+    save_file(safetensors.torch.load(kept), str(head_file))  # as the previous version wrote it
+    with pytest.raises(ValueError, match=r"local-head\.safetensors predates local-head provenance"):
+        evaluate(message(adapters, digest, 1, "evaluate"), node(cfg))
+
+
+def test_a_site_without_a_head_of_its_own_yet_is_marked_not_reported_as_its_model(tmp_path):
+    """Round 1 trains only site a (fraction-train < 1); both evaluate. Site b's numbers come
+    from the untrained initial head: its reply says so, and the server's per-round line and
+    the report mark them instead of presenting them as site b's model. The report says where
+    the heads went."""
+    from client.app import evaluate, train
+    from server.app import site_progress
+    from server.run_files import RunFolder
+    from server.strategy import AdapterFedAvg
+
+    spec = HospitalSpec(
+        (PhantomSite("a", "xr2d", 30, (32, 32)), PhantomSite("b", "xr2d", 30, (32, 32))),
+        alpha=None,
+    )
+    generate_hospitals(tmp_path / "sites", spec, seed=0)
+    cfg = RunConfig.from_flat(  # DP (the default): the report needs the sites' ledgers
+        {
+            "data-root": str(tmp_path / "sites"),
+            "state-root": str(tmp_path / "state"),
+            "in-plane-size": 32,
+            "batch-size": 8,
+            "num-server-rounds": 2,
+        }
+    )
+    adapters, digest = initial_adapters(cfg)
+    strategy = AdapterFedAvg(backbone_fingerprint=digest, reference=adapters)
+    trained = train(message(adapters, digest, 1, "train", node=1), node(cfg, 0, 2))
+    arrays, _ = strategy.aggregate_train(1, [trained])
+    assert arrays is not None
+    new_global = arrays.to_torch_state_dict()
+    replies = [
+        evaluate(message(new_global, digest, 1, "evaluate", node=n + 1), node(cfg, n, 2))
+        for n in (0, 1)
+    ]
+    assert [r.content["metrics"]["local-head"] for r in replies] == [1, 0]
+    strategy.aggregate_evaluate(1, replies)
+    line_a, line_b = site_progress(strategy.round_log(1))
+    assert line_b.startswith("round 1 site b: [no local head yet (initial head)]")
+    assert "no local head" not in line_a
+
+    folder = RunFolder(tmp_path / "run")
+    folder.write_config(cfg)
+    folder.save_round(1, new_global, strategy)
+    report = (folder.root / "report.md").read_text()
+    assert "Classifier heads: **local**. Each site trained and kept its own head; it never " in (
+        report
+    )
+    assert "Evaluated with no local head yet (initial head)" in report
+    assert "- Round 1: b\n" in report
+
+
+def test_the_local_head_flag_leaves_with_the_numbers_it_qualifies():
+    """Alone it says nothing (HE by default sends only the example count); with an AUC the
+    policy lets out, it goes too, even when the policy does not list it."""
+    he = RunConfig.from_flat({"he": True, "he-public-context": "p", "dp": False})
+    evaluation = {"num-examples": 6, "auc": 0.7, "local-head": 0.0}
+    assert released_metrics(he, SitePolicy(), evaluation) == {"num-examples": 6}
+    assert released_metrics(he, SitePolicy(allowed_metrics=("auc",)), evaluation) == evaluation
+    items = {(i["reply"], i["item"]) for i in release_manifest(RunConfig(), SitePolicy())}
+    assert ("evaluate", "metric local-head") in items
+    shared = RunConfig.from_flat({"head-sharing": "shared"})
+    assert "metric local-head" not in {i["item"] for i in release_manifest(shared, SitePolicy())}

@@ -30,3 +30,13 @@ def test_absent_keys_lists_and_arrays_raise_what_int_would() -> None:
 def test_ciphertexts_round_trip_through_named_uint8_arrays() -> None:
     blobs = [b"\x00\x01", b"", b"abc"]
     assert P.arrays_to_ciphertexts(P.ciphertexts_to_arrays(blobs)) == blobs
+
+
+def test_the_reply_metric_keys_are_pinned() -> None:
+    """Metric keys are wire format: a renamed key is a reply the other side misreads. The
+    privacy report keeps its own copy of the local-head key (core.privacy may not import
+    core.federation); it must stay the protocol's."""
+    from core.privacy import report
+
+    assert (P.NUM_EXAMPLES, P.TRAIN_LOSS, P.EPSILON) == ("num-examples", "train-loss", "epsilon")
+    assert P.LOCAL_HEAD == report.LOCAL_HEAD == "local-head"

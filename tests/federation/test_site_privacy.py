@@ -67,7 +67,8 @@ def test_every_release_draws_fresh_noise_the_server_cannot_choose(site_cfg):
     sent = [k for k in first.adapters if "lora_B" in k]  # the head stays at the site
     assert sent and all(not torch.equal(first.adapters[k], second.adapters[k]) for k in sent)
     assert first.local_head is not None and second.local_head is not None
-    assert not torch.equal(first.local_head["head.fc.weight"], second.local_head["head.fc.weight"])
+    first_head, second_head = first.local_head.tensors, second.local_head.tensors
+    assert not torch.equal(first_head["head.fc.weight"], second_head["head.fc.weight"])
 
 
 def test_a_trained_round_number_is_refused_with_another_global_and_replayed_with_the_same(

@@ -300,3 +300,29 @@ def test_a_site_that_refused_without_a_ledger_is_listed(tmp_path, ledgers):
     assert "| 1 | site-a |" not in text  # sites with a ledger have their own section
     with pytest.raises(ReportInputError, match="status: expected an object of strings"):
         write_metrics_json(tmp_path, {"rounds": [{"round": 1, "status": {"x": 1}}]})
+
+
+@pytest.mark.parametrize(
+    ("values", "line"),
+    [
+        ({}, "Classifier heads: **local**. Each site trained and kept its own head; it never left"),
+        ({"head-sharing": "shared"}, "Classifier heads: **shared**. Each site's trained head left"),
+        ({"task": "segmentation"}, "Classifier heads: **shared**."),  # decoder and head travel
+    ],
+)
+def test_the_summary_says_whether_the_heads_left_the_sites(tmp_path, ledgers, values, line):
+    """The run folder as the server writes it: one line under the summary, from the run's
+    config as it ran (a segmentation run averages its head whatever head-sharing says)."""
+    from core.config import RunConfig
+    from server.run_files import RunFolder
+    from server.strategy import AdapterFedAvg
+
+    folder = RunFolder(tmp_path)
+    folder.write_config(RunConfig.from_flat(values))
+    strategy = AdapterFedAvg(backbone_fingerprint="ab" * 32, reference={})
+    strategy.ledgers = {name: ledger.to_dict() for name, ledger in ledgers.items()}
+    folder.write_reports(strategy)
+    text = (tmp_path / REPORT_FILE).read_text()
+    summary = text.split("## Summary", 1)[1].split("| Site |", 1)[0]
+    assert line in summary
+    assert "head_sharing" not in text  # the line, not a raw run-table row

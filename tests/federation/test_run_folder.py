@@ -1,0 +1,172 @@
+"""A run folder read back at a site: ``fedmedvit explain`` and ``fedmedvit decrypt`` use the
+run's backbone and the site's own head, or refuse by name. A real run folder (the ClientApp's
+train handler, the server's strategy and RunFolder), real backbone files, real CKKS."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import safetensors.torch
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import save_file
+
+from core.adapters.lora import adapter_state, load_adapter_folder
+from core.config import RunConfig
+from core.data import HospitalSpec, PhantomSite, generate_hospitals
+from core.federation.rounds import build_backbone, build_lora_model, initial_adapters
+from core.model.checkpoint import save_backbone
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def backbone_file(path, seed):
+    """A seeded micro backbone saved as a checkpoint; returns its fingerprint."""
+    model, _ = build_backbone(RunConfig.from_flat({"backbone-seed": seed}))
+    return save_backbone(model, path)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One trained round of a one-site run on a backbone file, as the server leaves it:
+    config.json, checkpoints (latest.json records the backbone), final adapters, and the
+    site's head in the run folder's state (as a simulation writes it)."""
+    from client.app import train
+    from server.run_files import RunFolder
+    from server.strategy import AdapterFedAvg
+
+    root = tmp_path_factory.mktemp("run-folder")
+    spec = HospitalSpec((PhantomSite("xr", "xr2d", 20, (32, 32)),), alpha=None)
+    generate_hospitals(root / "sites", spec, seed=0)
+    digest = backbone_file(root / "backbone.safetensors", seed=0)
+    cfg = RunConfig.from_flat(
+        {
+            "data-root": str(root / "sites"),
+            "state-root": str(root / "run" / "state"),
+            "backbone": str(root / "backbone.safetensors"),
+            "in-plane-size": 32,
+            "dp": False,
+            "num-server-rounds": 1,
+        }
+    )
+    adapters, announced = initial_adapters(cfg)
+    assert announced == digest
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    config = ConfigRecord({"server-round": 1, "backbone-fingerprint": digest})
+    instruction = Message(
+        RecordDict({"arrays": ArrayRecord(adapters), "config": config}),
+        dst_node_id=1,
+        message_type="train",
+    )
+    node = Context(1, 1, {"partition-id": 0, "num-partitions": 1}, RecordDict(), cfg.to_flat())
+    reply = train(instruction, node)
+    strategy = AdapterFedAvg(backbone_fingerprint=digest, reference=adapters)
+    arrays, _ = strategy.aggregate_train(1, [reply])
+    assert arrays is not None
+    folder = RunFolder(root / "run")
+    folder.write_config(cfg)
+    folder.save_round(1, arrays.to_torch_state_dict(), strategy)
+    folder.save_final_adapters(cfg, arrays.to_torch_state_dict())
+    return root, cfg, digest, arrays.to_torch_state_dict()
+
+
+@pytest.fixture
+def other_backbone(run):
+    """The run's backbone file replaced by another one of the same size (then restored)."""
+    root, _, _, _ = run
+    path = root / "backbone.safetensors"
+    kept = root / "kept.safetensors"
+    shutil.copy(path, kept)
+    digest = backbone_file(path, seed=1)
+    yield path, digest
+    shutil.copy(kept, path)
+
+
+def explain(run, capsys, tmp_path, *extra):
+    from client.explain import main
+
+    root, _, _, _ = run
+    site = ["--site-dir", str(root / "sites" / "xr"), "--out", str(tmp_path / "out")]
+    capsys.readouterr()
+    code = main([str(root / "run"), *site, "--limit", "1", *extra])
+    return code, capsys.readouterr().err
+
+
+def test_explain_names_the_head_file_it_loaded_and_refuses_a_head_of_unknown_provenance(
+    run, capsys, tmp_path
+):
+    root, _, digest, _ = run
+    code, _ = explain(run, capsys, tmp_path)
+    assert code == 0
+    index = (tmp_path / "out" / "index.html").read_text()
+    head_file = root / "run" / "state" / "xr" / "local-head.safetensors"
+    assert f"head <code>{head_file}</code> (the site's own)" in index
+    assert f"adapters <code>{root / 'run' / 'adapters'}</code>" in index
+    assert f"backbone <code>{digest[:12]}</code>" in index
+
+    # The same tensors without their provenance, as the previous version wrote them.
+    state = tmp_path / "old-state"
+    state.mkdir()
+    save_file(safetensors.torch.load(head_file.read_bytes()), str(state / head_file.name))
+    code, err = explain(run, capsys, tmp_path, "--state-dir", str(state))
+    assert code == 2 and err.startswith("error: ")
+    assert f"{state / head_file.name} predates local-head provenance" in err
+    assert "Remove it" in err and "--state-dir" in err
+
+
+def test_explain_refuses_a_backbone_that_is_not_the_runs(run, capsys, tmp_path, other_backbone):
+    path, other = other_backbone
+    _, _, digest, _ = run
+    code, err = explain(run, capsys, tmp_path)
+    assert code == 2 and err.startswith("error: ")
+    assert f"backbone file {path} has fingerprint {other}" in err
+    assert f"was trained on backbone {digest}" in err
+    assert not (tmp_path / "out" / "index.html").exists()
+
+
+def test_decrypt_refuses_a_backbone_that_is_not_the_runs(run, tmp_path, capsys):
+    """An encrypted run's folder (the HE strategy's checkpoint of a real CKKS sum): decrypts
+    on the run's backbone, refuses before decrypting on another one."""
+    from client.decrypt import main
+    from core.federation.protocol import ciphertexts_to_arrays
+    from core.he.ckks import encrypt_update, load_public_context, load_secret_context, provision
+    from server.he_strategy import EncryptedAdapterFedAvg
+    from server.run_files import RunFolder
+
+    root, cfg, digest, adapters = run
+    secret, public = provision(tmp_path / "he")
+    he = RunConfig.from_flat(cfg.to_flat() | {"he": True, "he-public-context": str(public)})
+    update = encrypt_update(adapters, 20, load_secret_context(secret))
+    strategy = EncryptedAdapterFedAvg(
+        public_context=load_public_context(public), backbone_fingerprint=digest, reference=adapters
+    )
+    strategy.global_total = 20
+    folder = RunFolder(tmp_path / "he-run")
+    folder.write_config(he)
+    arrays = ciphertexts_to_arrays(update.ciphertexts)
+    folder.save_round(1, {k: torch.from_numpy(v) for k, v in arrays.items()}, strategy)
+
+    out = tmp_path / "decrypted"
+    assert main([str(folder.root), "--secret-context", str(secret), "--out", str(out)]) == 0
+    model, _ = build_lora_model(cfg)
+    load_adapter_folder(model, out)
+    for key, value in adapter_state(model).items():  # the run's adapters, through CKKS
+        torch.testing.assert_close(value, adapters[key], rtol=1e-5, atol=1e-6)
+
+    path = root / "backbone.safetensors"
+    kept = path.read_bytes()
+    try:
+        other = backbone_file(path, seed=1)
+        capsys.readouterr()
+        again = tmp_path / "again"
+        code = main([str(folder.root), "--secret-context", str(secret), "--out", str(again)])
+        err = capsys.readouterr().err
+    finally:
+        path.write_bytes(kept)
+    assert code == 2 and f"backbone file {path} has fingerprint {other}" in err
+    assert f"was trained on backbone {digest}" in err and not again.exists()
+    latest = json.loads((folder.root / "checkpoints" / "latest.json").read_text())
+    assert latest["backbone_fingerprint"] == digest
