@@ -28,7 +28,7 @@ from torch.utils.data import ConcatDataset
 
 from core.adapters.lora import adapter_state
 from core.config import RunConfig
-from core.data.phantoms import generate_hospitals
+from core.data.phantoms import PHANTOM_VERSION, generate_hospitals
 from core.federation.rounds import (
     build_lora_model,
     evaluate_round,
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     started = time.perf_counter()
     for preset_name in args.presets.split(","):
-        data = args.cache / f"benchmark-{preset_name}-seed0"
+        data = args.cache / f"benchmark-{preset_name}-seed0-v{PHANTOM_VERSION}"
         if not (data / "hospitals.json").is_file():
             generate_hospitals(data, preset_name, seed=0, overwrite=True)
         values = base | {"data-root": str(data.resolve())}

@@ -40,7 +40,7 @@ from benchmarks.federated import Pooled, weighted_average
 from core.adapters.lora import adapter_state, load_adapter_state
 from core.config import RunConfig
 from core.data import DABatchSampler, SiteDataset, collate
-from core.data.phantoms import generate_hospitals
+from core.data.phantoms import PHANTOM_VERSION, generate_hospitals
 from core.federation.rounds import build_lora_model, open_split
 from core.federation.sites import list_sites
 from core.pretrain.cli import demo_backbone
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         parser.error(f"unknown arms {unknown}; choose from {','.join(ARMS)}")
-    root = args.cache / f"benchmark-{args.preset}-seed0"
+    root = args.cache / f"benchmark-{args.preset}-seed0-v{PHANTOM_VERSION}"
     if not (root / "hospitals.json").is_file():
         generate_hospitals(root, args.preset, seed=0, overwrite=True)
     path, digest = demo_backbone(args.cache, size="micro", steps=args.pretrain_steps)

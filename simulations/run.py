@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import ConfigError, RunConfig, format_sections
-from core.data.phantoms import generate_hospitals
+from core.data.phantoms import PHANTOM_VERSION, generate_hospitals
 from core.federation.sites import list_sites
 from core.pretrain import demo_backbone
 from simulations.flower_cli import RunFailed, flwr_run, local_superlink
@@ -68,7 +68,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 def prepare_data(scenario: dict[str, Any], cache: Path) -> Path:
     """Generate the scenario's phantom hospitals once; reuse them on later runs."""
     spec = dict(scenario.get("phantoms", {"preset": "default", "seed": 0}))
-    tag = "-".join(f"{k}{v}" for k, v in sorted(spec.items()))
+    tag = "-".join(f"{k}{v}" for k, v in sorted(spec.items())) + f"-v{PHANTOM_VERSION}"
     root = cache / tag
     marker = root / ".complete"
     if not marker.is_file():

@@ -171,10 +171,14 @@ def demo_backbone(
     built. Raises PretrainError when pretraining fails (e.g. unreadable site images).
     """
     # "-ref": the file carries the head-input reference (core.model.reference); folders of
-    # backbones built before it are not reused.
+    # backbones built before it are not reused. The phantom archive's generator version too.
     tag = f"backbone-{size}-steps{steps}-seed{seed}-ref"
     if data:
         tag += f"-data{datalists_digest(data)[:12]}"
+    else:
+        from core.data.phantoms import PHANTOM_VERSION
+
+        tag += f"-v{PHANTOM_VERSION}"
     folder = Path(cache) / tag
     out = folder / "backbone.safetensors"
     marker = folder / "fingerprint.txt"
