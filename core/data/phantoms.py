@@ -10,9 +10,8 @@ is binary, *lesion present* (label 1) or not (label 0), on region-of-interest cr
   texture, a second organ, an enhancing vessel; the lesion is a hypodense blob in the organ.
 * ``mr3d``: MR in arbitrary units (int16 NIfTI): other contrasts, a multiplicative bias field,
   Rician noise; the lesion is hyperintense. Thick slices average the anatomy (partial volume).
-* ``xr2d``: X-ray-like projection (8- or 16-bit PNG): lung field, ribs, vessel markings,
-  sharp-edged nodule mimics (skin markers) in both classes; the lesion is a soft-edged nodule,
-  faint to obvious. PNG has no spacing, so the datalist carries it.
+* ``xr2d``: X-ray-like projection (8- or 16-bit PNG): lung field, ribs, vessel markings; the
+  lesion is a nodule, faint to obvious. PNG has no spacing, so the datalist carries it.
 
 What makes it learnable but not trivial: lesions vary in size and contrast (some are faint),
 sit at random places in the organ, and both classes contain lesion-like distractors (vessels
@@ -47,9 +46,9 @@ import numpy as np
 from PIL import Image
 
 # Part of every cache folder name built from generated phantoms (sites, the pretraining archive,
-# benchmark data): bumped whenever the same seed writes different images, so a cache made by an
-# older generator is never reused. 2: X-ray nodule mimics.
-PHANTOM_VERSION = 2
+# benchmark data): bump it whenever the same seed writes different images, so that a cache made
+# by an older generator is never reused.
+PHANTOM_VERSION = 1
 
 Kind = Literal["ct3d", "mr3d", "xr2d"]
 KINDS: tuple[Kind, ...] = ("ct3d", "mr3d", "xr2d")
@@ -398,16 +397,6 @@ def _render_2d(
     for _ in range(int(rng.integers(0, 3))):
         c = _point_in_ellipsoid(rng, lung_c, lung_r, 0.8)
         attenuation = attenuation + 0.15 * _inside((x, y), c, (1.6, 1.6), 0.2)
-    # Nodule mimics in both classes (skin markers, nipple shadows): sharp-edged discs of a
-    # nodule's size, density and place. Every case holds as many round dense blobs as any other
-    # in distribution (a lesion-free case one mimic more), so the image's brightness says
-    # nothing about the label (it did: mean intensity alone scored AUC 1.00); the nodule is
-    # told by its soft edge.
-    for _ in range(int(rng.random() < 0.5) + (0 if lesion else 1)):
-        c = _point_in_ellipsoid(rng, lung_c, lung_r, 0.7)
-        radius = float(rng.uniform(*site.lesion_radius_mm))
-        contrast = float(rng.uniform(*site.lesion_contrast)) * 0.16
-        attenuation = attenuation + contrast * _inside((x, y), c, (radius, radius), 0.03)
     mask = np.zeros((height, width), dtype=np.uint8)
     if lesion:
         c = _point_in_ellipsoid(rng, lung_c, lung_r, 0.7)

@@ -80,7 +80,7 @@ def test_two_sites_two_rounds_with_dp(tmp_path, data_cache, capsys):
 
     # The run federated from the pretrained demo backbone, and announced its fingerprint.
     cfg_values = json.loads((out / "config.json").read_text())
-    backbone = data_cache / "backbone-micro-steps3-seed0-ref-v2" / "backbone.safetensors"
+    backbone = data_cache / "backbone-micro-steps3-seed0-ref-v1" / "backbone.safetensors"
     assert cfg_values["backbone"] == str(backbone.resolve())
     latest = json.loads((out / "checkpoints" / "latest.json").read_text())
     assert latest["backbone_fingerprint"] == load_backbone(backbone)[1]
