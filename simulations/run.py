@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -207,6 +208,12 @@ def run_scenario(
     )
     print(f"scenario {scenario['name']}: {about}")
     print(f"{len(sites)} sites, {cfg.num_server_rounds} rounds, out-dir {out_dir}")
+    if os.environ.get("RAY_ADDRESS"):  # inherited by flwr-simulation, whose ray.init() joins it
+        print(
+            f"Ray cluster RAY_ADDRESS={os.environ['RAY_ADDRESS']}: every node needs data-root, "
+            "backbone and state-root at these paths (README: Spreading a simulation over several "
+            "machines)"
+        )
     started = time.perf_counter()
     shown: set[str] = set()  # the log stream can carry a line twice (two handlers)
 
