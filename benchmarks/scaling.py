@@ -51,6 +51,9 @@ a finished job whose driver is the run's ``flwr-simulation`` process, Flower's
 ``ClientAppActor`` actors of that job and the node each ran on, and no GCS in the run's own
 tree. Writes ``benchmarks/results/scaling-ray-cluster.json``; exits 1 if a point did not
 complete or did not use the cluster.
+
+Over 500 lines: the process-tree sampler, the per-point child runs and the Ray head's start,
+check and stop serve one command; split apart, each piece would need the others' state.
 """
 
 from __future__ import annotations

@@ -48,6 +48,11 @@ def load_scenario(name_or_path: str) -> dict[str, Any]:
         raise SystemExit(f"no scenario {name_or_path!r}; known scenarios: {known}")
     with path.open("rb") as handle:
         scenario = tomllib.load(handle)
+    if "base" in scenario:  # another scenario's tables, these keys on top
+        base = load_scenario(scenario.pop("base"))
+        for key, value in scenario.items():
+            base[key] = base.get(key, {}) | value if isinstance(value, dict) else value
+        scenario = base
     scenario["name"] = path.stem
     return scenario
 

@@ -115,7 +115,7 @@ class HospitalSpec:
             raise ValueError(f"HospitalSpec.alpha must be > 0 or None (IID), got {self.alpha}")
 
 
-PRESETS = ("default", "large", "many", "segmentation")
+PRESETS = ("default", "large", "many", "segmentation", "unseen")
 
 
 def preset(
@@ -169,6 +169,8 @@ def preset(
         return HospitalSpec(sites, alpha=alpha, name="default")
     if name == "segmentation":
         return _segmentation_preset(n_sites, alpha)
+    if name == "unseen":
+        return _unseen_preset(n_sites, alpha)
     if name == "many":
         count = 100 if n_sites is None else n_sites
         if count < 1:
@@ -208,6 +210,25 @@ _LAYOUTS: tuple[tuple[tuple[int, int, int], tuple[bool, bool, bool]], ...] = (
     ((0, 1, 2), (False, False, False)),
     ((1, 0, 2), (False, True, False)),
 )
+
+
+def _unseen_preset(n_sites: int | None, alpha: float | None) -> HospitalSpec:
+    """Four hospitals the recipe was not tuned on: other slice thicknesses (CT 2.5 mm, MR 3 mm),
+    pixel sizes, file layouts, noise, gain and label mixes than the default sites, as many
+    cases as the "large" preset."""
+    if n_sites not in (None, 4):
+        raise ValueError(f"preset 'unseen' has 4 sites; use preset 'many' for {n_sites}")
+    sites = (
+        PhantomSite("site-e-ct-2.5mm", "ct3d", 480, (64, 64), 16, (2.5, 0.8, 0.8),
+                    file_axes=(1, 0, 2), flips=(False, True, False), noise=1.3),
+        PhantomSite("site-f-mr-3mm", "mr3d", 360, (64, 64), 16, (3.0, 0.9, 0.9),
+                    flips=(False, False, True), gain=1.5, noise=1.2),
+        PhantomSite("site-g-xr-fine", "xr2d", 480, (64, 64), spacing=(1.0, 0.5, 0.5),
+                    noise=1.2, gain=1.1),
+        PhantomSite("site-h-xr-coarse", "xr2d", 300, (64, 64), spacing=(1.0, 0.9, 0.9),
+                    bit_depth=16, noise=0.8, gain=0.7),
+    )  # fmt: skip
+    return HospitalSpec(sites, alpha=alpha, name="unseen")
 
 
 def _tiny_site(index: int, rng: np.random.Generator) -> PhantomSite:

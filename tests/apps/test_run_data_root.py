@@ -125,3 +125,23 @@ def test_out_dir_set_in_the_run_config_is_the_run_folder(tmp_path, capsys):
     assert main(["default", *args, "--data-cache", str(tmp_path / "c")]) == 2
     assert "name different run folders" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_scenario_builds_on_another(tmp_path):
+    """``base = "default"``: the base scenario's tables, the file's keys on top (table by table),
+    so a variant states only what differs (the "unseen" hospitals scenario)."""
+    default = load_scenario("default")
+    path = tmp_path / "variant.toml"
+    path.write_text(
+        'base = "default"\ndescription = "v"\n[phantoms]\npreset = "unseen"\n'
+        "[run-config]\nnum-server-rounds = 2\n"
+    )
+    variant = load_scenario(str(path))
+    assert variant["name"] == "variant" and variant["description"] == "v"
+    assert variant["phantoms"] == default["phantoms"] | {"preset": "unseen"}
+    assert variant["run-config"] == default["run-config"] | {"num-server-rounds": 2}
+    assert variant["pretrain"] == default["pretrain"]
+    assert "base" not in variant
+    unseen = load_scenario("unseen")
+    assert unseen["run-config"] == default["run-config"]  # the default recipe, unchanged
+    assert unseen["phantoms"]["preset"] == "unseen"
