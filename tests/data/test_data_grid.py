@@ -114,3 +114,32 @@ def test_match_channels() -> None:
     rgb = torch.stack([torch.full((1, 4, 4), v) for v in (1.0, 0.0, 0.0)])
     assert match_channels(rgb, 1).flatten()[0].item() == pytest.approx(0.299)
     assert match_channels(rgb, 2) is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16])
+@pytest.mark.parametrize(
+    ("modality", "calibrated", "method"),
+    [("CT", True, "percentile"), ("CT", False, "percentile"), ("MR", False, "percentile"),
+     ("MR", False, "zscore"), ("XR", False, "percentile"), ("XR", False, "zscore")],
+)  # fmt: skip
+def test_normalisation_in_place_equals_the_expression(dtype, modality, calibrated, method):
+    """normalize_intensity works in place on one new array (issue 18: the temporaries cost
+    1.5-3 s per real-size CT); its values are the written-out expression's, bit for bit, and
+    the caller's array is untouched."""
+    rng = np.random.default_rng(0)
+    array = (np.abs(rng.standard_normal((1, 6, 32, 32))) * 300 - 50).clip(0).astype(dtype)
+    kept = array.copy()
+    config = IntensityConfig(mr=method, xr=method, ct_window=(-160, 240))  # integer bounds too
+    if modality == "CT" and calibrated:
+        low, high = config.ct_window
+        expected = (np.clip(array, low, high) - low) / (high - low)
+    elif method == "zscore":
+        std = float(array.std())
+        expected = (array - array.mean()) / std
+    else:
+        low, high = np.percentile(array, config.percentiles)
+        expected = (np.clip(array, low, high) - low) / (high - low)
+    out = normalize_intensity(array, modality, calibrated, config)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, expected.astype(np.float32))
+    np.testing.assert_array_equal(array, kept)
