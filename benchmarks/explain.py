@@ -180,10 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in list_sites(cfg):
         started = time.perf_counter()
         load_adapter_state(model, global_adapters)
-        load_site_head(model, cfg, args.run / "state" / name, digest)  # the run kept heads there
-        sites[name] = benchmark_site(
-            cfg, model, Path(cfg.data_root) / name, args.split, args.limit, generator
-        )
+        site_dir = Path(cfg.data_root) / name
+        load_site_head(model, cfg, args.run / "state" / name, digest, site_dir)  # kept there
+        sites[name] = benchmark_site(cfg, model, site_dir, args.split, args.limit, generator)
         sites[name]["seconds"] = time.perf_counter() - started
     methods = (*METHODS, *BASELINES)
     print(f"{'site':24s} {'cases':>5s} " + " ".join(f"{m:>16s}" for m in methods))

@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.federated import weighted_average
 from core.config import RunConfig
-from core.data.phantoms import generate_hospitals
+from core.data.phantoms import PHANTOM_VERSION, generate_hospitals
 from core.federation.rounds import initial_adapters, train_round
 from core.he.ckks import (
     aggregate_encrypted,
@@ -107,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="tiny,base")
     parser.add_argument("--sites", type=int, default=10)
-    parser.add_argument("--data", type=Path, default=Path("phantom_data/benchmark-default-seed0"))
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(f"phantom_data/benchmark-default-seed0-v{PHANTOM_VERSION}"),
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from benchmarks.federated import Pooled, federated_round, site_test_metrics
 from core.adapters.lora import adapter_state
 from core.config import RunConfig
-from core.data.phantoms import generate_hospitals
+from core.data.phantoms import PHANTOM_VERSION, generate_hospitals
 from core.federation.rounds import (
     build_lora_model,
     initial_adapters,
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     scenario = load_scenario("segmentation")
     spec = scenario["phantoms"]
-    root = args.cache / f"segmentation-alpha{spec['alpha']}-seed{spec['seed']}"
+    root = args.cache / f"segmentation-alpha{spec['alpha']}-seed{spec['seed']}-v{PHANTOM_VERSION}"
     if not (root / "hospitals.json").is_file():
         generate_hospitals(root, "segmentation", seed=spec["seed"], alpha=spec["alpha"])
     backbone, _ = demo_backbone(args.cache, steps=scenario["pretrain"]["steps"])

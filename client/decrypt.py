@@ -17,6 +17,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from core.adapters.lora import load_adapter_state, save_adapters
+from core.config import ConfigError
 from core.federation.protocol import arrays_to_ciphertexts
 from core.federation.runs import CHECKPOINTS, LATEST, build_run_model
 from core.he.ckks import CkksLayout, decrypt_average, load_secret_context
@@ -27,11 +28,11 @@ def decrypt_run(run_dir: Path, secret_context: Path, out: Path) -> Path:
     """Decrypt the run's last encrypted global into peft format in ``out``; returns ``out``.
 
     Raises BackboneError (before decrypting) when the backbone is not the run's."""
+    _, model, _ = build_run_model(run_dir)  # config.json and latest.json read and checked
     latest = json.loads((run_dir / CHECKPOINTS / LATEST).read_text())
     state = latest.get("strategy", {})
     if state.get("global_total") is None:
         raise SystemExit(f"{run_dir} holds no encrypted global adapters (not an HE run?)")
-    _, model, _ = build_run_model(run_dir)
     arrays = load_file(str(run_dir / CHECKPOINTS / latest["adapters"]))
     adapters = decrypt_average(
         arrays_to_ciphertexts({k: v.numpy() for k, v in arrays.items()}),
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = decrypt_run(args.run_dir, args.secret_context, args.out or args.run_dir / "adapters")
-    except BackboneError as err:
+    except (BackboneError, ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(path)

@@ -24,8 +24,14 @@ from typing import Any
 from torch import nn
 from tqdm import tqdm
 
-from core.adapters.lora import adapter_state, load_adapter_folder, load_adapter_state
+from core.adapters.lora import (
+    AdapterStateError,
+    adapter_state,
+    load_adapter_folder,
+    load_adapter_state,
+)
 from core.config import ConfigError, RunConfig
+from core.data import DatasetError
 from core.explain.overlay import render_overlay
 from core.explain.relevance import DEFAULT_METHOD, METHODS, explain
 from core.federation.local_head import LocalHead, head_provenance, with_local_head
@@ -51,10 +57,11 @@ def class_label(label: Any, names: tuple[str, ...] | None) -> str:
 
 
 def load_site_head(
-    model: nn.Module, cfg: RunConfig, state_dir: Path, backbone_fingerprint: str
+    model: nn.Module, cfg: RunConfig, state_dir: Path, backbone_fingerprint: str, site_dir: Path
 ) -> Path | None:
     """Put the site's own head (``state_dir/local-head.safetensors``) on ``model`` (built on
-    the backbone with ``backbone_fingerprint``) when the run kept heads at the sites; returns
+    the backbone with ``backbone_fingerprint``; trained on the site at ``site_dir``) when the
+    run kept heads at the sites; returns
     that file, None when the run shared its head (the adapters hold it).
 
     Raises:
@@ -70,7 +77,7 @@ def load_site_head(
             "site (head-sharing = local); point --state-dir at the site's state folder (default "
             "RUN_DIR/state/<site folder name>)"
         )
-    current = head_provenance(cfg, model, backbone_fingerprint)
+    current = head_provenance(cfg, model, backbone_fingerprint, site_dir)
     load_adapter_state(model, with_local_head(cfg, adapter_state(model), head, current))
     return state_dir / LOCAL_HEAD_FILE
 
@@ -95,8 +102,9 @@ def explain_site(
     cfg, model, digest = build_run_model(run_dir)
     adapters = adapters or run_dir / "adapters"
     load_adapter_folder(model, adapters)
-    head_file = load_site_head(model, cfg, state_dir or run_dir / "state" / site_dir.name, digest)
-    dataset = open_split(cfg, site_dir, split)
+    dataset = open_split(cfg, site_dir, split)  # first: a wrong --site-dir is named as such
+    state = state_dir or run_dir / "state" / site_dir.name
+    head_file = load_site_head(model, cfg, state, digest, site_dir)
     names = dataset.info.class_names
     count = len(dataset) if limit is None else min(limit, len(dataset))
     rows = []
@@ -168,8 +176,15 @@ def main(argv: list[str] | None = None) -> int:
             state_dir=args.state_dir,
             limit=args.limit,
         )
-    except (FileNotFoundError, ConfigError, BackboneError) as err:
+    except (FileNotFoundError, ConfigError, BackboneError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except AdapterStateError as err:
+        print(
+            f"error: the run's adapters do not load ({err}); an encrypted run's adapters are "
+            "decrypted at the site first: fedmedvit decrypt RUN_DIR --secret-context FILE",
+            file=sys.stderr,
+        )
         return 2
     print(index)
     return 0

@@ -282,13 +282,14 @@ def run_folder(scenario: dict[str, Any], out: Path | None, overrides: dict[str, 
     """The run folder: ``--out``, else ``--set out-dir=...`` (taken out of ``overrides``: the
     runner writes the resolved folder into the run config itself), else
     ``runs/<scenario>-<time>``. Raises ConfigError when both name different folders."""
-    chosen = overrides.pop("out-dir", None)
-    if chosen and out is not None and Path(chosen).resolve() != out.resolve():
+    given = overrides.pop("out-dir", None)
+    chosen = Path(str(given)).expanduser() if given not in (None, "") else None
+    if chosen is not None and out is not None and chosen.resolve() != out.resolve():
         raise ConfigError(
-            f"--out {out} and --set out-dir={chosen} name different run folders; give one"
+            f"--out {out} and --set out-dir={given} name different run folders; give one"
         )
-    if out is None and chosen:
-        out = Path(chosen)
+    if out is None:
+        out = chosen
     return out or ROOT / "runs" / f"{scenario['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 

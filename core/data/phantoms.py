@@ -520,7 +520,12 @@ def _write_site(site: PhantomSite, index: int, root: Path, seed: int, alpha: flo
         "class_names": _CLASS_NAMES,
         "tensorImageSize": "2D" if site.kind == "xr2d" else "3D",
         "numTraining": len(splits["training"]),
-        "phantom": {**asdict(site), "seed": seed, "prevalence": float(labels.mean())},
+        "phantom": {
+            **asdict(site),
+            "seed": seed,
+            "prevalence": float(labels.mean()),
+            "generator_version": PHANTOM_VERSION,
+        },
     }
     for split, members in splits.items():
         document[split] = [entries[i] for i in members]

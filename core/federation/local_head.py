@@ -19,6 +19,7 @@ heads only through :class:`LocalHead`; :func:`with_local_head` puts one on the a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -30,11 +31,11 @@ import safetensors.torch
 from torch import Tensor, nn
 
 from core.config import ConfigError, RunConfig
-from core.federation.sites import LOCAL_HEAD_FILE
+from core.federation.sites import DATALIST, LOCAL_HEAD_FILE
 
 HEAD_PREFIX = "head."
 HEAD_FORMAT = "fedmedvit.local-head"
-HEAD_VERSION = 1
+HEAD_VERSION = 2  # 2: the datalist digest
 # Where a site's state folder is set, for the fix in an error message.
 STATE_DIR_HINT = (
     "point the site's state folder elsewhere (node config 'state-dir'; run config "
@@ -55,6 +56,9 @@ class HeadProvenance:
     head_norm: str  # as resolved on the backbone, never "auto"
     num_classes: int
     task: str
+    # sha256 of the site's dataset.json (its cases, labels and class names): a head fitted to
+    # other data (another datalist, labels swapped) is not this site's head. Stays at the site.
+    datalist_digest: str = ""
     version: int = HEAD_VERSION
 
     def to_metadata(self) -> dict[str, str]:
@@ -100,13 +104,18 @@ _LABELS = {
     "head_norm": "head-norm (resolved)",
     "num_classes": "num-classes",
     "task": "task",
+    "datalist_digest": "the site's dataset.json (sha256)",
     "version": "format version",
 }
 
 
-def head_provenance(cfg: RunConfig, model: nn.Module, backbone_fingerprint: str) -> HeadProvenance:
+def head_provenance(
+    cfg: RunConfig, model: nn.Module, backbone_fingerprint: str, site_dir: str | Path
+) -> HeadProvenance:
     """What a head of ``model`` (``core.federation.rounds.build_lora_model(cfg)``, whose
-    backbone has ``backbone_fingerprint``) is trained for; head-norm as the model resolved it."""
+    backbone has ``backbone_fingerprint``) trained on the site at ``site_dir`` is for; head-norm
+    as the model resolved it. An unreadable dataset.json gives an empty digest (the site's
+    datalist check reports it when the data is opened)."""
     wrapped: Any = model  # a peft PeftModel around the UniversalViT
     base: Any = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
     return HeadProvenance(
@@ -115,7 +124,15 @@ def head_provenance(cfg: RunConfig, model: nn.Module, backbone_fingerprint: str)
         head_norm=str(base.config.head_norm),
         num_classes=cfg.num_classes,
         task=cfg.task,
+        datalist_digest=_datalist_digest(Path(site_dir) / DATALIST),
     )
+
+
+def _datalist_digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,7 @@ def _checked_model(cfg: RunConfig, expected_fingerprint: str) -> tuple[nn.Module
 
 def _site_model(
     cfg: RunConfig,
+    site_dir: str | Path,
     expected_fingerprint: str,
     global_adapters: Mapping[str, Tensor],
     local_head: LocalHead | Mapping[str, Tensor] | None,
@@ -211,7 +212,7 @@ def _site_model(
     checked against this run first: ``core.federation.local_head``), and what a head trained
     on it is for."""
     model, digest = _checked_model(cfg, expected_fingerprint)
-    provenance = head_provenance(cfg, model, digest)
+    provenance = head_provenance(cfg, model, digest, site_dir)
     load_adapter_state(model, with_local_head(cfg, global_adapters, local_head, provenance))
     return model, provenance
 
@@ -323,7 +324,9 @@ def train_round(
         log.warning("round %d refused: %s", server_round, reason)
         return TrainOutcome(REFUSED, reason, None, {NUM_EXAMPLES: 0})
 
-    model, provenance = _site_model(cfg, expected_fingerprint, global_adapters, local_head)
+    model, provenance = _site_model(
+        cfg, site_dir, expected_fingerprint, global_adapters, local_head
+    )
     dataset = open_task_split(cfg, site_dir, "training", cache_dir)
     settings = cfg.training()
     device = pick_device(cfg.device)
@@ -485,7 +488,7 @@ def evaluate_round(
             expected_fingerprint=expected_fingerprint,
             split=split,
         )
-    model, _ = _site_model(cfg, expected_fingerprint, global_adapters, local_head)
+    model, _ = _site_model(cfg, site_dir, expected_fingerprint, global_adapters, local_head)
     own = {LOCAL_HEAD: float(bool(local_head))} if cfg.keeps_local_head else {}
     device = pick_device(cfg.device)
     logits, labels = predict(

@@ -121,6 +121,8 @@ def test_out_dir_set_in_the_run_config_is_the_run_folder(tmp_path, capsys):
     assert "out-dir" not in overrides  # the runner writes the resolved folder itself
     same = {"out-dir": str(tmp_path / "mine")}
     assert run_folder(scenario, tmp_path / "mine", same) == tmp_path / "mine"
+    assert run_folder(scenario, None, {"out-dir": 2024}) == Path("2024")  # a TOML integer
+    assert run_folder(scenario, None, {"out-dir": "~/runs/x"}) == Path.home() / "runs" / "x"
     args = ["--out", str(tmp_path / "a"), "--set", f'out-dir="{tmp_path / "b"}"']
     assert main(["default", *args, "--data-cache", str(tmp_path / "c")]) == 2
     assert "name different run folders" in capsys.readouterr().err

@@ -3,6 +3,10 @@ the global head unchanged, so the coordinator never sees a site's head."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+
 import pytest
 import safetensors.torch
 import torch
@@ -135,15 +139,24 @@ def node(cfg, partition=0, partitions=1):
 
 def test_a_kept_head_records_what_it_was_trained_for_and_another_runs_is_refused(site, tmp_path):
     """The real ClientApp handlers, a real state folder: the kept head's file records the
-    backbone, head-pool, head-norm as resolved, num-classes and task. A run that differs in
-    any of them (here: another backbone, another head-norm; the head's shapes are the same, so
-    shapes alone let it through before) refuses to train or evaluate from it, naming the file,
+    backbone, head-pool, head-norm as resolved, num-classes, task and the site's datalist. A
+    run that differs in any of them (here: another backbone, another head-norm, the site's
+    labels swapped; the head's shapes are the same, so shapes alone let it through before)
+    refuses to train or evaluate from it, naming the file,
     the field (stored vs current) and the fix, and leaves the file as it was. A head file from
     before provenance is refused too: it cannot be shown to be this run's."""
     from client.app import evaluate, train
 
-    root, _ = site
+    root, site_dir = site
     cfg = config(root, **{"state-root": str(tmp_path / "state")})
+    swapped = tmp_path / "swapped"  # the same site with every label swapped
+    shutil.copytree(site_dir, swapped / "xr")
+    document = json.loads((swapped / "xr" / "dataset.json").read_text())
+    for split in ("training", "validation", "test"):
+        for entry in document[split]:
+            entry["label"] = 1 - entry["label"]
+    (swapped / "xr" / "dataset.json").write_text(json.dumps(document))
+    datalist = hashlib.sha256((site_dir / "dataset.json").read_bytes()).hexdigest()
     adapters, digest = initial_adapters(cfg)
     reply = train(message(adapters, digest, 1, "train"), node(cfg))
     assert reply.content["site"]["status"] == "trained"
@@ -151,12 +164,13 @@ def test_a_kept_head_records_what_it_was_trained_for_and_another_runs_is_refused
     with safe_open(str(head_file), framework="pt") as handle:
         assert handle.metadata() == {
             "format": "fedmedvit.local-head",
-            "version": "1",
+            "version": "2",
             "backbone_fingerprint": digest,
             "head_pool": "stats",
             "head_norm": "layer",  # "auto" on a backbone without a reference
             "num_classes": "2",
             "task": "classification",
+            "datalist_digest": datalist,
         }
     kept = head_file.read_bytes()
 
@@ -166,6 +180,7 @@ def test_a_kept_head_records_what_it_was_trained_for_and_another_runs_is_refused
     for overrides, difference in (
         ({"backbone-seed": 1}, f"backbone fingerprint: stored '{digest}', current '"),
         ({"head-norm": "none"}, "head-norm (resolved): stored 'layer', current 'none'"),
+        ({"data-root": str(swapped)}, f"the site's dataset.json (sha256): stored '{datalist}'"),
     ):
         other = RunConfig.from_flat(cfg.to_flat() | overrides)
         other_adapters, other_digest = initial_adapters(other)

@@ -170,3 +170,47 @@ def test_decrypt_refuses_a_backbone_that_is_not_the_runs(run, tmp_path, capsys):
     assert f"was trained on backbone {digest}" in err and not again.exists()
     latest = json.loads((folder.root / "checkpoints" / "latest.json").read_text())
     assert latest["backbone_fingerprint"] == digest
+
+
+def test_partial_or_broken_run_folders_are_one_error_line_not_a_traceback(run, tmp_path, capsys):
+    """A hostile review found tracebacks (exit 1) for decrypt on a folder without
+    checkpoints/latest.json, with a truncated one or with an unknown config key, and for
+    explain on an encrypted run not yet decrypted (no plaintext adapters) or on a folder that
+    is not a site."""
+    from client.decrypt import main as decrypt
+    from client.explain import main as explain_main
+
+    root, _, _, _ = run
+
+    def copy_run(name):
+        folder = tmp_path / name
+        shutil.copytree(root / "run", folder)
+        return folder
+
+    no_latest = copy_run("no-latest")
+    (no_latest / "checkpoints" / "latest.json").unlink()
+    truncated = copy_run("truncated")
+    latest = truncated / "checkpoints" / "latest.json"
+    latest.write_text(latest.read_text()[:20])
+    unknown_key = copy_run("unknown-key")
+    config = json.loads((unknown_key / "config.json").read_text())
+    (unknown_key / "config.json").write_text(json.dumps(config | {"no-such-key": 1}))
+    secret = ["--secret-context", str(tmp_path / "none.ctx"), "--out", str(tmp_path / "d")]
+    for folder, says in ((no_latest, "latest.json"), (truncated, "latest.json"),
+                         (unknown_key, "no-such-key")):  # fmt: skip
+        capsys.readouterr()
+        assert decrypt([str(folder), *secret]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and "Traceback" not in err
+
+    no_adapters = copy_run("encrypted-not-decrypted")
+    shutil.rmtree(no_adapters / "adapters")
+    site = ["--out", str(tmp_path / "out"), "--limit", "1"]
+    for folder, site_dir, says in (
+        (no_adapters, root / "sites" / "xr", "fedmedvit decrypt"),
+        (root / "run", tmp_path, "dataset.json"),
+    ):
+        capsys.readouterr()
+        code = explain_main([str(folder), "--site-dir", str(site_dir), *site])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and says in err, err
