@@ -319,6 +319,9 @@ class RayHead:
     stopped: list[int] = field(default_factory=list)  # PIDs stopped then
 
 
+_ENDING = (signal.SIGTERM, signal.SIGHUP)  # turned into KeyboardInterrupt while a head runs
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -392,8 +395,9 @@ def stop_ray_head(tag: str, grace: float = 15.0, *, name: str = TAG) -> list[int
 @contextmanager
 def ray_head(num_cpus: int, tag: str, log: Path) -> Iterator[RayHead]:
     """A Ray head on this machine for the duration of the block, stopped (by PID, see
-    :func:`stop_ray_head`) and its temp dir removed on exit, on failure, on Ctrl-C and on
-    SIGTERM (turned into KeyboardInterrupt while the block runs in the main thread).
+    :func:`stop_ray_head`) and its temp dir removed on exit, on failure, on Ctrl-C, SIGTERM and
+    SIGHUP (turned into KeyboardInterrupt while the block runs in the main thread; further
+    signals are ignored while the head stops).
 
     Raises:
         RayClusterError: ``ray start`` failed or wrote no address; its output is in ``log``.
@@ -406,9 +410,9 @@ def ray_head(num_cpus: int, tag: str, log: Path) -> Iterator[RayHead]:
     # Short on purpose: Ray's Unix sockets live under it and a socket path has at most 107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="rayh-", dir="/tmp"))
     head: RayHead | None = None
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+    main_thread = threading.current_thread() is threading.main_thread()
+    # SIGHUP too: a closed terminal or ssh session must not leave the head running.
+    previous = {s: signal.signal(s, _interrupt) for s in _ENDING} if main_thread else {}
     env = os.environ | {TAG: tag, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop(RAY_ADDRESS, None)  # a new head, not a node joining whatever RAY_ADDRESS names
     try:
@@ -441,13 +445,19 @@ def ray_head(num_cpus: int, tag: str, log: Path) -> Iterator[RayHead]:
         )
         yield head
     finally:
-        stopping = time.perf_counter()
-        stopped = stop_ray_head(tag)
-        if head is not None:
-            head.stop_s, head.stopped = time.perf_counter() - stopping, stopped
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        # A second Ctrl-C or signal while the head stops would leave it half-stopped: ignored
+        # until it is down.
+        ending = (signal.SIGINT, *_ENDING) if main_thread else ()
+        masked = {s: signal.signal(s, signal.SIG_IGN) for s in ending}
+        try:
+            stopping = time.perf_counter()
+            stopped = stop_ray_head(tag)
+            if head is not None:
+                head.stop_s, head.stopped = time.perf_counter() - stopping, stopped
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        finally:
+            for signum, handler in (masked | previous).items():
+                signal.signal(signum, handler)
 
 
 def cluster_facts(address: str, since: float) -> dict[str, Any]:

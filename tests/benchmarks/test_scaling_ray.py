@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -192,8 +193,19 @@ def test_two_sites_one_round_run_on_the_benchmarks_own_ray_head(tmp_path):
     assert _address_file_state() == before
 
 
-def test_a_terminated_benchmark_stops_its_head_and_its_run(tmp_path):
-    """SIGTERM (a CI timeout, a supervisor) once the run is under way: nothing may be left."""
+@pytest.mark.parametrize(
+    "signals",
+    [
+        (signal.SIGTERM,),
+        pytest.param((signal.SIGHUP,), marks=pytest.mark.slow),  # the terminal closed
+        # a second signal while the head stops (SIGTERM: a background job ignores SIGINT)
+        pytest.param((signal.SIGTERM, signal.SIGTERM), marks=pytest.mark.slow),
+    ],
+)
+def test_a_terminated_benchmark_stops_its_head_and_its_run(tmp_path, signals):
+    """SIGTERM (a CI timeout, a supervisor), SIGHUP, or a second signal while the head stops,
+    once the run is under way: nothing may be left (the last two left 5-6 of the head's
+    processes and its temp dir before)."""
     mark = secrets.token_hex(8)
     command = [sys.executable, "-m", "benchmarks.scaling", "--sites", "2", "--ray-cluster"]
     command += ["--ray-cpus", "1", "--out", str(tmp_path / "out.json")]
@@ -212,7 +224,9 @@ def test_a_terminated_benchmark_stops_its_head_and_its_run(tmp_path):
             d for _, line in procs for d in re.findall(r"/tmp/rayh-[^/ =]+", " ".join(line))
         }
         assert len(temp_dirs) == 1  # the head is up in its own temp dir, the run started
-        bench.terminate()
+        for signum in signals:
+            bench.send_signal(signum)
+            time.sleep(1.0)
         assert bench.wait(timeout=120) != 0
         assert _marked(mark) == []
         assert not any(Path(d).exists() for d in temp_dirs)

@@ -141,3 +141,52 @@ def test_bad_requests_are_refused():
         explain(create_vit("micro"), image, (1e4, 1, 1))
     with pytest.raises(ExplainError, match=r"\(C, D, H, W\)"):
         explain(model, image[0], (1e4, 1, 1))
+
+
+class _SquaresModel(torch.nn.Module):
+    """Logits (0, sum of w * x^2): w = +1 on one token's patch, -1 on another's, 0 elsewhere.
+    Replacing a patch by its own mean lowers its sum of squares by exactly n * variance, so the
+    occlusion drop of every token is known in closed form."""
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        super().__init__()
+        self.config = ViTConfig(embed_dim=8, depth=1, num_heads=1, patch_size=16)
+        self.weights = weights  # (C, D, H, W)
+
+    def forward(self, x: torch.Tensor, spacing: torch.Tensor) -> torch.Tensor:
+        score = (self.weights * x**2).flatten(1).sum(dim=1)  # (N,)
+        return torch.stack([torch.zeros_like(score), score], dim=1)
+
+
+@pytest.mark.parametrize("kind", sorted(INPUTS))
+def test_occlusion_drops_are_the_closed_form_ones(kind):
+    """Occlusion replaces each token's patch by that patch's own mean (not the image's, not
+    zero) and reports the signed drop of the explained margin, token by token in (d, h, w)
+    order: here +n * var / 2 for the helping patch, -n * var / 2 for the hurting one, 0
+    elsewhere."""
+    from core.explain.relevance import _occlusion
+
+    shape, spacing = INPUTS[kind]
+    da = degree_of_anisotropy(spacing)
+    depth_patch = max(16 >> da, 1)
+    grid = (shape[1] // depth_patch, shape[2] // 16, shape[3] // 16)
+    torch.manual_seed(0)
+    image = torch.rand(shape, dtype=torch.float64)[None]  # (1, C, D, H, W)
+    weights = torch.zeros(shape, dtype=torch.float64)
+    helping, hurting = (grid[0] - 1, 1, 2), (0, 3, 0)
+
+    def patch(token):
+        k, i, j = token
+        return (slice(None), slice(k * depth_patch, (k + 1) * depth_patch),
+                slice(i * 16, (i + 1) * 16), slice(j * 16, (j + 1) * 16))  # fmt: skip
+
+    weights[patch(helping)], weights[patch(hurting)] = 1.0, -1.0
+    model = _SquaresModel(weights)
+    spacing_t = torch.tensor([spacing], dtype=torch.float64)
+    drops = _occlusion(model, image, spacing_t, da, target=1).reshape(grid)
+    expected = torch.zeros(grid, dtype=torch.float64)
+    for token, sign in ((helping, 1.0), (hurting, -1.0)):
+        values = image[0][patch(token)]
+        # The margin logit[1] - mean(logits) of logits (0, s) is s / 2.
+        expected[token] = sign * values.numel() * values.var(unbiased=False) / 2
+    torch.testing.assert_close(drops, expected, rtol=1e-9, atol=1e-9)
