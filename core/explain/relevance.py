@@ -162,12 +162,13 @@ def _margin(logits: Tensor, target: int) -> Tensor:
 def _objective(logits: Tensor, target: int | None) -> tuple[Tensor, float, int]:
     """(objective to differentiate, probability of the target, target) for logits (1, K)."""
     classes = logits.shape[-1]
-    if target is None:
-        target = 1 if classes == 2 else int(logits.argmax(dim=-1))
+    if target is None:  # a binary head (two logits or one sigmoid output): the positive class
+        target = 1 if classes <= 2 else int(logits.argmax(dim=-1))
     if not 0 <= target < max(classes, 2):
         raise ExplainError(f"target {target} out of range for a head with {classes} outputs")
     if classes == 1:
-        score = float(torch.sigmoid(logits.detach()[0, 0]))
+        positive = float(torch.sigmoid(logits.detach()[0, 0]))
+        score = positive if target == 1 else 1.0 - positive
     else:
         score = float(logits.detach().softmax(dim=-1)[0, target])
     return _margin(logits, target)[0], score, target

@@ -190,3 +190,18 @@ def test_occlusion_drops_are_the_closed_form_ones(kind):
         # The margin logit[1] - mean(logits) of logits (0, s) is s / 2.
         expected[token] = sign * values.numel() * values.var(unbiased=False) / 2
     torch.testing.assert_close(drops, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_a_single_output_head_explains_the_positive_class_with_its_probability():
+    """A sigmoid head (one output): by default the positive class, with P(class 1) as its
+    score; for target 0, 1 - P(class 1) and the opposite margin (it explained -logit with the
+    score of +logit before)."""
+    torch.manual_seed(2)
+    model = create_vit("micro", num_classes=1)
+    image, spacing = torch.rand(1, 1, 32, 32), (1e4, 1.0, 1.0)
+    with torch.no_grad():
+        positive = float(torch.sigmoid(model(image[None], torch.tensor([spacing]))[0, 0]))
+    default = explain(model, image, spacing, method="token-gradient")
+    assert default.target == 1 and default.score == pytest.approx(positive, abs=1e-6)
+    negative = explain(model, image, spacing, method="token-gradient", target=0)
+    assert negative.target == 0 and negative.score == pytest.approx(1 - positive, abs=1e-6)
