@@ -207,12 +207,14 @@ def _site_model(
     expected_fingerprint: str,
     global_adapters: Mapping[str, Tensor],
     local_head: LocalHead | Mapping[str, Tensor] | None,
-) -> tuple[nn.Module, HeadProvenance]:
+) -> tuple[nn.Module, HeadProvenance | None]:
     """The checked model with the global adapters and the site's own head (a kept head is
     checked against this run first: ``core.federation.local_head``), and what a head trained
-    on it is for."""
+    on it is for (None when the run keeps no head at the site: a segmentation model has no
+    pooled head to describe)."""
     model, digest = _checked_model(cfg, expected_fingerprint)
-    provenance = head_provenance(cfg, model, digest, site_dir)
+    keeps = cfg.keeps_local_head
+    provenance = head_provenance(cfg, model, digest, site_dir) if keeps else None
     load_adapter_state(model, with_local_head(cfg, global_adapters, local_head, provenance))
     return model, provenance
 
@@ -261,13 +263,14 @@ def _split_head(
     cfg: RunConfig,
     trained: dict[str, Tensor],
     global_adapters: Mapping[str, Tensor],
-    provenance: HeadProvenance,
+    provenance: HeadProvenance | None,
 ) -> tuple[dict[str, Tensor], LocalHead | None]:
     """(what the site sends, what it keeps). With a local head the reply carries the global
     head unchanged, so the wire format and the server's average stay as they are while the
     trained head never leaves the site."""
     if not cfg.keeps_local_head:
         return trained, None
+    assert provenance is not None  # _site_model describes the head whenever one is kept
     head = {k: v for k, v in trained.items() if k.startswith(HEAD_PREFIX)}
     sent = trained | {k: global_adapters[k].detach().clone() for k in head}
     return sent, LocalHead(head, provenance)
