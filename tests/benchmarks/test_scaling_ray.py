@@ -70,10 +70,13 @@ def test_head_command_uses_its_own_temp_dir_and_no_fixed_port(tmp_path):
 def test_environ_has_reads_the_raw_block():
     tag = secrets.token_hex(4)
     child = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(30)"],
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"],
         env=os.environ | {"FEDMEDVIT_SCALING_TAG": tag},
+        stdout=subprocess.PIPE,
     )
     try:
+        # After exec, not between fork and exec (the parent's environment then: a CI flake).
+        assert child.stdout is not None and child.stdout.readline() == b"up\n"
         assert environ_has(child.pid, "FEDMEDVIT_SCALING_TAG", tag)
         assert not environ_has(child.pid, "FEDMEDVIT_SCALING_TAG", tag[:-1])  # whole value
         assert [p.pid for p in tagged_processes(tag)] == [child.pid]
