@@ -88,9 +88,9 @@ def _save_ledger(context: Context, site: SiteRef, ledger: dict) -> None:
 
 def _load_release(context: Context, site: SiteRef) -> Release | None:
     """The site's last DP release (to re-send a round): node memory, else disk, else none."""
-    record = context.state.config_records.get(RELEASE_KEY)
-    if record is not None:
-        return Release.from_bytes(bytes(record["bytes"]), source="node state")  # type: ignore[arg-type]
+    kept = _kept_bytes(context, RELEASE_KEY)
+    if kept is not None:
+        return Release.from_bytes(kept, source="node state")
     if site.state_dir is not None and (site.state_dir / RELEASE_FILE).is_file():
         path = site.state_dir / RELEASE_FILE
         return Release.from_bytes(path.read_bytes(), source=str(path))
@@ -99,32 +99,44 @@ def _load_release(context: Context, site: SiteRef) -> Release | None:
 
 def _save_release(context: Context, site: SiteRef, release: Release) -> None:
     """Kept before the ledger is saved and the reply sent: a re-sent round finds it."""
-    data = release.to_bytes()
-    context.state[RELEASE_KEY] = ConfigRecord({"bytes": data})
-    if site.state_dir is not None:
-        site.state_dir.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(site.state_dir / RELEASE_FILE, data, mode=0o600)
+    _keep_bytes(context, site, RELEASE_KEY, RELEASE_FILE, release.to_bytes())
 
 
 def _load_local_head(context: Context, site: SiteRef) -> LocalHead | None:
     """The head this site keeps under head-sharing "local": node memory, else disk, else none
     (the first round starts from the global head). The round checks its provenance against
     the run before using it (``core.federation.local_head``)."""
-    record = context.state.config_records.get(LOCAL_HEAD_KEY)
-    if record is not None:
+    kept = _kept_bytes(context, LOCAL_HEAD_KEY)
+    if kept is not None:
         # The same bytes as the file (written together): errors name the file to remove.
         source = str(site.state_dir / LOCAL_HEAD_FILE) if site.state_dir else "node memory"
-        return LocalHead.from_bytes(bytes(record["bytes"]), source=source)  # type: ignore[arg-type]
+        return LocalHead.from_bytes(kept, source=source)
     return LocalHead.read(site.state_dir) if site.state_dir is not None else None
 
 
 def _save_local_head(context: Context, site: SiteRef, head: LocalHead) -> None:
     """Kept before the reply is sent, like the release: the next round trains on from it."""
-    data = head.to_bytes()
-    context.state[LOCAL_HEAD_KEY] = ConfigRecord({"bytes": data})
+    _keep_bytes(context, site, LOCAL_HEAD_KEY, LOCAL_HEAD_FILE, head.to_bytes())
+
+
+def _keep_bytes(context: Context, site: SiteRef, key: str, file_name: str, data: bytes) -> None:
+    """The same bytes in node memory (``context.state[key]``) and, when the site has a state
+    folder, in ``file_name`` there (mode 600, written atomically)."""
+    context.state[key] = ConfigRecord({"bytes": data})
     if site.state_dir is not None:
         site.state_dir.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(site.state_dir / LOCAL_HEAD_FILE, data, mode=0o600)
+        write_bytes_atomic(site.state_dir / file_name, data, mode=0o600)
+
+
+def _kept_bytes(context: Context, key: str) -> bytes | None:
+    """What :func:`_keep_bytes` put in node memory under ``key``; None when nothing is."""
+    record = context.state.config_records.get(key)
+    if record is None:
+        return None
+    value = record["bytes"]
+    if not isinstance(value, bytes):
+        raise ValueError(f"node state {key!r} holds {type(value).__name__}, not bytes")
+    return value
 
 
 def _cache_dir(site: SiteRef) -> Path | None:
