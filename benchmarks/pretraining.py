@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{outcome.last_loss:.3f}, fingerprint {outcome.fingerprint[:12]}",
             flush=True,
         )
-        random_digest = fingerprint(backbone_state(backbone("random", path, RunConfig())))
+        random_model = backbone("random", path, RunConfig())
+        random_digest = fingerprint(backbone_state(random_model), random_model.config)
 
         features = {
             init: (

@@ -41,7 +41,13 @@ from core.federation.protocol import (
     TRAIN_LOSS,
     TRAINED,
 )
-from core.model.checkpoint import BackboneError, backbone_state, fingerprint, load_backbone
+from core.model.checkpoint import (
+    BackboneError,
+    backbone_state,
+    fingerprint,
+    load_backbone,
+    tensors_digest,
+)
 from core.model.vit import UniversalViT, create_vit
 from core.privacy.ledger import PrivacyLedger, plan_dp
 from core.training.loops import (
@@ -73,7 +79,7 @@ def build_backbone(cfg: RunConfig) -> tuple[UniversalViT, str]:
             model, digest = load_backbone(cfg.backbone)
         else:
             model = create_vit(cfg.model_size, in_channels=cfg.in_channels)
-            digest = fingerprint(backbone_state(model))
+            digest = fingerprint(backbone_state(model), model.config)
         head_norm = cfg.head_norm
         if head_norm == "auto":
             head_norm = "reference" if cfg.head_pool in model.references else "layer"
@@ -317,7 +323,7 @@ def train_round(
     if refusal:
         log.warning("round %d refused: %s", server_round, refusal)
         return TrainOutcome(REFUSED, refusal, None, {NUM_EXAMPLES: 0})
-    digest = fingerprint(dict(global_adapters))
+    digest = tensors_digest(dict(global_adapters))
     if cfg.dp and not ledger_state and server_round > 1:
         reason = (
             f"no privacy ledger found at round {server_round}: this site's ledger from earlier "

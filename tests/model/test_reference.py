@@ -80,7 +80,7 @@ def test_backbone_file_carries_the_reference_under_its_fingerprint(tmp_path):
     # A tampered reference is caught like tampered weights.
     tensors = load_file(str(path))
     tensors["reference.stats.shift"][0] += 1.0
-    metadata = {"format": "fedmedvit-backbone-v1", "fingerprint": digest}
+    metadata = {"format": "fedmedvit-backbone-v2", "fingerprint": digest}
     metadata["config"] = __import__("json").dumps(model.config.to_dict())
     save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(BackboneError, match="is corrupt"):
