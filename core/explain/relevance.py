@@ -175,10 +175,10 @@ def _objective(logits: Tensor, target: int | None) -> tuple[Tensor, float, int]:
 
 
 def _occlusion(
-    vit: UniversalViT, x: Tensor, spacing: Tensor, da: int, target: int, batch: int = 16
+    vit: UniversalViT, x: Tensor, spacing: Tensor, da: int, base: Tensor, target: int
 ) -> Tensor:
-    """(1, C, D, H, W) -> (T,) drop of the margin when each token's patch in turn is replaced by
-    its own per-channel mean, in batches of ``batch`` occluded copies.
+    """(1, C, D, H, W) -> (T,) drop of the margin (``base``: (1,), the unoccluded one) when each
+    token's patch in turn is replaced by its own per-channel mean, 16 occluded copies a batch.
 
     Hand-written rather than MONAI's ``OcclusionSensitivity`` (1.6.1): its ``mean_patch`` mode
     multiplies the patch by its mean instead of replacing it (checked: a [2, 0] patch becomes
@@ -191,8 +191,8 @@ def _occlusion(
     blocks = x.reshape(c, d, depth_patch, h, patch, w, patch)
     means = blocks.mean(dim=(2, 4, 6), keepdim=True).expand_as(blocks)
     drops = []
+    batch = 16
     with torch.no_grad():
-        base = _margin(vit(x, spacing), target)  # (1,)
         tokens = [(k, i, j) for k in range(d) for i in range(h) for j in range(w)]
         for start in range(0, len(tokens), batch):
             copies = []
@@ -235,7 +235,30 @@ def explain(
     spacing_t = torch.as_tensor(spacing, dtype=torch.float64).reshape(1, 3)
     da = batch_degree_of_anisotropy(spacing_t)
     reference = next(vit.parameters())
-    x = image.unsqueeze(0).to(reference.device, reference.dtype).requires_grad_(True)
+    x = image.unsqueeze(0).to(reference.device, reference.dtype)
+    if method == "occlusion":  # forward passes only
+        with torch.no_grad():
+            logits = vit(x, spacing_t).double()  # (1, K)
+        _, score, target = _objective(logits, target)
+        base = _margin(logits, target)
+        relevance = _occlusion(vit, x, spacing_t.to(x.device), da, base, target)
+    else:
+        relevance, score, target = _gradient_relevance(vit, x, spacing_t, method, target)
+        model.zero_grad(set_to_none=True)
+    grid = token_grid(vit, image.shape[1:], da)
+    token_map = relevance.clamp_min(0).reshape(grid).float().cpu()
+    peak = float(token_map.max())
+    token_map = token_map / peak if peak > 0 else torch.zeros_like(token_map)
+    image_map = to_image_grid(token_map, vit.config.patch_size, da)
+    return Explanation(score, target, method, token_map, image_map)
+
+
+def _gradient_relevance(
+    vit: UniversalViT, x: Tensor, spacing: Tensor, method: str, target: int | None
+) -> tuple[Tensor, float, int]:
+    """(T,) relevance of the attention- and gradient-based methods for x (1, C, D, H, W), with
+    the target's probability and the target."""
+    x = x.requires_grad_(True)
     last_input: list[Tensor] = []
 
     def keep_input(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
@@ -245,7 +268,7 @@ def explain(
     hook = vit.blocks[-1].register_forward_pre_hook(keep_input)
     try:
         with torch.enable_grad(), recording_attention(vit) as records:
-            features = vit.forward_features(x, spacing_t)  # (1, 1 + T, E), what the head pools
+            features = vit.forward_features(x, spacing)  # (1, 1 + T, E), what the head pools
             features.retain_grad()
             logits = vit.forward_head(features)  # (1, K)
             objective, score, target = _objective(logits.double(), target)
@@ -254,9 +277,7 @@ def explain(
         hook.remove()
     attentions = [block[0][0].detach() for block in records]  # (heads, 1 + T, 1 + T)
     pool = vit.config.pool
-    if method == "occlusion":
-        relevance = _occlusion(vit, x.detach(), spacing_t.to(x.device), da, target)
-    elif method == "token-gradient":
+    if method == "token-gradient":
         # A CLS head reads no patch token after the last block: there, the tokens entering it.
         read = last_input[0] if pool == "cls" else features
         assert read.grad is not None
@@ -272,10 +293,4 @@ def explain(
         assert entering.grad is not None
         tokens, grad = entering[0, 1:].detach(), entering.grad[0, 1:]  # (T, E) each
         relevance = (tokens @ grad.mean(dim=0)).clamp_min(0).double()  # (T,)
-    model.zero_grad(set_to_none=True)
-    grid = token_grid(vit, image.shape[1:], da)
-    token_map = relevance.clamp_min(0).reshape(grid).float().cpu()
-    peak = float(token_map.max())
-    token_map = token_map / peak if peak > 0 else torch.zeros_like(token_map)
-    image_map = to_image_grid(token_map, vit.config.patch_size, da)
-    return Explanation(score, target, method, token_map, image_map)
+    return relevance, score, target

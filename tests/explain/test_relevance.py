@@ -164,7 +164,7 @@ def test_occlusion_drops_are_the_closed_form_ones(kind):
     zero) and reports the signed drop of the explained margin, token by token in (d, h, w)
     order: here +n * var / 2 for the helping patch, -n * var / 2 for the hurting one, 0
     elsewhere."""
-    from core.explain.relevance import _occlusion
+    from core.explain.relevance import _margin, _occlusion
 
     shape, spacing = INPUTS[kind]
     da = degree_of_anisotropy(spacing)
@@ -183,7 +183,8 @@ def test_occlusion_drops_are_the_closed_form_ones(kind):
     weights[patch(helping)], weights[patch(hurting)] = 1.0, -1.0
     model = _SquaresModel(weights)
     spacing_t = torch.tensor([spacing], dtype=torch.float64)
-    drops = _occlusion(model, image, spacing_t, da, target=1).reshape(grid)
+    base = _margin(model(image, spacing_t), 1)
+    drops = _occlusion(model, image, spacing_t, da, base, target=1).reshape(grid)
     expected = torch.zeros(grid, dtype=torch.float64)
     for token, sign in ((helping, 1.0), (hurting, -1.0)):
         values = image[0][patch(token)]
