@@ -247,7 +247,10 @@ class SiteDataset(Dataset[dict[str, Tensor]]):
                     _record(failed, item, _fill_one(settings, item))
                     progress.update()
                 return failed
-            context = multiprocessing.get_context("spawn")  # fork after torch threads can hang
+            # spawn: fork after torch threads can hang; forkserver would share one torch import,
+            # but its children still import __main__ and the start is a few per cent of a
+            # 200-volume pass (benchmarks/README.md)
+            context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(count, mp_context=context, initializer=_worker_init) as pool:
                 futures = {pool.submit(_fill_one, settings, item): item for item in pending}
                 for future in as_completed(futures):
