@@ -21,6 +21,7 @@ open (to validate it and learn its shape) and again whenever it is read.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -53,9 +54,13 @@ logger = logging.getLogger(__name__)
 
 OnError = Literal["raise", "skip"]
 _MAX_LISTED = 5  # problems spelled out in a summary message
-# workers=None starts a process pool only when this many source bytes wait to be preprocessed:
-# a spawned worker spends about 3 s importing torch, nibabel and pydicom before its first item.
+# workers=None starts worker processes only when this many source bytes wait to be
+# preprocessed: a spawned worker spends about 3 s importing torch, nibabel and pydicom before
+# its first item.
 _POOL_MIN_BYTES = 64 * 2**20
+# glibc mallopt parameters (malloc.h): how many mmaps, and when the heap's top is given back.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
 
 
 class SiteDataset(Dataset[dict[str, Tensor]]):
@@ -202,8 +207,10 @@ class SiteDataset(Dataset[dict[str, Tensor]]):
         self, parsed: Sequence[ItemSpec], workers: int | None
     ) -> dict[int, DatasetError]:
         """Preprocess the file items missing from the cache dir and store them; returns the
-        items that failed, by position. ``workers``: processes (None: every core the process
-        may use, and a pool only for at least ``_POOL_MIN_BYTES`` of sources; 1: in this one).
+        items that failed, by position. ``workers``: processes (None: one per core the process
+        may use, for at least ``_POOL_MIN_BYTES`` of sources; 1: in this one). With
+        ``workers=None`` a single core still gets one worker process: its heap keeps the pages
+        of the last volume (:func:`_worker_init`), which this process cannot do for itself.
 
         Raises:
             CacheError: the cache folder cannot hold the entries (see :mod:`core.data.cache`).
@@ -221,8 +228,11 @@ class SiteDataset(Dataset[dict[str, Tensor]]):
             return {}
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         count = min(workers or cores or 1, len(pending))
-        if workers is None and _source_bytes(pending) < _POOL_MIN_BYTES:
-            count = 1
+        in_process = (
+            workers == 1
+            or len(pending) == 1  # a worker's kept heap pays from its second item on
+            or (workers is None and _source_bytes(pending) < _POOL_MIN_BYTES)
+        )
         failed: dict[int, DatasetError] = {}
         settings = (store.folder, self.grid, self.intensity, store.max_bytes)
         progress = tqdm(
@@ -232,12 +242,15 @@ class SiteDataset(Dataset[dict[str, Tensor]]):
             disable=None,  # off when stderr is not a terminal (logs)
         )
         with progress:
-            if count == 1:
+            if in_process:
                 for item in pending:
                     _record(failed, item, _fill_one(settings, item))
                     progress.update()
                 return failed
-            context = multiprocessing.get_context("spawn")  # fork after torch threads can hang
+            # spawn: fork after torch threads can hang; forkserver would share one torch import,
+            # but its children still import __main__ and the start is a few per cent of a
+            # 200-volume pass (benchmarks/README.md)
+            context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(count, mp_context=context, initializer=_worker_init) as pool:
                 futures = {pool.submit(_fill_one, settings, item): item for item in pending}
                 for future in as_completed(futures):
@@ -329,6 +342,25 @@ _Outcome = tuple[str, str, str] | None  # None, or (kind, path, message) of a fa
 
 def _worker_init() -> None:
     torch.set_num_threads(1)  # one process per core; intra-op threads would oversubscribe
+    _keep_freed_memory()
+
+
+def _keep_freed_memory() -> None:
+    """Make glibc serve large arrays from a heap this process keeps, not from fresh mmaps.
+
+    glibc maps every array above 32 MiB anew and unmaps it on free, so each CT volume's ~750 MB
+    of arrays (decoded, float, transposed, windowed) are fresh pages the kernel must fault in;
+    on the benchmark machine that cost 0.03-3 s per 200 MB array, erratically, and a volume
+    took 1.6-5 s instead of a steady 1.5 s with the pages kept (benchmarks/README.md). Only for
+    worker processes: the heap stays at its high-water mark (about 750 MiB) until they exit.
+    Other C libraries keep their defaults.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_MAX, 0)  # large blocks come from the heap too
+    mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # and freed ones stay in it for the next item
 
 
 def _fill_one(settings: tuple[Path, GridConfig, IntensityConfig, int], item: ItemSpec) -> _Outcome:
