@@ -10,13 +10,17 @@ Arms, each scored on every site's test split (Dice over images with a lesion, HD
   thick slices fit one network), pooled training data of all sites, non-private.
 * ``ours-central``: our model (demo backbone + LoRA + SAC decoder), pooled, non-private.
 * ``local-dp``: each site alone, DP-SGD at epsilon 8 over the same rounds.
-* ``fl-dp``: the federation, DP-SGD at epsilon 8 at every site, FFA LoRA.
+* ``fl-dp``: the federation, DP-SGD at epsilon 8 at every site, FFA LoRA; adapters, decoder
+  and head averaged (``head-sharing = "shared"``).
+* ``fl-dp-local``: the same, but each site keeps its own decoder and head (``head-sharing =
+  "local"``, FedPer): only the LoRA adapters are averaged.
 
 Centralized arms train ``rounds`` epochs; DP arms ``rounds`` rounds of ``local-epochs``. The DP
 and FL arms run in-process through ``core.federation.rounds.train_round`` / ``evaluate_round``
 (what the ClientApp calls) with the server's example-weighted average. Also counted from the
 wire format (``adapter_state``): upload per site per round vs the full model at ``base`` size.
-A PNG of predicted masks over images (the FL arm, seed 0) goes next to the JSON.
+A PNG of predicted masks over images (the FL arm with local decoders, seed 0) goes next to the
+JSON.
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.federated import Pooled, federated_round, site_test_metrics
-from core.adapters.lora import adapter_state
+from core.adapters.lora import adapter_state, load_adapter_state
 from core.config import RunConfig
 from core.data.phantoms import PHANTOM_VERSION, generate_hospitals
+from core.federation.local_head import LocalHead, with_local_head
 from core.federation.rounds import (
     build_lora_model,
     initial_adapters,
@@ -52,7 +57,7 @@ from core.training.settings import TrainSettings
 from simulations.run import load_scenario, parse_set
 
 RESULTS = Path(__file__).parent / "results"
-ARMS = ("unet-central", "ours-central", "local-dp", "fl-dp")
+ARMS = ("unet-central", "ours-central", "local-dp", "fl-dp", "fl-dp-local")
 CPU = torch.device("cpu")
 
 
@@ -95,7 +100,7 @@ def evaluate_sites(model: nn.Module, cfg: RunConfig, sites: list[Path]) -> dict[
     }
 
 
-def run_central(cfg: RunConfig, sites: list[Path], *, unet: bool) -> tuple[dict[str, Any], Any]:
+def run_central(cfg: RunConfig, sites: list[Path], *, unet: bool) -> dict[str, Any]:
     """Non-private training on all sites' pooled training splits, ``rounds`` epochs."""
     torch.manual_seed(cfg.seed)
     model = monai_unet() if unet else build_lora_model(cfg)[0]
@@ -109,24 +114,31 @@ def run_central(cfg: RunConfig, sites: list[Path], *, unet: bool) -> tuple[dict[
     generator = torch.Generator().manual_seed(cfg.seed)
     criterion = segmentation_loss()
     train_plain(model, pooled, settings, device=CPU, generator=generator, criterion=criterion)
-    return evaluate_sites(model, cfg, sites), model
+    return evaluate_sites(model, cfg, sites)
 
 
 def run_rounds(
     cfg: RunConfig, sites: list[Path], *, seed_base: int
-) -> tuple[dict[str, Any], dict[str, Tensor], str]:
-    """``rounds`` rounds of DP-SGD at every site, weighted average (one site: local-only)."""
+) -> tuple[dict[str, Any], dict[str, nn.Module]]:
+    """``rounds`` rounds of DP-SGD at every site, weighted average (one site: local-only);
+    per site its test metrics and its final model (the global adapters, with its own decoder
+    and head under head-sharing "local")."""
     global_state, fingerprint = initial_adapters(cfg)
     ledgers: dict[Path, Any] = {}
+    heads: dict[Path, LocalHead] = {}
     for server_round in range(1, cfg.num_server_rounds + 1):
         global_state = federated_round(
-            cfg, sites, global_state, fingerprint, ledgers, server_round, seed_base
+            cfg, sites, global_state, fingerprint, ledgers, server_round, seed_base, heads
         )
-    per_site = site_test_metrics(cfg, sites, global_state, fingerprint)
+    per_site = site_test_metrics(cfg, sites, global_state, fingerprint, heads)
+    models = {}
     for site in sites:
         ledger = ledgers.get(site)
         per_site[site.name]["epsilon"] = ledger["rounds"][-1]["epsilon"] if ledger else 0.0
-    return per_site, global_state, fingerprint
+        head = heads[site].tensors if site in heads else None
+        models[site.name], _ = build_lora_model(cfg)
+        load_adapter_state(models[site.name], with_local_head(cfg, global_state, head))
+    return per_site, models
 
 
 def upload_counts(values: Mapping[str, Any], size: str) -> dict[str, Any]:
@@ -148,8 +160,11 @@ def upload_counts(values: Mapping[str, Any], size: str) -> dict[str, Any]:
     }
 
 
-def overlay_png(model: nn.Module, cfg: RunConfig, sites: list[Path], out: Path, title: str) -> Path:
-    """Per site, one lesion test case: image, truth contour (green), prediction (red)."""
+def overlay_png(
+    models: Mapping[str, nn.Module], cfg: RunConfig, sites: list[Path], out: Path, title: str
+) -> Path:
+    """Per site (its model by name), one lesion test case: image, truth contour (green),
+    prediction (red)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,7 +172,8 @@ def overlay_png(model: nn.Module, cfg: RunConfig, sites: list[Path], out: Path, 
 
     fig, axes = plt.subplots(1, len(sites), figsize=(3.2 * len(sites), 3.4))
     for ax, site in zip(np.atleast_1d(axes), sites, strict=True):
-        cases = predict_masks(model, open_task_split(cfg, site, "test"), batch_size=8, device=CPU)
+        model, split = models[site.name], open_task_split(cfg, site, "test")
+        cases = predict_masks(model, split, batch_size=8, device=CPU)
         case = max(cases, key=lambda c: int(c["truth"].sum()))  # the largest lesion
         depth = int(case["truth"].flatten(1).sum(dim=1).argmax())
         image = case["image"][0, depth].numpy()
@@ -256,24 +272,24 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = RunConfig.from_flat(
                     values | {"dp": False, "optimizer": "adamw", "learning-rate": 0.003}
                 )
-                per_site, model = run_central(cfg, sites, unet=arm == "unet-central")
+                per_site = run_central(cfg, sites, unet=arm == "unet-central")
             elif arm == "local-dp":
-                cfg = RunConfig.from_flat(values | {"min-train-nodes": 1})
+                cfg = RunConfig.from_flat(
+                    values | {"min-train-nodes": 1, "head-sharing": "shared"}
+                )  # one site: its decoder is its own either way
                 per_site = {}
                 for index, site in enumerate(sites):
-                    alone, _, _ = run_rounds(cfg, [site], seed_base=1_000 * seed + 10 * index)
+                    alone, _ = run_rounds(cfg, [site], seed_base=1_000 * seed + 10 * index)
                     per_site |= alone
             else:
-                cfg = RunConfig.from_flat(values)
-                per_site, global_state, _ = run_rounds(cfg, sites, seed_base=1_000 * seed)
-                if seed == 0:  # the README picture
-                    from core.adapters.lora import load_adapter_state
-
-                    model, _ = build_lora_model(cfg)
-                    load_adapter_state(model, global_state)
+                sharing = "local" if arm == "fl-dp-local" else "shared"
+                cfg = RunConfig.from_flat(values | {"head-sharing": sharing})
+                per_site, models = run_rounds(cfg, sites, seed_base=1_000 * seed)
+                if seed == 0 and arm == "fl-dp-local":  # the README picture
                     png = overlay_png(
-                        model, cfg, sites, args.out.with_name("segmentation-overlay.png"),
-                        f"FL, DP epsilon {cfg.target_epsilon:g}, {cfg.num_server_rounds} rounds",
+                        models, cfg, sites, args.out.with_name("segmentation-overlay.png"),
+                        f"FL, DP epsilon {cfg.target_epsilon:g}, {cfg.num_server_rounds} rounds, "
+                        "local decoders",
                     )  # fmt: skip
                     print(f"  overlay: {png}", flush=True)
             seconds = time.perf_counter() - started

@@ -129,7 +129,7 @@ class RunConfig:
     # "local": each site keeps the head it trains (FedPer): only the adapters are averaged, and
     # sites whose lesion prevalence and cues differ each get their own read-out; "shared": the
     # head is averaged with the adapters.
-    head_sharing: str = _key("federation", "local")  # classification; see keeps_local_head
+    head_sharing: str = _key("federation", "local")  # see keeps_local_head
     out_dir: str = _key("federation", "")  # absolute run folder; "" = runs/<time> under the cwd
     resume: bool = _key("federation", False)
     # data (and each simulated site's state)
@@ -233,9 +233,9 @@ class RunConfig:
 
     @property
     def keeps_local_head(self) -> bool:
-        """Whether each site keeps its classifier head (head-sharing "local"); a segmentation
-        model's decoder and head always travel."""
-        return self.head_sharing == "local" and self.task == "classification"
+        """Whether each site keeps its own head (head-sharing "local"): a classifier's head, a
+        segmentation model's decoder and head (``core.federation.local_head.LOCAL_PREFIXES``)."""
+        return self.head_sharing == "local"
 
     @classmethod
     def from_record(

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from core.adapters.lora import load_adapter_state, save_adapters
 from core.config import RunConfig
+from core.federation.local_head import LOCAL_PART_NAMES
 from core.federation.rounds import build_lora_model
 from core.federation.runs import CHECKPOINTS, CONFIG_FILE, LATEST
 from core.io import atomic_path, write_json_atomic, write_text_atomic
@@ -39,14 +40,15 @@ def adapters_readme(cfg: RunConfig, fingerprint: str) -> str:
         if cfg.dp
         else "without differential privacy"
     )
+    part = LOCAL_PART_NAMES[cfg.task]
     head = (
-        "Each site trained and kept its own head (head-sharing = local): the head here is the "
-        "untrained global one; a site loads its own from `local-head.safetensors` in its state "
-        "folder (`fedmedvit explain` does; in Python, read it with "
-        "`core.federation.local_head.LocalHead.read` and load it after the adapters with "
-        "`with_local_head`, which checks that it was trained for this run)."
+        f"Each site trained and kept its own {part} (head-sharing = local): the {part} here "
+        "is the untrained global one; a site loads its own from `local-head.safetensors` in its "
+        "state folder (in Python, read it with `core.federation.local_head.LocalHead.read` and "
+        "load it after the adapters with `with_local_head`, which checks that it was trained "
+        "for this run; `fedmedvit explain` does this for a classifier)."
         if cfg.keeps_local_head
-        else "The head was averaged with the adapters."
+        else f"The {part} was averaged with the adapters."
     )
     return f"""# Federated LoRA adapters (fedmedvit)
 
@@ -67,18 +69,26 @@ looks), or in Python `core.federation.rounds.build_lora_model(cfg)` then
 """
 
 
+def head_sharing_fact(cfg: RunConfig) -> str:
+    """Where the run's heads went, as the privacy report's summary line is keyed
+    (``core.privacy.report.HEAD_SHARING_LINES``): "local" or "shared", "-decoder" added for a
+    segmentation run (its head is the decoder and segmentation head)."""
+    sharing = "local" if cfg.keeps_local_head else "shared"
+    return sharing if cfg.task == "classification" else f"{sharing}-decoder"
+
+
 class RunFolder:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
         self.checkpoints = self.root / CHECKPOINTS
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         self.planned_rounds = 0  # the run config's num-server-rounds, set by write_config
-        self.head_sharing = ""  # "local" or "shared" as the run did it, set by write_config
+        self.head_sharing = ""  # head_sharing_fact of the run, set by write_config
 
     def write_config(self, cfg: RunConfig) -> None:
         write_json_atomic(self.root / CONFIG_FILE, cfg.to_flat())
         self.planned_rounds = cfg.num_server_rounds
-        self.head_sharing = "local" if cfg.keeps_local_head else "shared"
+        self.head_sharing = head_sharing_fact(cfg)
 
     def save_round(
         self, server_round: int, adapters: dict[str, torch.Tensor], strategy: AdapterFedAvg

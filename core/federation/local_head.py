@@ -1,9 +1,15 @@
 """The head a site keeps under head-sharing "local" (FedPer), with what it was trained for.
 
-A site's head reads features of one backbone, pooled one way (``head-pool``) and conditioned
-one way (``head-norm`` as resolved: "auto" becomes "reference" or "layer" by the backbone),
-for one task and number of classes. A head of the same shapes from another run loads without
-complaint and scores with weights fitted to other features, so the kept file records its
+The "head" is the part of the model a site personalises (:data:`LOCAL_PREFIXES`): a
+classifier's head; a segmentation model's decoder and segmentation head (one decoder cannot
+serve a hypodense CT lesion, a bright MR lesion and an X-ray nodule at once). Only the LoRA
+adapters are averaged then.
+
+A classifier head reads features of one backbone, pooled one way (``head-pool``) and
+conditioned one way (``head-norm`` as resolved: "auto" becomes "reference" or "layer" by the
+backbone), for one task and number of classes. A head of the same shapes from another run
+loads without complaint and scores with weights fitted to other features (so does a decoder
+fitted to another backbone or site), so the kept file records its
 provenance (:class:`HeadProvenance`, in the safetensors metadata) and a site refuses a head
 whose record differs from its run, naming the file, each differing field (stored vs current)
 and the fix. Nothing here deletes or overwrites a kept head.
@@ -33,7 +39,10 @@ from torch import Tensor, nn
 from core.config import ConfigError, RunConfig
 from core.federation.sites import DATALIST, LOCAL_HEAD_FILE
 
-HEAD_PREFIX = "head."
+# What a site keeps under head-sharing "local", by task: adapter-state key prefixes.
+LOCAL_PREFIXES = {"classification": ("head.",), "segmentation": ("decoder.", "seg_head.")}
+# The same, in words, for the run's README and the privacy report.
+LOCAL_PART_NAMES = {"classification": "head", "segmentation": "decoder and segmentation head"}
 HEAD_FORMAT = "fedmedvit.local-head"
 HEAD_VERSION = 2  # 2: the datalist digest
 # Where a site's state folder is set, for the fix in an error message.
@@ -52,6 +61,8 @@ class HeadProvenance:
     """What a site's head was trained for; stored as string metadata beside its tensors."""
 
     backbone_fingerprint: str  # core.model.checkpoint.fingerprint of the frozen backbone
+    # How a classifier head reads the backbone; "" for a segmentation decoder (it reads encoder
+    # blocks the backbone's depth fixes, and its width shows in its shapes).
     head_pool: str
     head_norm: str  # as resolved on the backbone, never "auto"
     num_classes: int
@@ -116,12 +127,15 @@ def head_provenance(
     backbone has ``backbone_fingerprint``) trained on the site at ``site_dir`` is for; head-norm
     as the model resolved it. An unreadable dataset.json gives an empty digest (the site's
     datalist check reports it when the data is opened)."""
-    wrapped: Any = model  # a peft PeftModel around the UniversalViT
-    base: Any = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
+    pool, norm = "", ""
+    if cfg.task == "classification":
+        wrapped: Any = model  # a peft PeftModel around the UniversalViT
+        base: Any = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
+        pool, norm = str(base.config.pool), str(base.config.head_norm)
     return HeadProvenance(
         backbone_fingerprint=backbone_fingerprint,
-        head_pool=str(base.config.pool),
-        head_norm=str(base.config.head_norm),
+        head_pool=pool,
+        head_norm=norm,
         num_classes=cfg.num_classes,
         task=cfg.task,
         datalist_digest=_datalist_digest(Path(site_dir) / DATALIST),
@@ -137,8 +151,8 @@ def _datalist_digest(path: Path) -> str:
 
 @dataclass(frozen=True)
 class LocalHead:
-    """A site's head: its tensors (``head.*``), its provenance (None: a file written before
-    heads carried one) and where it was read from (for error messages)."""
+    """A site's head: its tensors (:func:`local_part` keys), its provenance (None: a file
+    written before heads carried one) and where it was read from (for error messages)."""
 
     tensors: dict[str, Tensor]
     provenance: HeadProvenance | None
@@ -200,6 +214,16 @@ class LocalHead:
         return self.tensors
 
 
+def is_local(cfg: RunConfig, key: str) -> bool:
+    """Whether the adapter-state ``key`` belongs to the part a site keeps under ``cfg``."""
+    return cfg.keeps_local_head and key.startswith(LOCAL_PREFIXES[cfg.task])
+
+
+def local_part(cfg: RunConfig, adapters: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors of ``adapters`` a site keeps (none unless ``cfg.keeps_local_head``)."""
+    return {k: v for k, v in adapters.items() if is_local(cfg, k)}
+
+
 def with_local_head(
     cfg: RunConfig,
     global_adapters: Mapping[str, Tensor],
@@ -224,12 +248,13 @@ def with_local_head(
             raise ValueError("a LocalHead is checked against the run's HeadProvenance: pass it")
         source = local_head.source
         local_head = local_head.checked(current)
-    expected = {k: tuple(v.shape) for k, v in global_adapters.items() if k.startswith(HEAD_PREFIX)}
+    expected = {k: tuple(v.shape) for k, v in local_part(cfg, global_adapters).items()}
     found = {k: tuple(v.shape) for k, v in local_head.items()}
     if found != expected:
         raise LocalHeadError(
             f"{source} {found} does not fit the run's head {expected}: it was trained under "
-            "another run configuration (num-classes, head-pool, head-norm or backbone). Remove "
+            "another run configuration (num-classes, head-pool, head-norm, decoder-features or "
+            "backbone). Remove "
             f"{LOCAL_HEAD_FILE} from the site's state folder to start the head from the global one"
         )
     return dict(global_adapters) | dict(local_head)

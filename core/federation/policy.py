@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import ConfigError, RunConfig
+from core.federation.local_head import LOCAL_PART_NAMES
 from core.federation.protocol import EPSILON, LOCAL_HEAD, NUM_EXAMPLES, TRAIN_LOSS
 from core.training.loops import EVAL_METRICS, SEGMENTATION_METRICS
 
@@ -243,7 +244,10 @@ def release_manifest(cfg: RunConfig, policy: SitePolicy) -> list[dict[str, Any]]
     form = "CKKS ciphertexts" if cfg.he else "plaintext adapters"
     note = f"{form}, DP-SGD" if cfg.dp else f"{form}, no DP"
     if cfg.keeps_local_head:
-        note += "; the site's head stays at the site (the global head is returned unchanged)"
+        note += (
+            f"; the site's {LOCAL_PART_NAMES[cfg.task]} stays at the site (the reply carries "
+            "the global values unchanged)"
+        )
     items: list[dict[str, Any]] = [
         {"item": "adapter update", "reply": "train", "covered": cfg.dp, "note": note}
     ]

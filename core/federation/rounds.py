@@ -26,10 +26,10 @@ from core.adapters.lora import adapter_state, add_lora, load_adapter_state
 from core.config import RunConfig
 from core.data import GridConfig, SiteDataset, open_site
 from core.federation.local_head import (
-    HEAD_PREFIX,
     HeadProvenance,
     LocalHead,
     head_provenance,
+    local_part,
     with_local_head,
 )
 from core.federation.policy import SitePolicy, check_noise, check_run
@@ -216,8 +216,7 @@ def _site_model(
 ) -> tuple[nn.Module, HeadProvenance | None]:
     """The checked model with the global adapters and the site's own head (a kept head is
     checked against this run first: ``core.federation.local_head``), and what a head trained
-    on it is for (None when the run keeps no head at the site: a segmentation model has no
-    pooled head to describe)."""
+    on it is for (None when the run keeps no head at the site)."""
     model, digest = _checked_model(cfg, expected_fingerprint)
     keeps = cfg.keeps_local_head
     provenance = head_provenance(cfg, model, digest, site_dir) if keeps else None
@@ -271,13 +270,13 @@ def _split_head(
     global_adapters: Mapping[str, Tensor],
     provenance: HeadProvenance | None,
 ) -> tuple[dict[str, Tensor], LocalHead | None]:
-    """(what the site sends, what it keeps). With a local head the reply carries the global
-    head unchanged, so the wire format and the server's average stay as they are while the
-    trained head never leaves the site."""
+    """(what the site sends, what it keeps). With a local head (segmentation: decoder and
+    head) the reply carries the global values unchanged, so the wire format and the server's
+    average stay as they are while the trained part never leaves the site."""
     if not cfg.keeps_local_head:
         return trained, None
     assert provenance is not None  # _site_model describes the head whenever one is kept
-    head = {k: v for k, v in trained.items() if k.startswith(HEAD_PREFIX)}
+    head = local_part(cfg, trained)
     sent = trained | {k: global_adapters[k].detach().clone() for k in head}
     return sent, LocalHead(head, provenance)
 
@@ -487,18 +486,12 @@ def evaluate_round(
     only these rates are returned. Other tasks report the argmax / 0.5 rates of ``evaluate``.
     Segmentation reports Dice and HD95 (``core.federation.segmentation``).
     """
-    if cfg.task == "segmentation":
-        from core.federation.segmentation import evaluate_segmentation_round
-
-        return evaluate_segmentation_round(
-            cfg,
-            site_dir=site_dir,
-            global_adapters=with_local_head(cfg, global_adapters, local_head),
-            expected_fingerprint=expected_fingerprint,
-            split=split,
-        )
     model, _ = _site_model(cfg, site_dir, expected_fingerprint, global_adapters, local_head)
     own = {LOCAL_HEAD: float(bool(local_head))} if cfg.keeps_local_head else {}
+    if cfg.task == "segmentation":
+        from core.federation.segmentation import evaluate_segmentation_model
+
+        return evaluate_segmentation_model(cfg, model, site_dir, split) | own
     device = pick_device(cfg.device)
     logits, labels = predict(
         model,

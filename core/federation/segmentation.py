@@ -4,24 +4,25 @@ when run config ``task = "segmentation"``.
 Everything else of a round is the classifier's: the backbone fingerprint check, the site
 policy, the privacy ledger and its budget, DP-SGD (per-image clipping: the unit is one image or
 volume), HE packing, the wire format. What differs: the model (frozen universal ViT + LoRA +
-SAC decoder + head, :mod:`core.model.segmentation`; LoRA, ``decoder`` and ``seg_head`` travel),
-the data (a mask per image, :mod:`core.data.segmentation`), the loss (Dice + CE) and the
-evaluation (Dice and HD95 per site, :mod:`core.training.segmentation`).
+SAC decoder + head, :mod:`core.model.segmentation`; LoRA travels, ``decoder`` and
+``seg_head`` too unless each site keeps its own: head-sharing "local",
+:mod:`core.federation.local_head`), the data (a mask per image,
+:mod:`core.data.segmentation`), the loss (Dice + CE) and the evaluation (Dice and HD95 per
+site, :mod:`core.training.segmentation`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from core.adapters.lora import add_lora, load_adapter_state
+from core.adapters.lora import add_lora
 from core.config import RunConfig
 from core.data import GridConfig
 from core.data.segmentation import SegmentationDataset, open_segmentation_site
-from core.federation.rounds import _checked_model, build_backbone
+from core.federation.rounds import build_backbone
 from core.model.segmentation import SEGMENTATION_TRAINABLE, create_segmenter
 from core.training.loops import pick_device
 from core.training.segmentation import evaluate_segmentation
@@ -50,17 +51,11 @@ def open_segmentation_split(
     )
 
 
-def evaluate_segmentation_round(
-    cfg: RunConfig,
-    *,
-    site_dir: str | Path,
-    global_adapters: Mapping[str, Tensor],
-    expected_fingerprint: str,
-    split: str = "validation",
+def evaluate_segmentation_model(
+    cfg: RunConfig, model: nn.Module, site_dir: str | Path, split: str = "validation"
 ) -> dict[str, float]:
-    """Dice, HD95 (mm), empty-case accuracy and loss of the global model on ``split``."""
-    model, _ = _checked_model(cfg, expected_fingerprint)
-    load_adapter_state(model, global_adapters)
+    """Dice, HD95 (mm), empty-case accuracy and loss of ``model`` (the site's: global
+    adapters, with its own decoder under head-sharing "local") on ``split``."""
     return evaluate_segmentation(
         model,
         open_segmentation_split(cfg, site_dir, split),

@@ -284,12 +284,19 @@ RUN_LABELS = {
 }
 
 
-# The summary's line on where the classifier heads went (run fact "head_sharing").
+# The summary's line on where the heads went (run fact "head_sharing": "local" or "shared" for
+# a classifier's head, "local-decoder" or "shared-decoder" for a segmentation model's decoder).
 HEAD_SHARING_LINES = {
     "local": "Classifier heads: **local**. Each site trained and kept its own head; it never "
     "left the site (only the adapters were averaged; replies carried the initial global head).",
     "shared": "Classifier heads: **shared**. Each site's trained head left the site with its "
     "adapter update and was averaged over the sites (under DP, covered like the adapters).",
+    "local-decoder": "Decoders: **local**. Each site trained and kept its own decoder and "
+    "segmentation head; they never left the site (only the LoRA adapters were averaged; replies "
+    "carried the initial global decoder).",
+    "shared-decoder": "Decoders: **shared**. Each site's trained decoder and segmentation head "
+    "left the site with its adapter update and were averaged over the sites (under DP, covered "
+    "like the adapters).",
 }
 
 

@@ -1,11 +1,13 @@
 """Segmentation through Flower's real Simulation Engine: 2 phantom sites with masks on disk,
-2 rounds, DP on; only LoRA B, the decoder and the head travel; every site reports Dice."""
+2 rounds, DP on; only LoRA B travels trained (each site keeps its decoder and head, the reply
+carries the global ones); every site reports Dice."""
 
 import json
 import math
 
 import pytest
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, safe_open
 
 from core.config import RunConfig
 from core.federation.rounds import initial_adapters
@@ -45,6 +47,20 @@ def test_two_sites_two_rounds_segmentation_with_dp(tmp_path):
     assert all(
         ".lora_B." in k or k.startswith(("decoder.", "seg_head.")) for k in saved
     )  # FFA: no A, no backbone
+    # Head-sharing "local" (the default): the coordinator's decoder and head are the initial
+    # ones, while every site trained and kept its own in its state folder.
+    assert cfg.keeps_local_head
+    initial = {k: v for k, v in reference.items() if k.startswith(("decoder.", "seg_head."))}
+    assert initial and all(torch.equal(saved[k], v) for k, v in initial.items())
+    assert any(not torch.equal(saved[k], v) for k, v in reference.items() if ".lora_B." in k)
+    kept_files = sorted((out / "state").glob("*/local-head.safetensors"))
+    assert [f.parent.name for f in kept_files] == sorted(metrics["rounds"][-1]["status"])
+    for kept_file in kept_files:
+        kept = load_file(str(kept_file))
+        assert set(kept) == set(initial)
+        assert any(not torch.equal(kept[k], v) for k, v in initial.items())
+        with safe_open(str(kept_file), framework="pt") as handle:
+            assert handle.metadata()["task"] == "segmentation"
     privacy = json.loads((out / "privacy.json").read_text())
     for site in privacy["sites"].values():
         eps = [r["epsilon"] for r in site["rounds"]]

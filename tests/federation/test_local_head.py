@@ -1,5 +1,6 @@
-"""Head-sharing "local" (FedPer): each site trains and keeps its own head; what it sends carries
-the global head unchanged, so the coordinator never sees a site's head."""
+"""Head-sharing "local" (FedPer): each site trains and keeps its own head (segmentation: its
+decoder and segmentation head); what it sends carries the global values unchanged, so the
+coordinator never sees a site's head."""
 
 from __future__ import annotations
 
@@ -37,6 +38,16 @@ def config(root, **values):
 
 def heads(state):
     return {k: v for k, v in state.items() if k.startswith("head.")}
+
+
+def segmentation(root, **values):
+    """A small segmentation run on the same site (phantom sites write a mask per case)."""
+    small = {"task": "segmentation", "decoder-features": 4, "lora-rank": 2}
+    return config(root, **(small | values))
+
+
+def decoders(state):
+    return {k: v for k, v in state.items() if k.startswith(("decoder.", "seg_head."))}
 
 
 def test_the_reply_carries_the_global_head_and_the_site_keeps_its_trained_head(site):
@@ -113,9 +124,65 @@ def test_a_local_head_of_another_configuration_is_refused_by_name(site, foreign)
         )
 
 
-def test_segmentation_keeps_no_local_head_and_old_run_folders_shared_theirs():
+def test_the_reply_carries_the_global_decoder_and_the_site_keeps_its_trained_decoder(site):
+    """Segmentation: the whole decoder and the segmentation head stay at the site, bit for
+    bit the global values in the reply; the LoRA adapters travel trained."""
+    root, site_dir = site
+    cfg = segmentation(root)
+    assert cfg.keeps_local_head  # the default recipe
+    global_adapters, digest = initial_adapters(cfg)
+    kwargs = {"site_dir": site_dir, "expected_fingerprint": digest, "ledger_state": None}
+    outcome = train_round(cfg, global_adapters=global_adapters, server_round=1, **kwargs)
+    assert outcome.adapters is not None and outcome.local_head is not None
+    kept = outcome.local_head.tensors
+    assert set(kept) == set(decoders(global_adapters)) and kept
+    for key, value in decoders(global_adapters).items():
+        assert torch.equal(outcome.adapters[key], value)  # nothing of the trained decoder is sent
+    assert any(not torch.equal(kept[k], global_adapters[k]) for k in kept)  # but it was trained
+    assert any(not torch.equal(kept[k], global_adapters[k]) for k in kept if "seg_head" in k)
+    moved = [k for k in global_adapters if "lora_B" in k]
+    assert any(not torch.equal(outcome.adapters[k], global_adapters[k]) for k in moved)
+
+    shared = segmentation(root, **{"head-sharing": "shared"})  # the decoder travels trained
+    sent = train_round(shared, global_adapters=global_adapters, server_round=1, **kwargs)
+    assert sent.local_head is None and sent.adapters is not None
+    assert any(not torch.equal(sent.adapters[k], v) for k, v in decoders(global_adapters).items())
+
+
+def test_the_site_trains_and_evaluates_segmentation_from_its_own_decoder(site):
+    root, site_dir = site
+    cfg = segmentation(root, **{"learning-rate": 1e-12})  # a step that changes nothing
+    global_adapters, digest = initial_adapters(cfg)
+    generator = torch.Generator().manual_seed(0)
+    own = {
+        k: torch.randn(v.shape, generator=generator) for k, v in decoders(global_adapters).items()
+    }
+    outcome = train_round(
+        cfg,
+        site_dir=site_dir,
+        global_adapters=global_adapters,
+        server_round=2,
+        expected_fingerprint=digest,
+        ledger_state=None,
+        local_head=own,
+    )
+    assert outcome.local_head is not None
+    for key, value in own.items():  # training started from the site's decoder
+        torch.testing.assert_close(outcome.local_head.tensors[key], value)
+    kwargs = {"site_dir": site_dir, "global_adapters": global_adapters, "split": "test"}
+    with_own = evaluate_round(cfg, expected_fingerprint=digest, local_head=own, **kwargs)
+    with_global = evaluate_round(cfg, expected_fingerprint=digest, **kwargs)
+    assert with_own["loss"] != pytest.approx(with_global["loss"])
+    assert (with_own.pop("local-head"), with_global.pop("local-head")) == (1.0, 0.0)
+    shared = segmentation(root, **{"head-sharing": "shared"})  # a shared-decoder run ignores it
+    assert evaluate_round(shared, expected_fingerprint=digest, local_head=own, **kwargs) == (
+        pytest.approx(with_global, nan_ok=True)
+    )
+
+
+def test_both_tasks_keep_their_head_by_default_and_old_run_folders_shared_theirs():
     assert RunConfig.from_flat({}).keeps_local_head
-    assert not RunConfig.from_flat({"task": "segmentation"}).keeps_local_head
+    assert RunConfig.from_flat({"task": "segmentation"}).keeps_local_head
     assert not RunConfig.from_flat({"head-sharing": "shared"}).keeps_local_head
     # A run folder written before head-sharing and head-norm modes still opens, as it ran.
     old = RunConfig.from_record({"head-norm": True, "head-pool": "contrast"})

@@ -307,12 +307,16 @@ def test_a_site_that_refused_without_a_ledger_is_listed(tmp_path, ledgers):
     [
         ({}, "Classifier heads: **local**. Each site trained and kept its own head; it never left"),
         ({"head-sharing": "shared"}, "Classifier heads: **shared**. Each site's trained head left"),
-        ({"task": "segmentation"}, "Classifier heads: **shared**."),  # decoder and head travel
+        ({"task": "segmentation"}, "Decoders: **local**. Each site trained and kept its own"),
+        (
+            {"task": "segmentation", "head-sharing": "shared"},
+            "Decoders: **shared**. Each site's trained decoder and segmentation head left",
+        ),
     ],
 )
 def test_the_summary_says_whether_the_heads_left_the_sites(tmp_path, ledgers, values, line):
     """The run folder as the server writes it: one line under the summary, from the run's
-    config as it ran (a segmentation run averages its head whatever head-sharing says)."""
+    config as it ran (a segmentation model's head is its decoder and segmentation head)."""
     from core.config import RunConfig
     from server.run_files import RunFolder
     from server.strategy import AdapterFedAvg
