@@ -230,7 +230,7 @@ def sites_per_gpu(device: torch.device, data_root: Path) -> dict[str, Any]:
         server_round=1,
         expected_fingerprint=digest,
         ledger_state=None,
-        site_secret=1,
+        dp_seed=1,
     )
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device)
