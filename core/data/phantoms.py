@@ -12,6 +12,9 @@ is binary, *lesion present* (label 1) or not (label 0), on region-of-interest cr
   Rician noise; the lesion is hyperintense. Thick slices average the anatomy (partial volume).
 * ``xr2d``: X-ray-like projection (8- or 16-bit PNG): lung field, ribs, vessel markings; the
   lesion is a nodule, faint to obvious. PNG has no spacing, so the datalist carries it.
+  Patients differ in lung size, soft-tissue thickness and lung density, and the nodule covers a
+  small part of the field, so no global statistic of the image (mean, median, spread,
+  percentiles) ranks lesion cases better than chance: the nodule must be found where it is.
 
 What makes it learnable but not trivial: lesions vary in size and contrast (some are faint),
 sit at random places in the organ, and both classes contain lesion-like distractors (vessels
@@ -48,7 +51,7 @@ from PIL import Image
 # Part of every cache folder name built from generated phantoms (sites, the pretraining archive,
 # benchmark data): bump it whenever the same seed writes different images, so that a cache made
 # by an older generator is never reused.
-PHANTOM_VERSION = 1
+PHANTOM_VERSION = 2
 
 Kind = Literal["ct3d", "mr3d", "xr2d"]
 KINDS: tuple[Kind, ...] = ("ct3d", "mr3d", "xr2d")
@@ -154,12 +157,12 @@ def preset(
                 compress=False,
                 gain=3.2,
             ),
-            PhantomSite("site-c-xr-8bit", "xr2d", 360, (64, 64), spacing=(1.0, 0.6, 0.6)),
+            PhantomSite("site-c-xr-8bit", "xr2d", 360, (128, 128), spacing=(1.0, 0.6, 0.6)),
             PhantomSite(
                 "site-d-xr-16bit",
                 "xr2d",
                 120,
-                (80, 64),
+                (120, 96),
                 spacing=(1.0, 0.8, 0.8),
                 bit_depth=16,
                 noise=1.5,
@@ -223,9 +226,9 @@ def _unseen_preset(n_sites: int | None, alpha: float | None) -> HospitalSpec:
                     file_axes=(1, 0, 2), flips=(False, True, False), noise=1.3),
         PhantomSite("site-f-mr-3mm", "mr3d", 360, (64, 64), 16, (3.0, 0.9, 0.9),
                     flips=(False, False, True), gain=1.5, noise=1.2),
-        PhantomSite("site-g-xr-fine", "xr2d", 480, (64, 64), spacing=(1.0, 0.5, 0.5),
+        PhantomSite("site-g-xr-fine", "xr2d", 480, (144, 144), spacing=(1.0, 0.5, 0.5),
                     noise=1.2, gain=1.1),
-        PhantomSite("site-h-xr-coarse", "xr2d", 300, (64, 64), spacing=(1.0, 0.9, 0.9),
+        PhantomSite("site-h-xr-coarse", "xr2d", 300, (96, 96), spacing=(1.0, 0.9, 0.9),
                     bit_depth=16, noise=0.8, gain=0.7),
     )  # fmt: skip
     return HospitalSpec(sites, alpha=alpha, name="unseen")
@@ -398,10 +401,15 @@ def _render_2d(
     half = (height * s_h / 2, width * s_w / 2)
     jitter = [float(j) * h for j, h in zip(rng.uniform(-0.08, 0.08, size=2), half, strict=True)]
     lung_c = (0.05 * half[0] + jitter[0], -0.1 * half[1] + jitter[1])
-    lung_r = (0.95 * half[0], 0.75 * half[1])
+    size = rng.uniform(0.8, 1.05, size=2)  # patients differ in lung size and inspiration
+    lung_r = (0.95 * size[0] * half[0], 0.75 * size[1] * half[1])
     lung = _inside((x, y), lung_c, lung_r, 0.05)
     mediastinum = 1.0 / (1.0 + np.exp(-(y - (0.7 * half[1] + jitter[1])) / 1.5))
-    attenuation = 1.2 - 0.7 * lung + 0.5 * mediastinum
+    # Soft tissue over the lung differs between patients: a thickness offset and a gradient.
+    # With the lung size and density drawn per patient, this varies an image's brightness and
+    # spread more than a nodule does (generator v1 let the mean intensity give the label away).
+    tissue = rng.uniform(-0.15, 0.15) + rng.uniform(-0.15, 0.15) * (x / half[0])
+    attenuation = 1.2 + tissue - float(rng.uniform(0.55, 0.8)) * lung + 0.5 * mediastinum
     # Ribs: oblique bright bands across the field.
     phase = float(rng.uniform(0, 2 * math.pi))
     tilt = float(rng.uniform(0.2, 0.5))

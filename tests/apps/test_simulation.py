@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from core.config import RunConfig
+from core.data.phantoms import PHANTOM_VERSION
 from core.federation.rounds import initial_adapters
 from core.he.context import SECRET_MAGIC
 from core.model.checkpoint import load_backbone
@@ -80,7 +81,8 @@ def test_two_sites_two_rounds_with_dp(tmp_path, data_cache, capsys):
 
     # The run federated from the pretrained demo backbone, and announced its fingerprint.
     cfg_values = json.loads((out / "config.json").read_text())
-    backbone = data_cache / "backbone-micro-steps3-seed0-ref-v1" / "backbone.safetensors"
+    folder = f"backbone-micro-steps3-seed0-ref-v{PHANTOM_VERSION}"
+    backbone = data_cache / folder / "backbone.safetensors"
     assert cfg_values["backbone"] == str(backbone.resolve())
     latest = json.loads((out / "checkpoints" / "latest.json").read_text())
     assert latest["backbone_fingerprint"] == load_backbone(backbone)[1]
