@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from core.data import GridConfig
 from core.data.datalist import SPLITS
-from core.model.checkpoint import load_backbone
+from core.model.checkpoint import load_backbone, tensors_digest
 from core.model.sizes import MODEL_SIZES
 from core.pretrain.data import (
     open_pool,
@@ -192,5 +193,9 @@ def demo_backbone(
             raise PretrainError(f"pretraining the demo backbone into {folder} failed (exit {code})")
         marker.write_text(load_backbone(out)[1] + "\n")
         print(f"pretrained the demo backbone in {time.perf_counter() - started:.0f} s", flush=True)
-    _, digest = load_backbone(out, expected_fingerprint=marker.read_text().strip())
+    recorded = marker.read_text().strip()
+    if recorded == tensors_digest(load_file(str(out))):  # recorded before it covered the config
+        recorded = load_backbone(out)[1]
+        marker.write_text(recorded + "\n")
+    _, digest = load_backbone(out, expected_fingerprint=recorded)
     return out, digest

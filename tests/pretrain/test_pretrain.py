@@ -5,9 +5,10 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from core.data import DABatchSampler, GridConfig, HospitalSpec, PhantomSite, generate_hospitals
-from core.model.checkpoint import BackboneError, load_backbone
+from core.model.checkpoint import BackboneError, load_backbone, tensors_digest
 from core.model.pooling import pool_tokens
 from core.model.sac import sum_depth_taps
 from core.model.sizes import MODEL_SIZES
@@ -321,6 +322,11 @@ def test_demo_backbone_is_built_once_then_reused_and_checked(tmp_path, capsys):
     assert demo_backbone(tmp_path, steps=1) == (path, digest)  # cached: not rebuilt
     assert path.stat().st_mtime_ns == built and "pretrained" not in capsys.readouterr().out
     marker = path.parent / "fingerprint.txt"
+    # A cache from before the fingerprint covered the config recorded the tensors' digest:
+    # still the backbone that was built, so it is reused and its marker brought up to date.
+    marker.write_text(tensors_digest(load_file(str(path))) + "\n")
+    assert demo_backbone(tmp_path, steps=1) == (path, digest)
+    assert marker.read_text() == digest + "\n" and path.stat().st_mtime_ns == built
     marker.write_text("0" * 64 + "\n")  # the file no longer matches what was built
     with pytest.raises(BackboneError, match="fingerprint"):
         demo_backbone(tmp_path, steps=1)
