@@ -53,7 +53,7 @@ from core.federation.protocol import (
 from core.federation.rounds import Release, evaluate_round, train_round
 from core.federation.sites import (
     LEDGER_FILE,
-    LOCAL_HEAD_FILE,
+    LOCAL_HEAD_FILES,
     RELEASE_FILE,
     SiteRef,
     resolve_site,
@@ -64,7 +64,6 @@ app = ClientApp()
 log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: its handler prints INFO
 LEDGER_KEY = "privacy-ledger"
 RELEASE_KEY = "last-release"
-LOCAL_HEAD_KEY = "local-head"
 
 
 def _load_ledger(context: Context, site: SiteRef) -> dict | None:
@@ -102,21 +101,23 @@ def _save_release(context: Context, site: SiteRef, release: Release) -> None:
     _keep_bytes(context, site, RELEASE_KEY, RELEASE_FILE, release.to_bytes())
 
 
-def _load_local_head(context: Context, site: SiteRef) -> LocalHead | None:
+def _load_local_head(context: Context, site: SiteRef, task: str) -> LocalHead | None:
     """The head this site keeps under head-sharing "local": node memory, else disk, else none
     (the first round starts from the global head). The round checks its provenance against
     the run before using it (``core.federation.local_head``)."""
-    kept = _kept_bytes(context, LOCAL_HEAD_KEY)
+    file_name = LOCAL_HEAD_FILES[task]
+    kept = _kept_bytes(context, file_name)
     if kept is not None:
         # The same bytes as the file (written together): errors name the file to remove.
-        source = str(site.state_dir / LOCAL_HEAD_FILE) if site.state_dir else "node memory"
+        source = str(site.state_dir / file_name) if site.state_dir else "node memory"
         return LocalHead.from_bytes(kept, source=source)
-    return LocalHead.read(site.state_dir) if site.state_dir is not None else None
+    return LocalHead.read(site.state_dir, task) if site.state_dir is not None else None
 
 
-def _save_local_head(context: Context, site: SiteRef, head: LocalHead) -> None:
+def _save_local_head(context: Context, site: SiteRef, task: str, head: LocalHead) -> None:
     """Kept before the reply is sent, like the release: the next round trains on from it."""
-    _keep_bytes(context, site, LOCAL_HEAD_KEY, LOCAL_HEAD_FILE, head.to_bytes())
+    file_name = LOCAL_HEAD_FILES[task]  # also its node-state key
+    _keep_bytes(context, site, file_name, file_name, head.to_bytes())
 
 
 def _keep_bytes(context: Context, site: SiteRef, key: str, file_name: str, data: bytes) -> None:
@@ -170,14 +171,14 @@ def train(msg: Message, context: Context) -> Message:
         last_release=_load_release(context, site) if cfg.dp else None,
         cache_dir=_cache_dir(site),
         he_secret_context=site.secret_context() if cfg.he else None,
-        local_head=_load_local_head(context, site) if cfg.keeps_local_head else None,
+        local_head=_load_local_head(context, site, cfg.task) if cfg.keeps_local_head else None,
     )
     if outcome.release is not None:
         _save_release(context, site, outcome.release)
     if outcome.ledger is not None:
         _save_ledger(context, site, outcome.ledger)
     if outcome.local_head is not None:  # after the ledger: a crash loses a head, not budget
-        _save_local_head(context, site, outcome.local_head)
+        _save_local_head(context, site, cfg.task, outcome.local_head)
     metrics = released_metrics(cfg, policy, outcome.metrics)
     content = RecordDict(
         {
@@ -214,7 +215,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         global_adapters=msg.content.array_records[ARRAYS].to_torch_state_dict(),
         expected_fingerprint=str(config.get(BACKBONE_FINGERPRINT, "")),
         cache_dir=_cache_dir(site),
-        local_head=_load_local_head(context, site) if cfg.keeps_local_head else None,
+        local_head=_load_local_head(context, site, cfg.task) if cfg.keeps_local_head else None,
     )
     content = RecordDict(
         {METRICS: MetricRecord(dict(released_metrics(cfg, policy, metrics))), SITE: info}

@@ -37,7 +37,7 @@ from core.explain.relevance import DEFAULT_METHOD, METHODS, explain
 from core.federation.local_head import LocalHead, head_provenance, with_local_head
 from core.federation.rounds import open_split
 from core.federation.runs import build_run_model
-from core.federation.sites import LOCAL_HEAD_FILE
+from core.federation.sites import LOCAL_HEAD_FILES
 from core.io import write_text_atomic
 from core.model.checkpoint import BackboneError
 
@@ -70,16 +70,16 @@ def load_site_head(
     """
     if not cfg.keeps_local_head:
         return None
-    head = LocalHead.read(state_dir)
+    head = LocalHead.read(state_dir, cfg.task)
     if head is None:
         raise FileNotFoundError(
-            f"{state_dir / LOCAL_HEAD_FILE} not found: this run kept each site's head at the "
-            "site (head-sharing = local); point --state-dir at the site's state folder (default "
-            "RUN_DIR/state/<site folder name>)"
+            f"{state_dir / LOCAL_HEAD_FILES[cfg.task]} not found: this run kept each site's "
+            "head at the site (head-sharing = local); point --state-dir at the site's state "
+            "folder (default RUN_DIR/state/<site folder name>)"
         )
     current = head_provenance(cfg, model, backbone_fingerprint, site_dir)
     load_adapter_state(model, with_local_head(cfg, adapter_state(model), head, current))
-    return state_dir / LOCAL_HEAD_FILE
+    return state_dir / LOCAL_HEAD_FILES[cfg.task]
 
 
 def explain_site(

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from core.config import RunConfig
 from core.federation.protocol import LOCAL_HEAD
-from core.federation.rounds import initial_adapters
+from core.federation.rounds import initial_adapters, recorded_before_config_fingerprints
 from core.federation.sites import list_sites
 from core.privacy.report import INITIAL_HEAD
 from server.run_files import RunFolder
@@ -174,7 +174,8 @@ def main(grid: Grid, context: Context) -> None:
     first_round = 1
     if cfg.resume and (latest := folder.load_latest()) is not None:
         done, adapters, state = latest
-        if state["backbone_fingerprint"] != fingerprint:
+        recorded = state["backbone_fingerprint"]
+        if recorded != fingerprint and not recorded_before_config_fingerprints(cfg, recorded):
             raise RuntimeError(
                 f"cannot resume {folder.root}: it was run with backbone "
                 f"{state['backbone_fingerprint'][:12]}..., this config gives {fingerprint[:12]}..."

@@ -26,6 +26,7 @@ from core.config import RunConfig
 from core.federation.local_head import LOCAL_PART_NAMES
 from core.federation.rounds import build_lora_model
 from core.federation.runs import CHECKPOINTS, CONFIG_FILE, LATEST
+from core.federation.sites import LOCAL_HEAD_FILES
 from core.io import atomic_path, write_json_atomic, write_text_atomic
 from core.privacy.ledger import PrivacyLedger
 from core.privacy.report import render_report, write_metrics_json, write_privacy_json
@@ -43,10 +44,12 @@ def adapters_readme(cfg: RunConfig, fingerprint: str) -> str:
     part = LOCAL_PART_NAMES[cfg.task]
     head = (
         f"Each site trained and kept its own {part} (head-sharing = local): the {part} here "
-        "is the untrained global one; a site loads its own from `local-head.safetensors` in its "
-        "state folder (in Python, read it with `core.federation.local_head.LocalHead.read` and "
-        "load it after the adapters with `with_local_head`, which checks that it was trained "
-        "for this run; `fedmedvit explain` does this for a classifier)."
+        "is the average of what the replies carried there (honest sites send the initial one "
+        f"back; no site starts from it); a site loads its own from `{LOCAL_HEAD_FILES[cfg.task]}` "
+        "in its state folder (in Python, read it with "
+        "`core.federation.local_head.LocalHead.read` and load it after the adapters with "
+        "`with_local_head`, which checks that it was trained for this run; `fedmedvit explain` "
+        "does this for a classifier)."
         if cfg.keeps_local_head
         else f"The {part} was averaged with the adapters."
     )

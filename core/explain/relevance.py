@@ -238,9 +238,9 @@ def explain(
     x = image.unsqueeze(0).to(reference.device, reference.dtype)
     if method == "occlusion":  # forward passes only
         with torch.no_grad():
-            logits = vit(x, spacing_t).double()  # (1, K)
-        _, score, target = _objective(logits, target)
-        base = _margin(logits, target)
+            logits = vit(x, spacing_t)  # (1, K)
+        _, score, target = _objective(logits.double(), target)
+        base = _margin(logits, target)  # the model's precision, as the occluded margins
         relevance = _occlusion(vit, x, spacing_t.to(x.device), da, base, target)
     else:
         relevance, score, target = _gradient_relevance(vit, x, spacing_t, method, target)

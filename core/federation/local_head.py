@@ -37,7 +37,7 @@ import safetensors.torch
 from torch import Tensor, nn
 
 from core.config import ConfigError, RunConfig
-from core.federation.sites import DATALIST, LOCAL_HEAD_FILE
+from core.federation.sites import DATALIST, LOCAL_HEAD_FILES
 
 # What a site keeps under head-sharing "local", by task: adapter-state key prefixes.
 LOCAL_PREFIXES = {"classification": ("head.",), "segmentation": ("decoder.", "seg_head.")}
@@ -185,9 +185,10 @@ class LocalHead:
         return cls(tensors, HeadProvenance.from_metadata(metadata, source=source), source)
 
     @classmethod
-    def read(cls, state_dir: Path) -> LocalHead | None:
-        """The head kept in a site's state folder (:data:`LOCAL_HEAD_FILE`), None if none."""
-        path = state_dir / LOCAL_HEAD_FILE
+    def read(cls, state_dir: Path, task: str) -> LocalHead | None:
+        """The ``task``'s head kept in a site's state folder (:data:`LOCAL_HEAD_FILES`), None
+        if none."""
+        path = state_dir / LOCAL_HEAD_FILES[task]
         return cls.from_bytes(path.read_bytes(), source=str(path)) if path.is_file() else None
 
     def checked(self, current: HeadProvenance) -> dict[str, Tensor]:
@@ -255,6 +256,7 @@ def with_local_head(
             f"{source} {found} does not fit the run's head {expected}: it was trained under "
             "another run configuration (num-classes, head-pool, head-norm, decoder-features or "
             "backbone). Remove "
-            f"{LOCAL_HEAD_FILE} from the site's state folder to start the head from the global one"
+            f"{LOCAL_HEAD_FILES[cfg.task]} from the site's state folder to start the head from "
+            "the initial one"
         )
     return dict(global_adapters) | dict(local_head)

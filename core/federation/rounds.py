@@ -87,6 +87,14 @@ def build_backbone(cfg: RunConfig) -> tuple[UniversalViT, str]:
     return model, digest
 
 
+def recorded_before_config_fingerprints(cfg: RunConfig, recorded: str) -> bool:
+    """Whether ``recorded`` is this config's backbone as run folders recorded it before the
+    fingerprint covered the architecture config (the tensors' digest alone): such a run is
+    read, resumed and explained on the same tensors, as it was then."""
+    backbone, _ = build_backbone(cfg)
+    return recorded == tensors_digest(backbone_state(backbone))
+
+
 def build_lora_model(cfg: RunConfig) -> tuple[nn.Module, str]:
     """Backbone + LoRA adapters + head (segmentation: + decoder); returns (model, backbone
     fingerprint)."""
@@ -216,10 +224,18 @@ def _site_model(
 ) -> tuple[nn.Module, HeadProvenance | None]:
     """The checked model with the global adapters and the site's own head (a kept head is
     checked against this run first: ``core.federation.local_head``), and what a head trained
-    on it is for (None when the run keeps no head at the site)."""
+    on it is for (None when the run keeps no head at the site).
+
+    A site that keeps its head but has none yet starts from the run's initial head (seeded,
+    the same on every machine and at the server), never from the values a reply or the
+    coordinator put in the local part: a lying site or coordinator cannot seed another site's
+    head that way.
+    """
     model, digest = _checked_model(cfg, expected_fingerprint)
     keeps = cfg.keeps_local_head
     provenance = head_provenance(cfg, model, digest, site_dir) if keeps else None
+    if keeps and not local_head:
+        local_head = local_part(cfg, adapter_state(model))
     load_adapter_state(model, with_local_head(cfg, global_adapters, local_head, provenance))
     return model, provenance
 

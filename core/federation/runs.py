@@ -17,7 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from core.config import RunConfig
-from core.federation.rounds import build_lora_model
+from core.federation.rounds import build_lora_model, recorded_before_config_fingerprints
 from core.model.checkpoint import BackboneError
 
 CONFIG_FILE = "config.json"
@@ -58,7 +58,7 @@ def build_run_model(run_dir: Path) -> tuple[RunConfig, nn.Module, str]:
     cfg = read_run_config(run_dir)
     recorded = recorded_fingerprint(run_dir)
     model, digest = build_lora_model(cfg)
-    if digest != recorded:
+    if digest != recorded and not recorded_before_config_fingerprints(cfg, recorded):
         backbone = (
             f"backbone file {cfg.backbone}"
             if cfg.backbone

@@ -4,7 +4,8 @@ A site's state folder (node config ``state-dir``, or ``state-root/<site>`` in si
 what must survive a restart and never leaves the site: the privacy ledger
 (:data:`LEDGER_FILE`), the last DP release (:data:`RELEASE_FILE`, re-sent if the coordinator
 repeats that round with the same global model), the site's own head under head-sharing "local"
-(:data:`LOCAL_HEAD_FILE`) and the full text of errors (:data:`ERROR_LOG`, replies carry only an
+(:data:`LOCAL_HEAD_FILES`, one file per task, so a node that serves a classification and a
+segmentation study keeps both) and the full text of errors (:data:`ERROR_LOG`, replies carry only an
 error id).
 
 In an encrypted run the site's secret CKKS context is the site's too, so the node names it,
@@ -25,7 +26,11 @@ from core.config import ConfigError, RunConfig
 DATALIST = "dataset.json"
 LEDGER_FILE = "privacy-ledger.json"
 RELEASE_FILE = "last-release.safetensors"
-LOCAL_HEAD_FILE = "local-head.safetensors"
+# What a site keeps under head-sharing "local", by task (core.federation.local_head).
+LOCAL_HEAD_FILES = {
+    "classification": "local-head.safetensors",
+    "segmentation": "local-decoder.safetensors",
+}
 ERROR_LOG = "errors.log"
 
 

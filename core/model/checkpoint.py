@@ -31,7 +31,7 @@ from core.model.sizes import ViTConfig
 from core.model.vit import UniversalViT
 
 CHECKPOINT_FORMAT = "fedmedvit-backbone-v2"
-_TENSORS_ONLY_FORMAT = "fedmedvit-backbone-v1"  # read, never written
+FIRST_CHECKPOINT_FORMAT = "fedmedvit-backbone-v1"  # tensors-only digest: read, never written
 
 
 class BackboneError(ValueError):
@@ -97,7 +97,7 @@ def read_backbone_metadata(path: str | Path) -> tuple[ViTConfig, str, str]:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise BackboneError(f"{path} is not a readable safetensors file: {err}") from err
-    if metadata.get("format") not in (CHECKPOINT_FORMAT, _TENSORS_ONLY_FORMAT):
+    if metadata.get("format") not in (CHECKPOINT_FORMAT, FIRST_CHECKPOINT_FORMAT):
         raise BackboneError(
             f"{path} has format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}; "
             "write it with core.model.checkpoint.save_backbone (or import it with "

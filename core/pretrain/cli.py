@@ -16,7 +16,12 @@ from safetensors.torch import load_file
 
 from core.data import GridConfig
 from core.data.datalist import SPLITS
-from core.model.checkpoint import load_backbone, tensors_digest
+from core.model.checkpoint import (
+    FIRST_CHECKPOINT_FORMAT,
+    load_backbone,
+    read_backbone_metadata,
+    tensors_digest,
+)
 from core.model.sizes import MODEL_SIZES
 from core.pretrain.data import (
     open_pool,
@@ -194,7 +199,12 @@ def demo_backbone(
         marker.write_text(load_backbone(out)[1] + "\n")
         print(f"pretrained the demo backbone in {time.perf_counter() - started:.0f} s", flush=True)
     recorded = marker.read_text().strip()
-    if recorded == tensors_digest(load_file(str(out))):  # recorded before it covered the config
+    config, _, file_format = read_backbone_metadata(out)
+    if (
+        file_format == FIRST_CHECKPOINT_FORMAT  # a cache from before the config was covered
+        and config == MODEL_SIZES[size]
+        and recorded == tensors_digest(load_file(str(out)))
+    ):
         recorded = load_backbone(out)[1]
         marker.write_text(recorded + "\n")
     _, digest = load_backbone(out, expected_fingerprint=recorded)

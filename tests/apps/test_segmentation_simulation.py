@@ -53,7 +53,7 @@ def test_two_sites_two_rounds_segmentation_with_dp(tmp_path):
     initial = {k: v for k, v in reference.items() if k.startswith(("decoder.", "seg_head."))}
     assert initial and all(torch.equal(saved[k], v) for k, v in initial.items())
     assert any(not torch.equal(saved[k], v) for k, v in reference.items() if ".lora_B." in k)
-    kept_files = sorted((out / "state").glob("*/local-head.safetensors"))
+    kept_files = sorted((out / "state").glob("*/local-decoder.safetensors"))
     assert [f.parent.name for f in kept_files] == sorted(metrics["rounds"][-1]["status"])
     for kept_file in kept_files:
         kept = load_file(str(kept_file))

@@ -19,6 +19,7 @@ from core.config import RunConfig
 from core.data import HospitalSpec, PhantomSite, generate_hospitals
 from core.federation.policy import SitePolicy, release_manifest, released_metrics
 from core.federation.rounds import evaluate_round, initial_adapters, train_round
+from core.federation.sites import LOCAL_HEAD_FILES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,6 +105,56 @@ def test_the_site_trains_and_evaluates_from_its_own_head(site):
     assert evaluate_round(shared, expected_fingerprint=digest, local_head=own, **kwargs) == (
         pytest.approx(with_global)
     )
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_a_site_without_its_own_head_starts_from_the_initial_one_not_the_sent_one(site, task):
+    """A lying coordinator (or a lying site whose reply it averaged in) sends poisoned values
+    for the part the sites keep; a site that has no head of its own yet trains and evaluates
+    from the run's seeded initial one, as if the values had been honest."""
+    root, site_dir = site
+    cfg = config(root, **{"learning-rate": 1e-12}) if task == "classification" else None
+    cfg = cfg or segmentation(root, **{"learning-rate": 1e-12})
+    honest, digest = initial_adapters(cfg)
+    local = heads(honest) if task == "classification" else decoders(honest)
+    poisoned = honest | {k: torch.randn_like(v) * 100 for k, v in local.items()}
+    kwargs = {"site_dir": site_dir, "expected_fingerprint": digest}
+    assert evaluate_round(cfg, global_adapters=poisoned, **kwargs) == pytest.approx(
+        evaluate_round(cfg, global_adapters=honest, **kwargs),
+        nan_ok=True,  # HD95 of empty masks
+    )
+    outcome = train_round(
+        cfg, global_adapters=poisoned, server_round=1, ledger_state=None, **kwargs
+    )
+    assert outcome.local_head is not None
+    for key, value in local.items():  # trained from the initial values (a step of ~0)
+        torch.testing.assert_close(outcome.local_head.tensors[key], value)
+
+
+def test_a_node_keeps_a_classifier_head_and_a_decoder_apart(site, tmp_path):
+    """One SuperNode's state folder serves every study on it: a segmentation study must not
+    read (and be refused on) the head a classification study kept there, nor overwrite it."""
+    from core.federation.local_head import LocalHead
+
+    root, site_dir = site
+    kept = {}
+    for cfg in (config(root), segmentation(root)):
+        global_adapters, digest = initial_adapters(cfg)
+        outcome = train_round(
+            cfg,
+            site_dir=site_dir,
+            global_adapters=global_adapters,
+            server_round=1,
+            expected_fingerprint=digest,
+            ledger_state=None,
+        )
+        assert outcome.local_head is not None
+        kept[cfg.task] = outcome.local_head
+        (tmp_path / LOCAL_HEAD_FILES[cfg.task]).write_bytes(outcome.local_head.to_bytes())
+    for task, head in kept.items():
+        read = LocalHead.read(tmp_path, task)
+        assert read is not None and read.provenance == head.provenance
+        assert read.tensors.keys() == head.tensors.keys()
 
 
 @pytest.mark.parametrize("foreign", ["other-key", "three-classes"])

@@ -127,6 +127,28 @@ def test_explain_refuses_a_backbone_that_is_not_the_runs(run, capsys, tmp_path, 
     assert not (tmp_path / "out" / "index.html").exists()
 
 
+def test_a_run_recorded_before_fingerprints_covered_the_config_is_still_read(run, tmp_path):
+    """Run folders written before the fingerprint covered the architecture config recorded
+    the tensors' digest alone: they are read on the same tensors (decrypt, explain and resume
+    must still reach them); any other recorded value is still refused."""
+    from core.federation.runs import build_run_model
+    from core.model.checkpoint import BackboneError, backbone_state, tensors_digest
+
+    root, cfg, digest, _ = run
+    run_dir = tmp_path / "old-run"
+    shutil.copytree(root / "run", run_dir)
+    latest = run_dir / "checkpoints" / "latest.json"
+    state = json.loads(latest.read_text())
+    backbone, _ = build_backbone(cfg)
+    for recorded, readable in ((tensors_digest(backbone_state(backbone)), True), ("0" * 64, False)):
+        latest.write_text(json.dumps(state | {"backbone_fingerprint": recorded}))
+        if readable:
+            assert build_run_model(run_dir)[2] == digest
+        else:
+            with pytest.raises(BackboneError, match="was trained on backbone"):
+                build_run_model(run_dir)
+
+
 def test_decrypt_refuses_a_backbone_that_is_not_the_runs(run, tmp_path, capsys):
     """An encrypted run's folder (the HE strategy's checkpoint of a real CKKS sum): decrypts
     on the run's backbone, refuses before decrypting on another one."""

@@ -1,11 +1,12 @@
 """Masked image modelling: the masked forward is the model's forward, masked content is
 invisible, targets line up with tokens at every DA, training learns, and resuming is bitwise."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from core.data import DABatchSampler, GridConfig, HospitalSpec, PhantomSite, generate_hospitals
 from core.model.checkpoint import BackboneError, load_backbone, tensors_digest
@@ -322,11 +323,22 @@ def test_demo_backbone_is_built_once_then_reused_and_checked(tmp_path, capsys):
     assert demo_backbone(tmp_path, steps=1) == (path, digest)  # cached: not rebuilt
     assert path.stat().st_mtime_ns == built and "pretrained" not in capsys.readouterr().out
     marker = path.parent / "fingerprint.txt"
-    # A cache from before the fingerprint covered the config recorded the tensors' digest:
-    # still the backbone that was built, so it is reused and its marker brought up to date.
-    marker.write_text(tensors_digest(load_file(str(path))) + "\n")
-    assert demo_backbone(tmp_path, steps=1) == (path, digest)
-    assert marker.read_text() == digest + "\n" and path.stat().st_mtime_ns == built
+    # A cache from before the fingerprint covered the config: a first-format file and a
+    # marker of the tensors' digest. Still the backbone that was built, so it is reused and its
+    # marker brought up to date; with its config edited it is not.
+    tensors = load_file(str(path))
+    old_marker = tensors_digest(tensors) + "\n"
+    config = MODEL_SIZES["micro"]
+    for stored, reused in ((config, True), (dataclasses.replace(config, num_heads=1), False)):
+        metadata = {"format": "fedmedvit-backbone-v1", "fingerprint": old_marker.strip()}
+        save_file(tensors, str(path), metadata=metadata | {"config": json.dumps(stored.to_dict())})
+        marker.write_text(old_marker)
+        if reused:
+            assert demo_backbone(tmp_path, steps=1) == (path, digest)
+            assert marker.read_text() == digest + "\n"
+        else:
+            with pytest.raises(BackboneError, match="fingerprint"):
+                demo_backbone(tmp_path, steps=1)
     marker.write_text("0" * 64 + "\n")  # the file no longer matches what was built
     with pytest.raises(BackboneError, match="fingerprint"):
         demo_backbone(tmp_path, steps=1)
