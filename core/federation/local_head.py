@@ -38,9 +38,13 @@ from torch import Tensor, nn
 
 from core.config import ConfigError, RunConfig
 from core.federation.sites import DATALIST, LOCAL_HEAD_FILES
+from core.model.segmentation import SEGMENTATION_TRAINABLE
 
 # What a site keeps under head-sharing "local", by task: adapter-state key prefixes.
-LOCAL_PREFIXES = {"classification": ("head.",), "segmentation": ("decoder.", "seg_head.")}
+LOCAL_PREFIXES = {
+    "classification": ("head.",),
+    "segmentation": tuple(f"{module}." for module in SEGMENTATION_TRAINABLE),
+}
 # The same, in words, for the run's README and the privacy report.
 LOCAL_PART_NAMES = {"classification": "head", "segmentation": "decoder and segmentation head"}
 HEAD_FORMAT = "fedmedvit.local-head"
