@@ -21,7 +21,9 @@ def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("sites")
     spec = HospitalSpec((PhantomSite("xr", "xr2d", 40, (32, 32)),), alpha=None)
     generate_hospitals(root, spec, seed=0)
-    cfg = RunConfig.from_flat({"data-root": str(root), "in-plane-size": 32})
+    # The head below travels in the global adapters: the shared-head mode evaluates with it.
+    values = {"data-root": str(root), "in-plane-size": 32, "head-sharing": "shared"}
+    cfg = RunConfig.from_flat(values)
     return cfg, root / "xr"
 
 
