@@ -51,6 +51,19 @@ def decoders(state):
     return {k: v for k, v in state.items() if k.startswith(("decoder.", "seg_head."))}
 
 
+def one_round(cfg, site_dir, global_adapters, digest, *, server_round=1, local_head=None):
+    """One training round at the site, without a privacy ledger yet."""
+    return train_round(
+        cfg,
+        site_dir=site_dir,
+        global_adapters=global_adapters,
+        server_round=server_round,
+        expected_fingerprint=digest,
+        ledger_state=None,
+        local_head=local_head,
+    )
+
+
 def test_the_reply_carries_the_global_head_and_the_site_keeps_its_trained_head(site):
     root, site_dir = site
     cfg = config(root)
@@ -83,15 +96,7 @@ def test_the_site_trains_and_evaluates_from_its_own_head(site):
     cfg = config(root, **{"learning-rate": 1e-12})  # a step that changes nothing
     global_adapters, digest = initial_adapters(cfg)
     own = {k: torch.randn_like(v) for k, v in heads(global_adapters).items()}
-    outcome = train_round(
-        cfg,
-        site_dir=site_dir,
-        global_adapters=global_adapters,
-        server_round=2,
-        expected_fingerprint=digest,
-        ledger_state=None,
-        local_head=own,
-    )
+    outcome = one_round(cfg, site_dir, global_adapters, digest, server_round=2, local_head=own)
     assert outcome.local_head is not None
     for key, value in own.items():  # training started from the site's head, not the global one
         torch.testing.assert_close(outcome.local_head.tensors[key], value)
@@ -140,14 +145,7 @@ def test_a_node_keeps_a_classifier_head_and_a_decoder_apart(site, tmp_path):
     kept = {}
     for cfg in (config(root), segmentation(root)):
         global_adapters, digest = initial_adapters(cfg)
-        outcome = train_round(
-            cfg,
-            site_dir=site_dir,
-            global_adapters=global_adapters,
-            server_round=1,
-            expected_fingerprint=digest,
-            ledger_state=None,
-        )
+        outcome = one_round(cfg, site_dir, global_adapters, digest)
         assert outcome.local_head is not None
         kept[cfg.task] = outcome.local_head
         (tmp_path / LOCAL_HEAD_FILES[cfg.task]).write_bytes(outcome.local_head.to_bytes())
@@ -208,15 +206,7 @@ def test_the_site_trains_and_evaluates_segmentation_from_its_own_decoder(site):
     own = {
         k: torch.randn(v.shape, generator=generator) for k, v in decoders(global_adapters).items()
     }
-    outcome = train_round(
-        cfg,
-        site_dir=site_dir,
-        global_adapters=global_adapters,
-        server_round=2,
-        expected_fingerprint=digest,
-        ledger_state=None,
-        local_head=own,
-    )
+    outcome = one_round(cfg, site_dir, global_adapters, digest, server_round=2, local_head=own)
     assert outcome.local_head is not None
     for key, value in own.items():  # training started from the site's decoder
         torch.testing.assert_close(outcome.local_head.tensors[key], value)
