@@ -57,9 +57,10 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from core.data import GridConfig, SiteDataset, open_site
-from core.data.cache import entries_size
+from core.data.cache import ENTRY_SUFFIX, entries_size
 from core.io import write_json_atomic
 
 SHAPE = (512, 512, 200)  # (x, y, z) voxels as stored
@@ -140,16 +141,17 @@ def first_pass(
 
 
 def same_entries(caches: list[Path]) -> bool:
-    """Whether the caches hold the same entries with the same tensors, bit for bit."""
-    names = [sorted(p.name for p in (c / "entries").glob("*.pt")) for c in caches]
+    """Whether the caches hold the same entries: same names, tensors bit for bit, same
+    metadata (spacing, checksum; safetensors may store the metadata keys in any order)."""
+    names = [sorted(p.name for p in (c / "entries").glob(f"*{ENTRY_SUFFIX}")) for c in caches]
     if any(n != names[0] for n in names) or not names[0]:
         return False
     for name in names[0]:
-        loaded = [torch.load(c / "entries" / name, weights_only=True) for c in caches]
-        if any(
-            e["spacing"] != loaded[0]["spacing"] or not torch.equal(e["image"], loaded[0]["image"])
-            for e in loaded
-        ):
+        loaded = []
+        for cache in caches:
+            with safe_open(cache / "entries" / name, framework="pt") as handle:
+                loaded.append((handle.metadata(), handle.get_tensor("image")))
+        if any(m != loaded[0][0] or not torch.equal(t, loaded[0][1]) for m, t in loaded):
             return False
     return True
 

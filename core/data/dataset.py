@@ -107,6 +107,7 @@ class SiteDataset(Dataset[dict[str, Tensor]]):
         )
         parsed: list[ItemSpec] = []
         failed: dict[int, DatasetError] = {}
+        self._found: dict[int, Path] = {}  # position -> its cache entry, found before the fill
         for position in range(len(datalist.entries)):
             try:
                 parsed.append(parse_item(datalist, position))
@@ -196,7 +197,8 @@ class SiteDataset(Dataset[dict[str, Tensor]]):
         if self._store is None or item.array_index is not None:
             return preprocess(self._read(item), item, self.grid, self.intensity)
         variant = _variant(item)
-        hit = self._store.load(item.image, variant)
+        found = self._found.get(item.position)
+        hit = self._store.read(found) if found else self._store.load(item.image, variant)
         if hit is not None:
             return hit
         image, spacing = prepare_file(item, self.grid, self.intensity)
@@ -217,13 +219,15 @@ class SiteDataset(Dataset[dict[str, Tensor]]):
         """
         store = self._store
         assert store is not None
-        pending = [
-            item
-            for item in parsed
-            if item.array_index is None
-            and item.image.exists()
-            and not store.is_cached(item.image, _variant(item))
-        ]
+        pending = []
+        for item in parsed:
+            if item.array_index is not None or not item.image.exists():
+                continue
+            found = store.find(item.image, _variant(item))
+            if found is None:
+                pending.append(item)
+            else:
+                self._found[item.position] = found
         if not pending:
             return {}
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

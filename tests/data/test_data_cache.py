@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 import torch
 
+import core.data.cache as cache_module
 import core.data.dataset as dataset_module
 from core.config import RunConfig
 from core.data import DatasetError, GridConfig, IntensityConfig, open_site
-from core.data.cache import CacheError, PreprocessCache, entries_size
+from core.data.cache import ENTRY_SUFFIX, CacheError, PreprocessCache, entries_size
 from core.federation.rounds import open_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,6 +95,30 @@ def test_each_file_is_decoded_once_across_open_training_and_later_opens(
     assert again.labels.tolist() == [0, 1, 0, 1]  # labels come from the datalist
 
 
+def test_a_cached_open_looks_each_source_up_once(
+    tmp_path: Path, reader: CountingReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round that finds everything cached stats each source once and decodes nothing (it
+    looked each up twice: once to see what to fill, again to load it)."""
+    datalist = make_site(tmp_path / "site")
+    cache = tmp_path / "cache"
+    want = images(open_site(datalist, grid=GRID, cache_dir=cache, workers=1))
+    looked_up: list[str] = []
+    real = cache_module.stat_signature
+
+    def counting(source: Path) -> str:
+        looked_up.append(source.name)
+        return real(source)
+
+    monkeypatch.setattr(cache_module, "stat_signature", counting)
+    reader.names.clear()
+    got = images(open_site(datalist, grid=GRID, cache_dir=cache, workers=1))
+    assert sorted(looked_up) == [f"ct{i}.nii.gz" for i in range(4)]
+    assert reader.names == []
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_a_changed_file_is_rebuilt_and_a_touched_one_is_not(
     tmp_path: Path, reader: CountingReader
 ) -> None:
@@ -140,14 +165,14 @@ def test_a_corrupt_entry_is_rebuilt(
     datalist = make_site(tmp_path / "site", count=2)
     cache = tmp_path / "cache"
     want = images(open_site(datalist, grid=GRID, cache_dir=cache, workers=1))
-    entry = sorted((cache / "entries").glob("*.pt"))[0]
+    entry = sorted((cache / "entries").glob("*.safetensors"))[0]
     raw = bytearray(entry.read_bytes())
     if damage == "truncated":
         raw = raw[: len(raw) // 2]
-    elif damage == "flipped":  # inside the tensor's bytes, which sit near the end of the zip
+    elif damage == "flipped":  # inside the tensor's bytes, which follow the JSON header
         raw[len(raw) - 2000] ^= 0xFF
     else:
-        raw = bytearray(b"not a torch file")
+        raw = bytearray(b"not a safetensors file")
     entry.write_bytes(bytes(raw))
     reader.names.clear()
     with caplog.at_level(logging.WARNING, logger="core.data.cache"):
@@ -248,7 +273,7 @@ def test_the_size_bound_evicts_old_entries_and_refuses_an_entry_too_big(tmp_path
     site = open_site(datalist, grid=GRID, cache_dir=cache, workers=1, cache_max_bytes=2 * one)
     assert len(site) == 4
     assert 0 < entries_size(cache) <= 2 * one
-    assert len(list((cache / "entries").glob("*.pt"))) <= 2
+    assert len(list((cache / "entries").glob("*.safetensors"))) <= 2
     with pytest.raises(CacheError, match=re.escape(str(cache / "x"))):
         open_site(datalist, grid=GRID, cache_dir=cache / "x", workers=1, cache_max_bytes=1000)
     with pytest.raises(ValueError, match="max_bytes"):
@@ -270,7 +295,7 @@ def test_a_short_disk_is_a_clear_error_naming_the_folder(
     with pytest.raises(CacheError, match=re.escape(str(cache))) as raised:
         open_site(datalist, grid=GRID, cache_dir=cache, workers=1, on_error="skip")
     assert "the disk is short" in str(raised.value) and "Fix:" in str(raised.value)
-    assert not list((cache / "entries").glob("*.pt"))
+    assert not list((cache / "entries").glob("*.safetensors"))
 
 
 def test_open_split_passes_the_site_cache_dir(tmp_path: Path, reader: CountingReader) -> None:
@@ -311,4 +336,6 @@ def test_a_real_simulation_keeps_each_sites_cache_in_its_state_folder(tmp_path: 
     assert len(sites) == 2
     for site in sites:
         assert entries_size(state / site / "preprocess-cache") > 0
-    assert not list(out.rglob("*.pt")) and not list((tmp_path / "data").rglob("*.pt"))
+    pattern = f"entries/*{ENTRY_SUFFIX}"
+    strays = [p for root in (out, tmp_path / "data") for p in root.rglob(pattern)]
+    assert not strays

