@@ -172,6 +172,17 @@ class PreprocessCache:
                 f"{self.folder}: cannot create the preprocessing cache folder ({err}). Fix: "
                 "make the site's state folder writable, or open the site without a cache dir"
             ) from err
+        self._drop_format_1_entries()
+
+    def _drop_format_1_entries(self) -> None:
+        """Delete the ``torch.save`` entries of format 1 (``*.pt``): no key of this format
+        reaches them, and the size bound, which counts only current entries, would keep them
+        forever. They are derived data; the sources are untouched."""
+        old = list(self._entries.glob("*.pt"))
+        for path in old:
+            path.unlink(missing_ok=True)
+        if old:
+            logger.info("%s: removed %d entries of an older cache format", self.folder, len(old))
 
     # ------------------------------------------------------------------------------ lookups
 

@@ -119,6 +119,24 @@ def test_a_cached_open_looks_each_source_up_once(
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_entries_of_the_old_format_are_removed_and_rebuilt(
+    tmp_path: Path, reader: CountingReader
+) -> None:
+    """Format-1 ``.pt`` entries are unreachable after the format change; left in place they
+    would sit outside the size bound forever."""
+    datalist = make_site(tmp_path / "site", count=2)
+    cache = tmp_path / "cache"
+    want = images(open_site(datalist, grid=GRID, cache_dir=cache, workers=1))
+    old = cache / "entries" / ("0" * 64 + ".pt")
+    torch.save({"version": 1, "image": torch.zeros(1, 6, 32, 32)}, old)
+    reader.names.clear()
+    got = images(open_site(datalist, grid=GRID, cache_dir=cache, workers=1))
+    assert not old.exists() and reader.names == []
+    assert len(list((cache / "entries").iterdir())) == 2
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_a_changed_file_is_rebuilt_and_a_touched_one_is_not(
     tmp_path: Path, reader: CountingReader
 ) -> None:
