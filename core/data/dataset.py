@@ -114,6 +114,7 @@ class SiteDataset(Dataset[dict[str, Tensor]]):
             except DatasetError as err:
                 failed[position] = err
         if self._store is not None:
+            self._store.drop_format_1_entries()
             failed.update(self._fill_cache(parsed, workers))
 
         items: list[ItemSpec] = []
@@ -197,7 +198,7 @@ class SiteDataset(Dataset[dict[str, Tensor]]):
         if self._store is None or item.array_index is not None:
             return preprocess(self._read(item), item, self.grid, self.intensity)
         variant = _variant(item)
-        found = self._found.get(item.position)
+        found = self._found.pop(item.position, None)  # used once: a later read re-checks
         hit = self._store.read(found) if found else self._store.load(item.image, variant)
         if hit is not None:
             return hit

@@ -119,22 +119,51 @@ def test_a_cached_open_looks_each_source_up_once(
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_entries_of_the_old_format_are_removed_and_rebuilt(
+def test_entries_of_the_old_format_are_removed_and_nothing_else(
     tmp_path: Path, reader: CountingReader
 ) -> None:
-    """Format-1 ``.pt`` entries are unreachable after the format change; left in place they
-    would sit outside the size bound forever."""
+    """Format-1 ``<sha256>.pt`` entries are unreachable after the format change; left in place
+    they would sit outside the size bound forever. Any other file stays."""
     datalist = make_site(tmp_path / "site", count=2)
     cache = tmp_path / "cache"
     want = images(open_site(datalist, grid=GRID, cache_dir=cache, workers=1))
     old = cache / "entries" / ("0" * 64 + ".pt")
     torch.save({"version": 1, "image": torch.zeros(1, 6, 32, 32)}, old)
+    users = cache / "entries" / "model_final.pt"
+    users.write_text("not ours")
     reader.names.clear()
     got = images(open_site(datalist, grid=GRID, cache_dir=cache, workers=1))
     assert not old.exists() and reader.names == []
-    assert len(list((cache / "entries").iterdir())) == 2
+    assert users.read_text() == "not ours"
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_lazy_site_reads_a_source_changed_after_the_open(
+    tmp_path: Path, reader: CountingReader
+) -> None:
+    """With ``cache=False`` each read looks the source up again: an entry found at open must
+    not be served after the file changed."""
+    datalist = make_site(tmp_path / "site", count=2)
+    cache = tmp_path / "cache"
+    open_site(datalist, grid=GRID, cache_dir=cache, workers=1)
+    lazy = open_site(datalist, grid=GRID, cache=False, cache_dir=cache, workers=1)
+    write_ct(tmp_path / "site" / "ct0.nii.gz", seed=99)
+    fresh = open_site(datalist, grid=GRID)  # no cache: straight from the files
+    torch.testing.assert_close(lazy[0]["image"], fresh[0]["image"], rtol=0, atol=0)
+
+
+def test_cached_images_do_not_map_the_cache_files(tmp_path: Path) -> None:
+    """A site's images are copies in memory: a mapped entry would keep an evicted file's disk
+    space and kill the process (SIGBUS) if the file were rewritten in place."""
+    datalist = make_site(tmp_path / "site", count=2)
+    cache = tmp_path / "cache"
+    grid = GridConfig(in_plane=(256, 256))  # entries of 1.5 MiB, which safetensors maps
+    open_site(datalist, grid=grid, cache_dir=cache, workers=1)
+    site = open_site(datalist, grid=grid, cache_dir=cache, workers=1)
+    maps = Path("/proc/self/maps").read_text()
+    assert str(cache / "entries") not in maps
+    assert len(site) == 2
 
 
 def test_a_changed_file_is_rebuilt_and_a_touched_one_is_not(

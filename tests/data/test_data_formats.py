@@ -102,7 +102,7 @@ def test_nifti_layouts_all_come_back_depth_first(tmp_path: Path, canonical_volum
         volume = read_image(tmp_path / name)
         assert volume.array.shape == (1, 6, 10, 12), name
         np.testing.assert_array_equal(volume.array[0], vol, err_msg=name)
-        assert volume.array.flags.c_contiguous, name  # torch.from_numpy needs no negative strides
+        assert volume.array.flags.c_contiguous, name  # the depth-first copy, however stored
         np.testing.assert_allclose(volume.spacing, (5.0, 0.7, 0.8), rtol=1e-6)
         assert volume.calibrated
 
