@@ -303,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="large", help="phantom preset")
     parser.add_argument("--cache", type=Path, default=Path("phantom_data"))
     parser.add_argument("--pretrain-steps", type=int, default=1000)
+    parser.add_argument(
+        "--pretrain-visible-weight", type=float, default=0.0, help="MIMSettings.visible_weight"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="2 rounds, 1 seed, 2 CNN epochs")
@@ -328,7 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     root = args.cache / f"benchmark-{args.preset}-seed0-v{PHANTOM_VERSION}"
     if not (root / "hospitals.json").is_file():
         generate_hospitals(root, args.preset, seed=0, overwrite=True)
-    path, digest = demo_backbone(args.cache, size="micro", steps=args.pretrain_steps)
+    path, digest = demo_backbone(
+        args.cache,
+        size="micro",
+        steps=args.pretrain_steps,
+        visible_weight=args.pretrain_visible_weight,
+    )
     values: dict[str, Any] = {
         "num-server-rounds": rounds,
         "backbone": str(path.resolve()),
@@ -342,7 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
         "seeds": seeds,
         "cnn_epochs": epochs,
-        "backbone": {"pretrain_steps": args.pretrain_steps, "fingerprint": digest},
+        "backbone": {
+            "pretrain_steps": args.pretrain_steps,
+            "visible_weight": args.pretrain_visible_weight,
+            "fingerprint": digest,
+        },
         "config": cfg.to_flat(),
         "sites": {n: {s: len(d) for s, d in data[n].items()} for n in names},
         "arms": {},

@@ -116,7 +116,7 @@ def prepare_backbone(
     spec = scenario.get("pretrain")
     if not spec or values.get("backbone"):
         return
-    unknown = set(spec) - {"steps", "seed"}
+    unknown = set(spec) - {"steps", "seed", "visible-weight"}
     if unknown:
         raise SystemExit(f"scenario {scenario['name']}: unknown [pretrain] keys {sorted(unknown)}")
     size = str(values.get("model-size", RunConfig.model_size))
@@ -126,6 +126,7 @@ def prepare_backbone(
         steps=int(spec.get("steps", 1000)),
         seed=int(spec.get("seed", 0)),
         data=own_sites,
+        visible_weight=float(spec.get("visible-weight", 0.0)),
     )
     values["backbone"] = str(path.resolve())
     print(f"backbone {path} (fingerprint {digest[:12]}...)")

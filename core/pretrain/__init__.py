@@ -27,7 +27,11 @@ Objective. For every batch (one degree of anisotropy, DA, per batch as everywher
   One head therefore serves every spacing and every DA trains it, instead of five heads of
   which the 16-deep one would only ever see isotropic volumes.
 * Loss: mean squared error per masked token (averaged over its voxels, so a 2D token and a 3D
-  token weigh the same), averaged over masked tokens only.
+  token weigh the same), averaged over masked tokens only (SimMIM, Xie et al. 2022). With
+  ``visible_weight`` w > 0 the visible tokens' errors join the average with weight w each:
+  a visible token must then keep what its own patch holds. Masked tokens alone never ask for
+  that, and a lesion smaller than a patch cannot be predicted from its context, so SimMIM
+  features may drop it (measured on the phantoms: README, learning quality).
 
 Data: site datalists (labels ignored; items without a label are accepted), pooled into one
 :class:`ImagePool` whose batches share a DA; volumes of one DA from different sites are

@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=MIMSettings.learning_rate)
     parser.add_argument("--mask-ratio", type=float, default=MIMSettings.mask_ratio)
     parser.add_argument("--target-eps", type=float, default=MIMSettings.target_eps)
+    parser.add_argument(
+        "--visible-weight",
+        type=float,
+        default=MIMSettings.visible_weight,
+        help="loss weight of visible tokens' reconstruction (0: masked tokens only, SimMIM)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument(
@@ -101,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         settings = MIMSettings(
             mask_ratio=args.mask_ratio,
+            visible_weight=args.visible_weight,
             target_eps=args.target_eps,
             batch_size=args.batch_size,
             learning_rate=args.lr,
@@ -166,10 +173,11 @@ def demo_backbone(
     steps: int = 1000,
     seed: int = 0,
     data: Sequence[Path] = (),
+    visible_weight: float = 0.0,
 ) -> tuple[Path, str]:
     """The demo backbone: ``size`` pretrained for ``steps`` on unlabeled images, by default the
     phantom archive; with ``data`` (site folders, each with a ``dataset.json``) their training
-    images instead, labels ignored.
+    images instead, labels ignored. ``visible_weight``: :class:`MIMSettings`'s.
 
     Built once under ``cache`` (a folder named by size, steps, seed and, with ``data``, a digest
     of the sites' datalists) and reused: the federated demo and the benchmarks start from it.
@@ -179,6 +187,8 @@ def demo_backbone(
     # "-ref": the file carries the head-input reference (core.model.reference); folders of
     # backbones built before it are not reused. The phantom archive's generator version too.
     tag = f"backbone-{size}-steps{steps}-seed{seed}-ref"
+    if visible_weight:
+        tag += f"-vis{visible_weight:g}"
     if data:
         tag += f"-data{datalists_digest(data)[:12]}"
     else:
@@ -191,6 +201,7 @@ def demo_backbone(
     if not marker.is_file():
         started = time.perf_counter()
         args = ["--out", str(out), "--size", size, "--steps", str(steps), "--seed", str(seed)]
+        args += ["--visible-weight", str(visible_weight)]
         if data:
             args += ["--data", *(str(site) for site in data)]
         code = main([*args, "--log-every", str(max(1, steps // 5))])

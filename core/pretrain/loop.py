@@ -98,7 +98,11 @@ def build_state(config: ViTConfig, settings: MIMSettings) -> PretrainState:
     """A fresh run: weights from ``settings.seed`` (bitwise the same on every machine)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        model = MaskedImageModel(UniversalViT(config), target_eps=settings.target_eps)
+        model = MaskedImageModel(
+            UniversalViT(config),
+            target_eps=settings.target_eps,
+            visible_weight=settings.visible_weight,
+        )
     return PretrainState(model, make_optimizer(model, settings), 0, [])
 
 

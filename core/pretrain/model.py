@@ -47,13 +47,16 @@ def random_token_mask(n: int, tokens: int, ratio: float, generator: torch.Genera
 class MaskedImageModel(nn.Module):
     """The universal ViT (``encoder``) with a mask token and a linear voxel decoder."""
 
-    def __init__(self, encoder: UniversalViT, *, target_eps: float = 1e-2) -> None:
+    def __init__(
+        self, encoder: UniversalViT, *, target_eps: float = 1e-2, visible_weight: float = 0.0
+    ) -> None:
         super().__init__()
         config = encoder.config
         self.encoder = encoder
         self.patch = config.patch_size
         self.channels = config.in_channels
         self.target_eps = target_eps
+        self.visible_weight = visible_weight
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
         # Full-depth patch per token; shallower depth patches average it (module docstring).
         self.decoder = nn.Linear(config.embed_dim, config.in_channels * config.patch_size**3)
@@ -92,11 +95,13 @@ class MaskedImageModel(nn.Module):
         return full.reshape(n, t, -1)
 
     def forward(self, x: Tensor, spacing: Tensor | Sequence[float], mask: Tensor) -> Tensor:
-        """Masked-patch reconstruction loss (a scalar). x: (N, C, D, H, W); mask: (N, T) bool."""
+        """Patch reconstruction loss (a scalar): the weighted mean of per-token errors, weight 1
+        for a masked token and ``visible_weight`` for a visible one. x: (N, C, D, H, W);
+        mask: (N, T) bool."""
         features, da = self.encode(x, spacing, mask)
         depth_patch = depth_patch_size(self.patch, da)
         pred = self.predict(features[:, 1:], depth_patch)  # (N, T, V)
         target = normalized_patches(patchify(x, self.patch, depth_patch).float(), self.target_eps)
         per_token = (pred.float() - target).pow(2).mean(dim=-1)  # (N, T)
-        weights = mask.to(per_token.dtype)
+        weights = torch.where(mask, 1.0, self.visible_weight).to(per_token.dtype)  # (N, T)
         return (per_token * weights).sum() / weights.sum().clamp_min(1.0)

@@ -20,6 +20,10 @@ class MIMSettings:
     """Everything that shapes a pretraining run except its length (stored in checkpoints)."""
 
     mask_ratio: float = 0.6
+    # Loss weight of a visible token's reconstruction against a masked token's 1 (0: SimMIM,
+    # masked tokens only). Above 0 each token must keep what its own patch holds, a small
+    # lesion included, which masked tokens alone never ask for (core.pretrain docstring).
+    visible_weight: float = 0.0
     target_eps: float = 1e-2  # variance floor of the per-patch target normalisation
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -32,6 +36,8 @@ class MIMSettings:
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
             raise PretrainError(f"mask-ratio must be in (0, 1), got {self.mask_ratio}")
+        if not (self.visible_weight >= 0 and math.isfinite(self.visible_weight)):
+            raise PretrainError(f"visible-weight must be >= 0, got {self.visible_weight}")
         if not self.target_eps > 0:
             raise PretrainError(f"target-eps must be > 0, got {self.target_eps}")
         if self.batch_size < 1:

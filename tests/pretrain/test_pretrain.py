@@ -285,6 +285,8 @@ def test_cli_writes_a_loadable_backbone_with_the_printed_fingerprint_and_resumes
     assert printed.split("fingerprint: ")[1].strip() == load_backbone(out)[1]
     assert main([*common, "--steps", "4", "--resume", str(ckpt), "--mask-ratio", "0.5"]) == 2
     assert "mask_ratio" in capsys.readouterr().err
+    assert main([*common, "--steps", "4", "--resume", str(ckpt), "--visible-weight", "0.5"]) == 2
+    assert "visible_weight" in capsys.readouterr().err  # the flag reaches the saved settings
 
 
 def test_the_backbone_carries_a_head_reference_that_whitens_its_own_pretraining_images(
@@ -342,3 +344,19 @@ def test_demo_backbone_is_built_once_then_reused_and_checked(tmp_path, capsys):
     marker.write_text("0" * 64 + "\n")  # the file no longer matches what was built
     with pytest.raises(BackboneError, match="fingerprint"):
         demo_backbone(tmp_path, steps=1)
+
+
+def test_visible_tokens_join_the_loss_with_their_weight():
+    """Brute force: masked tokens weigh 1, visible ones ``visible_weight``; 0 is SimMIM."""
+    model = MaskedImageModel(create_vit("micro"), visible_weight=0.3).eval()
+    x = volume(2)  # depth patch 4: tokens (2, 2, 2)
+    mask = random_token_mask(2, 8, 0.5, torch.Generator().manual_seed(1))
+    features, _ = model.encode(x, SPACINGS[2], mask)
+    pred = model.predict(features[:, 1:], 4)
+    target = normalized_patches(patchify(x, 16, 4), model.target_eps)
+    errors = (pred - target).pow(2).mean(dim=-1)  # (N, T)
+    masked, visible = errors[mask], errors[~mask]
+    expected = (masked.sum() + 0.3 * visible.sum()) / (len(masked) + 0.3 * len(visible))
+    torch.testing.assert_close(model(x, SPACINGS[2], mask), expected)
+    with pytest.raises(PretrainError, match="visible-weight"):
+        MIMSettings(visible_weight=-0.1)
