@@ -125,15 +125,29 @@ def test_random_token_mask_masks_a_fixed_count_reproducibly():
     assert random_token_mask(3, 2, 0.99, torch.Generator()).sum(dim=1).tolist() == [1] * 3
 
 
-def test_loss_is_mse_of_normalised_voxels_over_masked_tokens_only():
-    model = mim_model()
+@pytest.mark.parametrize("visible_weight", [0.0, 0.3])
+def test_loss_is_mse_of_normalised_voxels_weighted_by_masked_and_visible(visible_weight):
+    """Brute force: masked tokens weigh 1, visible ones ``visible_weight``; 0 is SimMIM's
+    mean over masked tokens only."""
+    torch.manual_seed(0)
+    model = MaskedImageModel(create_vit("micro"), visible_weight=visible_weight).eval()
     x = volume(2)  # depth patch 4: tokens (2, 2, 2)
     mask = random_token_mask(2, 8, 0.5, torch.Generator().manual_seed(1))
     features, _ = model.encode(x, SPACINGS[2], mask)
     pred = model.predict(features[:, 1:], 4)
     target = normalized_patches(patchify(x, 16, 4), model.target_eps)
     errors = (pred - target).pow(2).mean(dim=-1)  # (N, T)
-    torch.testing.assert_close(model(x, SPACINGS[2], mask), errors[mask].mean())
+    masked, visible = errors[mask], errors[~mask]
+    weighted = masked.sum() + visible_weight * visible.sum()
+    expected = weighted / (len(masked) + visible_weight * len(visible))
+    torch.testing.assert_close(model(x, SPACINGS[2], mask), expected)
+    if visible_weight == 0.0:
+        torch.testing.assert_close(model(x, SPACINGS[2], mask), masked.mean())
+
+
+def test_a_negative_visible_weight_is_refused():
+    with pytest.raises(PretrainError, match="visible-weight"):
+        MIMSettings(visible_weight=-0.1)
 
 
 def test_pool_bucketing_pads_depth_across_sites_of_one_da(pool):
@@ -344,19 +358,3 @@ def test_demo_backbone_is_built_once_then_reused_and_checked(tmp_path, capsys):
     marker.write_text("0" * 64 + "\n")  # the file no longer matches what was built
     with pytest.raises(BackboneError, match="fingerprint"):
         demo_backbone(tmp_path, steps=1)
-
-
-def test_visible_tokens_join_the_loss_with_their_weight():
-    """Brute force: masked tokens weigh 1, visible ones ``visible_weight``; 0 is SimMIM."""
-    model = MaskedImageModel(create_vit("micro"), visible_weight=0.3).eval()
-    x = volume(2)  # depth patch 4: tokens (2, 2, 2)
-    mask = random_token_mask(2, 8, 0.5, torch.Generator().manual_seed(1))
-    features, _ = model.encode(x, SPACINGS[2], mask)
-    pred = model.predict(features[:, 1:], 4)
-    target = normalized_patches(patchify(x, 16, 4), model.target_eps)
-    errors = (pred - target).pow(2).mean(dim=-1)  # (N, T)
-    masked, visible = errors[mask], errors[~mask]
-    expected = (masked.sum() + 0.3 * visible.sum()) / (len(masked) + 0.3 * len(visible))
-    torch.testing.assert_close(model(x, SPACINGS[2], mask), expected)
-    with pytest.raises(PretrainError, match="visible-weight"):
-        MIMSettings(visible_weight=-0.1)
