@@ -44,6 +44,7 @@ from core.data.phantoms import PHANTOM_VERSION, generate_hospitals
 from core.federation.rounds import build_lora_model, open_split
 from core.federation.sites import list_sites
 from core.pretrain.cli import demo_backbone
+from core.pretrain.settings import MIMSettings
 from core.privacy.plan import plan_dp
 from core.training.loops import (
     DPStepPlan,
@@ -304,7 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path("phantom_data"))
     parser.add_argument("--pretrain-steps", type=int, default=1000)
     parser.add_argument(
-        "--pretrain-visible-weight", type=float, default=0.0, help="MIMSettings.visible_weight"
+        "--pretrain-visible-weight",
+        type=float,
+        default=MIMSettings.visible_weight,
+        help="MIMSettings.visible_weight (0: SimMIM)",
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -30,7 +30,7 @@ from typing import Any
 from core.config import ConfigError, RunConfig, format_sections
 from core.data.phantoms import PHANTOM_VERSION, generate_hospitals
 from core.federation.sites import list_sites
-from core.pretrain import demo_backbone
+from core.pretrain import MIMSettings, demo_backbone
 from simulations.flower_cli import RunFailed, flwr_run, local_superlink
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,7 +126,7 @@ def prepare_backbone(
         steps=int(spec.get("steps", 1000)),
         seed=int(spec.get("seed", 0)),
         data=own_sites,
-        visible_weight=float(spec.get("visible-weight", 0.0)),
+        visible_weight=float(spec.get("visible-weight", MIMSettings.visible_weight)),
     )
     values["backbone"] = str(path.resolve())
     print(f"backbone {path} (fingerprint {digest[:12]}...)")

@@ -173,7 +173,7 @@ def demo_backbone(
     steps: int = 1000,
     seed: int = 0,
     data: Sequence[Path] = (),
-    visible_weight: float = 0.0,
+    visible_weight: float = MIMSettings.visible_weight,
 ) -> tuple[Path, str]:
     """The demo backbone: ``size`` pretrained for ``steps`` on unlabeled images, by default the
     phantom archive; with ``data`` (site folders, each with a ``dataset.json``) their training

@@ -23,7 +23,9 @@ class MIMSettings:
     # Loss weight of a visible token's reconstruction against a masked token's 1 (0: SimMIM,
     # masked tokens only). Above 0 each token must keep what its own patch holds, a small
     # lesion included, which masked tokens alone never ask for (core.pretrain docstring).
-    visible_weight: float = 0.0
+    # 0.3: FL DP test AUC 0.99 / 0.86 / 0.80 / 0.66 on the phantom sites against SimMIM's
+    # 0.94 / 0.79 / 0.76 / 0.68, 3 seeds (README, learning quality).
+    visible_weight: float = 0.3
     target_eps: float = 1e-2  # variance floor of the per-patch target normalisation
     batch_size: int = 16
     learning_rate: float = 1e-3
