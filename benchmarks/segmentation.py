@@ -50,7 +50,7 @@ from core.federation.rounds import (
 )
 from core.federation.sites import list_sites
 from core.model.vit import count_parameters
-from core.pretrain import demo_backbone
+from core.pretrain import MIMSettings, demo_backbone
 from core.training.loops import pick_device, train_plain
 from core.training.segmentation import evaluate_segmentation, predict_masks, segmentation_loss
 from core.training.settings import TrainSettings
@@ -254,7 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     root = args.cache / f"segmentation-alpha{spec['alpha']}-seed{spec['seed']}-v{PHANTOM_VERSION}"
     if not (root / "hospitals.json").is_file():
         generate_hospitals(root, "segmentation", seed=spec["seed"], alpha=spec["alpha"])
-    backbone, _ = demo_backbone(args.cache, steps=scenario["pretrain"]["steps"])
+    pretrain = scenario["pretrain"]
+    backbone, _ = demo_backbone(
+        args.cache,
+        steps=pretrain["steps"],
+        seed=pretrain.get("seed", 0),
+        visible_weight=pretrain.get("visible-weight", MIMSettings.visible_weight),
+    )
     base_values = dict(scenario["run-config"]) | {
         "num-server-rounds": args.rounds,
         "backbone": str(backbone.resolve()),

@@ -24,6 +24,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Sequence
+from math import inf
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +117,19 @@ def prepare_backbone(
     spec = scenario.get("pretrain")
     if not spec or values.get("backbone"):
         return
-    unknown = set(spec) - {"steps", "seed", "visible-weight"}
+    known = {"steps", "seed", "visible-weight"}
+    unknown = set(spec) - known
     if unknown:
-        raise SystemExit(f"scenario {scenario['name']}: unknown [pretrain] keys {sorted(unknown)}")
+        raise SystemExit(
+            f"scenario {scenario['name']}: unknown [pretrain] keys {sorted(unknown)}; "
+            f"the table takes {sorted(known)}"
+        )
+    weight = spec.get("visible-weight", MIMSettings.visible_weight)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight < inf:
+        raise SystemExit(
+            f"scenario {scenario['name']}: [pretrain] visible-weight must be a finite number >= 0 "
+            f"(0: SimMIM, masked tokens only), got {weight!r}"
+        )
     size = str(values.get("model-size", RunConfig.model_size))
     path, digest = demo_backbone(
         cache,
@@ -126,7 +137,7 @@ def prepare_backbone(
         steps=int(spec.get("steps", 1000)),
         seed=int(spec.get("seed", 0)),
         data=own_sites,
-        visible_weight=float(spec.get("visible-weight", MIMSettings.visible_weight)),
+        visible_weight=float(weight),
     )
     values["backbone"] = str(path.resolve())
     print(f"backbone {path} (fingerprint {digest[:12]}...)")

@@ -1,4 +1,5 @@
-"""Self-supervised pretraining of the universal ViT by masked image modelling (SimMIM-style).
+"""Self-supervised pretraining of the universal ViT by masked image modelling (SimMIM, plus a
+weighted reconstruction of the visible tokens).
 
 Why: the federation fine-tunes LoRA adapters on a *frozen* backbone, so everything the adapters
 cannot express must already be in the backbone. Unlabeled images are plentiful (every archive
@@ -27,9 +28,9 @@ Objective. For every batch (one degree of anisotropy, DA, per batch as everywher
   One head therefore serves every spacing and every DA trains it, instead of five heads of
   which the 16-deep one would only ever see isotropic volumes.
 * Loss: mean squared error per masked token (averaged over its voxels, so a 2D token and a 3D
-  token weigh the same), averaged over masked tokens only (SimMIM, Xie et al. 2022). With
-  ``visible_weight`` w > 0 the visible tokens' errors join the average with weight w each:
-  a visible token must then keep what its own patch holds. Masked tokens alone never ask for
+  token weigh the same), averaged with weight 1 per masked token (SimMIM, Xie et al. 2022)
+  and ``visible_weight`` w per visible token (default 0: SimMIM): with w > 0 a visible token
+  must keep what its own patch holds. Masked tokens alone never ask for
   that, and a lesion smaller than a patch cannot be predicted from its context, so SimMIM
   features may drop it (measured on the phantoms: README, learning quality).
 
@@ -42,7 +43,7 @@ a resumed run is bitwise the uninterrupted one.
 CLI (the default demo, without ``--data``, pretrains on freshly generated phantom hospitals)::
 
     python -m core.pretrain --out backbone.safetensors [--data DIR_OR_DATASET_JSON ...]
-        [--size micro] [--steps 1000] [--resume CKPT] [--device auto]
+        [--size micro] [--steps 1000] [--resume CKPT] [--device auto] [--visible-weight W]
 """
 
 from __future__ import annotations

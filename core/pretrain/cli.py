@@ -177,7 +177,9 @@ def demo_backbone(
 ) -> tuple[Path, str]:
     """The demo backbone: ``size`` pretrained for ``steps`` on unlabeled images, by default the
     phantom archive; with ``data`` (site folders, each with a ``dataset.json``) their training
-    images instead, labels ignored. ``visible_weight``: :class:`MIMSettings`'s.
+    images instead, labels ignored. ``visible_weight``: :class:`MIMSettings`'s; a nonzero
+    weight is part of the folder name (``-vis0.3``), so backbones of different objectives
+    never share a folder.
 
     Built once under ``cache`` (a folder named by size, steps, seed and, with ``data``, a digest
     of the sites' datalists) and reused: the federated demo and the benchmarks start from it.
@@ -188,7 +190,7 @@ def demo_backbone(
     # backbones built before it are not reused. The phantom archive's generator version too.
     tag = f"backbone-{size}-steps{steps}-seed{seed}-ref"
     if visible_weight:
-        tag += f"-vis{visible_weight:g}"
+        tag += f"-vis{float(visible_weight)!r}"
     if data:
         tag += f"-data{datalists_digest(data)[:12]}"
     else:

@@ -150,7 +150,8 @@ def load_checkpoint(
             "checkpoint written by core.pretrain"
         )
     saved_config = ViTConfig.from_dict(payload["vit_config"])
-    saved_settings = MIMSettings(**payload["settings"])
+    # Checkpoints from before visible_weight were trained with masked tokens only (SimMIM).
+    saved_settings = MIMSettings(**{"visible_weight": 0.0, **payload["settings"]})
     if config is not None:
         _require_equal(path, "model config", config.to_dict(), saved_config.to_dict())
     if settings is not None:

@@ -1,4 +1,4 @@
-"""The masked-image model: patchify, per-patch targets, token masks, the SimMIM encoder and
+"""The masked-image model: patchify, per-patch targets, token masks, the masked encoder and
 its linear decoder shared by every DA."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class MaskedImageModel(nn.Module):
     """The universal ViT (``encoder``) with a mask token and a linear voxel decoder."""
 
     def __init__(
-        self, encoder: UniversalViT, *, target_eps: float = 1e-2, visible_weight: float = 0.0
+        self, encoder: UniversalViT, *, target_eps: float = 1e-2, visible_weight: float
     ) -> None:
         super().__init__()
         config = encoder.config
@@ -104,4 +104,5 @@ class MaskedImageModel(nn.Module):
         target = normalized_patches(patchify(x, self.patch, depth_patch).float(), self.target_eps)
         per_token = (pred.float() - target).pow(2).mean(dim=-1)  # (N, T)
         weights = torch.where(mask, 1.0, self.visible_weight).to(per_token.dtype)  # (N, T)
-        return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
+        # At least one token per sample is masked (random_token_mask), so the sum is >= 1.
+        return (per_token * weights).sum() / weights.sum()

@@ -147,3 +147,25 @@ def test_a_scenario_builds_on_another(tmp_path):
     unseen = load_scenario("unseen")
     assert unseen["run-config"] == default["run-config"]  # the default recipe, unchanged
     assert unseen["phantoms"]["preset"] == "unseen"
+
+
+def test_the_pretrain_visible_weight_names_its_backbone_and_bad_values_are_refused(tmp_path):
+    """Backbones of different pretraining objectives never share a cache folder; 0 (SimMIM)
+    keeps the folder name it had before the weight existed."""
+    spec = HospitalSpec((PhantomSite("h1", "xr2d", 12, (16, 16)),))
+    sites = [p.parent for p in generate_hospitals(tmp_path / "my-sites", spec, seed=0)]
+    folders = {}
+    for weight in (0.0, 0.3):
+        scenario = load_scenario("default") | {"pretrain": {"steps": 1, "visible-weight": weight}}
+        values: dict = {}
+        prepare_backbone(scenario, values, tmp_path / "cache", sites)
+        folders[weight] = Path(values["backbone"]).parent.name
+    assert "-vis" not in folders[0.0] and "-vis0.3" in folders[0.3]
+    for bad in (-1, "abc", True, float("nan")):
+        scenario = load_scenario("default") | {"pretrain": {"steps": 1, "visible-weight": bad}}
+        with pytest.raises(SystemExit, match="visible-weight must be a finite number"):
+            prepare_backbone(scenario, {}, tmp_path / "cache", sites)
+    with pytest.raises(SystemExit, match="the table takes"):
+        prepare_backbone(
+            load_scenario("default") | {"pretrain": {"visible_weight": 0.3}}, {}, tmp_path, sites
+        )

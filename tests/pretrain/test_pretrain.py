@@ -63,7 +63,7 @@ def pool(sites):
 
 def mim_model(seed=0):
     torch.manual_seed(seed)
-    return MaskedImageModel(create_vit("micro")).eval()
+    return MaskedImageModel(create_vit("micro"), visible_weight=0.0).eval()
 
 
 def volume(da, n=2, depth=None, seed=0):
@@ -145,9 +145,26 @@ def test_loss_is_mse_of_normalised_voxels_weighted_by_masked_and_visible(visible
         torch.testing.assert_close(model(x, SPACINGS[2], mask), masked.mean())
 
 
-def test_a_negative_visible_weight_is_refused():
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), True, "0.3"])
+def test_a_visible_weight_that_is_not_a_finite_number_ge_0_is_refused(bad):
     with pytest.raises(PretrainError, match="visible-weight"):
-        MIMSettings(visible_weight=-0.1)
+        MIMSettings(visible_weight=bad)
+
+
+def test_the_visible_weight_reaches_the_model_and_old_checkpoints_resume_as_simmim(tmp_path):
+    """A checkpoint from before the field was trained on masked tokens only: it must resume
+    with weight 0, not with today's default."""
+    assert build_state(MICRO, MIMSettings(visible_weight=0.7)).model.visible_weight == 0.7
+    settings = MIMSettings(batch_size=8, visible_weight=0.0)
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, build_state(MICRO, settings), settings, "d")
+    payload = torch.load(path, weights_only=False)
+    del payload["settings"]["visible_weight"]
+    torch.save(payload, path)
+    state, _, saved = load_checkpoint(path, config=MICRO, settings=settings, data_signature="d")
+    assert state.model.visible_weight == 0.0 and saved.visible_weight == 0.0
+    with pytest.raises(PretrainError, match="visible_weight"):
+        load_checkpoint(path, settings=dataclasses.replace(settings, visible_weight=0.3))
 
 
 def test_pool_bucketing_pads_depth_across_sites_of_one_da(pool):
