@@ -50,11 +50,10 @@ from core.federation.rounds import (
 )
 from core.federation.sites import list_sites
 from core.model.vit import count_parameters
-from core.pretrain import MIMSettings, demo_backbone
 from core.training.loops import pick_device, train_plain
 from core.training.segmentation import evaluate_segmentation, predict_masks, segmentation_loss
 from core.training.settings import TrainSettings
-from simulations.run import load_scenario, parse_set
+from simulations.run import load_scenario, parse_set, prepare_backbone
 
 RESULTS = Path(__file__).parent / "results"
 ARMS = ("unet-central", "ours-central", "local-dp", "fl-dp", "fl-dp-local")
@@ -254,18 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     root = args.cache / f"segmentation-alpha{spec['alpha']}-seed{spec['seed']}-v{PHANTOM_VERSION}"
     if not (root / "hospitals.json").is_file():
         generate_hospitals(root, "segmentation", seed=spec["seed"], alpha=spec["alpha"])
-    pretrain = scenario["pretrain"]
-    backbone, _ = demo_backbone(
-        args.cache,
-        steps=pretrain["steps"],
-        seed=pretrain.get("seed", 0),
-        visible_weight=pretrain.get("visible-weight", MIMSettings.visible_weight),
-    )
-    base_values = dict(scenario["run-config"]) | {
-        "num-server-rounds": args.rounds,
-        "backbone": str(backbone.resolve()),
-        "data-root": str(root.resolve()),
-    }
+    base_values = dict(scenario["run-config"])
+    prepare_backbone(scenario, base_values, args.cache)  # the scenario's [pretrain] table
+    base_values |= {"num-server-rounds": args.rounds, "data-root": str(root.resolve())}
     base_values |= parse_set(args.set)
     sites = [root / name for name in list_sites(RunConfig.from_flat(base_values))]
     runs: list[dict[str, Any]] = []

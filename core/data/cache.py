@@ -200,12 +200,8 @@ class PreprocessCache:
     def find(self, source: Path, variant: Mapping[str, Any]) -> Path | None:
         """The entry of the source as it is now, judged without reading its bytes: None when
         its stat signature has no record yet (a new or changed file) or the entry is gone."""
-        record = self._sources / f"{stat_signature(source)}.json"
-        try:
-            content = json.loads(record.read_text())["content"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        if not isinstance(content, str):
+        content = self._recorded_content(self._record(source))
+        if content is None:
             return None
         entry = self._entry_for(content, variant)
         return entry if entry.exists() else None
@@ -311,15 +307,24 @@ class PreprocessCache:
 
     # ----------------------------------------------------------------------------- internals
 
-    def _content(self, source: Path) -> str:
-        record = self._sources / f"{stat_signature(source)}.json"
+    def _record(self, source: Path) -> Path:
+        return self._sources / f"{stat_signature(source)}.json"
+
+    @staticmethod
+    def _recorded_content(record: Path) -> str | None:
+        """The content hash a ``sources/`` record holds; None if missing or damaged."""
         try:
             content = json.loads(record.read_text())["content"]
-            if isinstance(content, str) and len(content) == 64:
-                return content
         except (OSError, ValueError, KeyError, TypeError):
-            pass  # no record yet, or a damaged one: hash the bytes again
-        content = content_digest(source)
+            return None
+        return content if isinstance(content, str) and len(content) == 64 else None
+
+    def _content(self, source: Path) -> str:
+        record = self._record(source)
+        content = self._recorded_content(record)
+        if content is not None:
+            return content
+        content = content_digest(source)  # no record yet, or a damaged one: hash the bytes
         try:
             write_json_atomic(record, {"content": content, "source": str(source)})
         except OSError as err:

@@ -91,25 +91,33 @@ def test_the_reply_carries_the_global_head_and_the_site_keeps_its_trained_head(s
     assert not torch.equal(shared.adapters["head.fc.weight"], global_adapters["head.fc.weight"])
 
 
+def assert_trains_and_evaluates_from_own(
+    cfg, shared, site_dir, global_adapters, digest, own, **evaluate_kwargs
+):
+    """Training starts from the site's own local part (head or decoder), evaluation uses it
+    and says so (``local-head`` 1 / 0), and a shared-head run (``shared``) ignores it."""
+    outcome = one_round(cfg, site_dir, global_adapters, digest, server_round=2, local_head=own)
+    assert outcome.local_head is not None
+    for key, value in own.items():  # training started from the site's part, not the global one
+        torch.testing.assert_close(outcome.local_head.tensors[key], value)
+    kwargs = {"site_dir": site_dir, "global_adapters": global_adapters, **evaluate_kwargs}
+    with_own = evaluate_round(cfg, expected_fingerprint=digest, local_head=own, **kwargs)
+    with_global = evaluate_round(cfg, expected_fingerprint=digest, **kwargs)
+    assert with_own["loss"] != pytest.approx(with_global["loss"])
+    # The metrics say which part they come from: the site's own, or the initial one.
+    assert (with_own.pop("local-head"), with_global.pop("local-head")) == (1.0, 0.0)
+    assert evaluate_round(shared, expected_fingerprint=digest, local_head=own, **kwargs) == (
+        pytest.approx(with_global, nan_ok=True)
+    )
+
+
 def test_the_site_trains_and_evaluates_from_its_own_head(site):
     root, site_dir = site
     cfg = config(root, **{"learning-rate": 1e-12})  # a step that changes nothing
     global_adapters, digest = initial_adapters(cfg)
     own = {k: torch.randn_like(v) for k, v in heads(global_adapters).items()}
-    outcome = one_round(cfg, site_dir, global_adapters, digest, server_round=2, local_head=own)
-    assert outcome.local_head is not None
-    for key, value in own.items():  # training started from the site's head, not the global one
-        torch.testing.assert_close(outcome.local_head.tensors[key], value)
-    kwargs = {"site_dir": site_dir, "global_adapters": global_adapters}
-    with_own = evaluate_round(cfg, expected_fingerprint=digest, local_head=own, **kwargs)
-    with_global = evaluate_round(cfg, expected_fingerprint=digest, **kwargs)
-    assert with_own["loss"] != pytest.approx(with_global["loss"])
-    # The metrics say which head they come from: the site's own, or the initial one.
-    assert (with_own.pop("local-head"), with_global.pop("local-head")) == (1.0, 0.0)
     shared = config(root, **{"head-sharing": "shared"})  # a shared-head run ignores it
-    assert evaluate_round(shared, expected_fingerprint=digest, local_head=own, **kwargs) == (
-        pytest.approx(with_global)
-    )
+    assert_trains_and_evaluates_from_own(cfg, shared, site_dir, global_adapters, digest, own)
 
 
 @pytest.mark.parametrize("task", ["classification", "segmentation"])
@@ -206,18 +214,9 @@ def test_the_site_trains_and_evaluates_segmentation_from_its_own_decoder(site):
     own = {
         k: torch.randn(v.shape, generator=generator) for k, v in decoders(global_adapters).items()
     }
-    outcome = one_round(cfg, site_dir, global_adapters, digest, server_round=2, local_head=own)
-    assert outcome.local_head is not None
-    for key, value in own.items():  # training started from the site's decoder
-        torch.testing.assert_close(outcome.local_head.tensors[key], value)
-    kwargs = {"site_dir": site_dir, "global_adapters": global_adapters, "split": "test"}
-    with_own = evaluate_round(cfg, expected_fingerprint=digest, local_head=own, **kwargs)
-    with_global = evaluate_round(cfg, expected_fingerprint=digest, **kwargs)
-    assert with_own["loss"] != pytest.approx(with_global["loss"])
-    assert (with_own.pop("local-head"), with_global.pop("local-head")) == (1.0, 0.0)
     shared = segmentation(root, **{"head-sharing": "shared"})  # a shared-decoder run ignores it
-    assert evaluate_round(shared, expected_fingerprint=digest, local_head=own, **kwargs) == (
-        pytest.approx(with_global, nan_ok=True)
+    assert_trains_and_evaluates_from_own(
+        cfg, shared, site_dir, global_adapters, digest, own, split="test"
     )
 
 
