@@ -14,8 +14,14 @@ its own validation split (:func:`core.training.loops.calibrate_threshold`). Arms
   without the federation).
 * ``fl``: federated, non-private; ``fl-dp8`` / ``fl-dp3``: federated, DP at epsilon 8 / 3;
   all three share the head (run config ``head-sharing = "shared"``).
-* ``fl-dp8-local-head``: as ``fl-dp8``, but each site keeps its own head (FedPer, the run
-  config's default ``head-sharing = "local"``): only the LoRA adapters are averaged.
+* ``fl-dp8-shared+local``: as ``fl-dp8``, and each site adds the scores of a personal head it
+  keeps (FedRoD-style, the run config's default for a classifier, ``head-sharing =
+  "shared+local"``).
+* ``fl-dp8-local-head``: as ``fl-dp8``, but each site keeps its own head (FedPer,
+  ``head-sharing = "local"``): only the LoRA adapters are averaged.
+
+The ``central`` and ``local-dp`` arms train one head (``head-sharing = "shared"``'s model):
+with one site there is nothing to personalise.
 
 The federated arms run in-process with the recipe's pieces (``build_lora_model``,
 ``train_plain`` / ``train_dp`` with the site's ``plan_dp`` plan, the server's example-weighted
@@ -41,6 +47,7 @@ from core.adapters.lora import adapter_state, load_adapter_state
 from core.config import RunConfig
 from core.data import DABatchSampler, SiteDataset, collate
 from core.data.phantoms import PHANTOM_VERSION, generate_hospitals
+from core.federation.local_head import local_part
 from core.federation.rounds import build_lora_model, open_split
 from core.federation.sites import list_sites
 from core.pretrain.cli import demo_backbone
@@ -61,7 +68,24 @@ from simulations.run import parse_set
 RESULTS = Path(__file__).parent / "results" / "quality.json"
 CPU = torch.device("cpu")
 SPLITS = ("training", "validation", "test")
-ARMS = ("cnn", "central", "local-dp", "fl", "fl-dp8", "fl-dp8-local-head", "fl-dp3")
+ARMS = (
+    "cnn",
+    "central",
+    "local-dp",
+    "fl",
+    "fl-dp8",
+    "fl-dp8-shared+local",
+    "fl-dp8-local-head",
+    "fl-dp3",
+)
+# head-sharing of each federated arm
+FEDERATED_ARMS = {
+    "fl": "shared",
+    "fl-dp8": "shared",
+    "fl-dp8-shared+local": "shared+local",
+    "fl-dp8-local-head": "local",
+    "fl-dp3": "shared",
+}
 Sites = dict[str, dict[str, SiteDataset]]
 
 
@@ -122,34 +146,29 @@ def _local_update(
     return adapter_state(model)
 
 
-def run_federated(
-    cfg: RunConfig, data: Sites, *, local_head: bool = False
-) -> dict[str, dict[str, Any]]:
-    """FedAvg of the adapters; with ``local_head`` (FedPer) every site keeps its own head,
-    which is neither averaged nor sent: only the LoRA tensors are shared."""
+def run_federated(cfg: RunConfig, data: Sites) -> dict[str, dict[str, Any]]:
+    """FedAvg over the sites; the part each site keeps under ``cfg.head_sharing``
+    (:func:`core.federation.local_head.local_part`: the whole head under "local", the personal
+    read-out under "shared+local") is neither averaged nor sent."""
     model, _ = build_lora_model(cfg)
     global_state = adapter_state(model)
     names = list(data)
-    heads = {name: _head(global_state) for name in names}
+    kept = {name: local_part(cfg, global_state) for name in names}
     for server_round in range(1, cfg.num_server_rounds + 1):
         updates = []
         for index, name in enumerate(names):
-            load_adapter_state(model, global_state | (heads[name] if local_head else {}))
+            load_adapter_state(model, global_state | kept[name])
             seed = (cfg.seed * 1_000 + index) * 1_000_003 + server_round
             train = data[name]["training"]
             update = _local_update(cfg, model, train, seed)
-            heads[name] = _head(update)
+            kept[name] = local_part(cfg, update)
             updates.append((update, len(train)))
         global_state = weighted_average(updates)
     out = {}
     for name in names:
-        load_adapter_state(model, global_state | (heads[name] if local_head else {}))
+        load_adapter_state(model, global_state | kept[name])
         out |= evaluate_sites(model, data, [name])
     return out
-
-
-def _head(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v for k, v in state.items() if k.startswith("head.")}
 
 
 def run_local(cfg: RunConfig, data: Sites) -> dict[str, dict[str, Any]]:
@@ -239,18 +258,16 @@ def run_arm(arm: str, values: dict[str, Any], seed: int, data: Sites, epochs: in
     seeded = values | {"seed": seed, "backbone-seed": seed}
     if arm == "cnn":
         return run_cnn(seed, data, epochs)
+    one_head = seeded | {"head-sharing": "shared"}
     if arm == "central":
-        return run_central(RunConfig.from_flat(seeded | {"dp": False}), data)
+        return run_central(RunConfig.from_flat(one_head | {"dp": False}), data)
     if arm == "local-dp":
-        return run_local(RunConfig.from_flat(seeded | {"dp": True, "target-epsilon": 8.0}), data)
-    if arm == "fl":
-        return run_federated(RunConfig.from_flat(seeded | {"dp": False}), data)
-    epsilon = {"fl-dp8": 8.0, "fl-dp8-local-head": 8.0, "fl-dp3": 3.0}[arm]
-    return run_federated(
-        RunConfig.from_flat(seeded | {"dp": True, "target-epsilon": epsilon}),
-        data,
-        local_head=arm.endswith("local-head"),
-    )
+        return run_local(RunConfig.from_flat(one_head | {"dp": True, "target-epsilon": 8.0}), data)
+    privacy = {"dp": False} if arm == "fl" else {"dp": True, "target-epsilon": 8.0}
+    if arm == "fl-dp3":
+        privacy["target-epsilon"] = 3.0
+    sharing = {"head-sharing": FEDERATED_ARMS[arm]}
+    return run_federated(RunConfig.from_flat(seeded | privacy | sharing), data)
 
 
 def summarize(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:

@@ -34,7 +34,12 @@ from core.config import ConfigError, RunConfig
 from core.data import DatasetError
 from core.explain.overlay import render_overlay
 from core.explain.relevance import DEFAULT_METHOD, METHODS, explain
-from core.federation.local_head import LocalHead, head_provenance, with_local_head
+from core.federation.local_head import (
+    LocalHead,
+    head_provenance,
+    local_part_name,
+    with_local_head,
+)
 from core.federation.rounds import open_split
 from core.federation.runs import build_run_model
 from core.federation.sites import LOCAL_HEAD_FILES
@@ -74,8 +79,8 @@ def load_site_head(
     if head is None:
         raise FileNotFoundError(
             f"{state_dir / LOCAL_HEAD_FILES[cfg.task]} not found: this run kept each site's "
-            "head at the site (head-sharing = local); point --state-dir at the site's state "
-            "folder (default RUN_DIR/state/<site folder name>)"
+            f"{local_part_name(cfg)} at the site (head-sharing = {cfg.head_sharing}); point "
+            "--state-dir at the site's state folder (default RUN_DIR/state/<site folder name>)"
         )
     current = head_provenance(cfg, model, backbone_fingerprint, site_dir)
     load_adapter_state(model, with_local_head(cfg, adapter_state(model), head, current))

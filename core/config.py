@@ -38,6 +38,8 @@ class ConfigError(ValueError):
 # 10-25 s here (README), and a timed-out round is lost. Flower's own default is 3600 s.
 MIN_ROUND_TIMEOUT = 30.0
 TASKS = ("classification", "segmentation")
+HEAD_SHARING = ("shared", "local", "shared+local")
+AUTO_HEAD_SHARING = {"classification": "shared+local", "segmentation": "local"}
 # Keys that left the run config, and where they went: an old config fails with the way out
 # rather than "unknown key".
 MOVED_KEYS = {
@@ -126,10 +128,12 @@ class RunConfig:
     min_available_nodes: int = _key("federation", 2)
     round_timeout: float = _key("federation", 3600.0)
     max_examples_per_site: int = _key("federation", 1_000_000)  # cap on a claimed count
-    # "local": each site keeps the head it trains (FedPer): only the adapters are averaged, and
-    # sites whose lesion prevalence and cues differ each get their own read-out; "shared": the
-    # head is averaged with the adapters.
-    head_sharing: str = _key("federation", "local")  # see keeps_local_head
+    # Where the head goes (HEAD_SHARING; "auto": "shared+local" for a classifier, "local" for a
+    # segmentation model's decoder). "shared+local" (FedRoD-style): the head is averaged with
+    # the adapters and each site adds the scores of a personal head it keeps; "local" (FedPer):
+    # each site keeps the head it trains, only the adapters are averaged; "shared": the head
+    # is averaged with the adapters. README, learning quality, has the measurements.
+    head_sharing: str = _key("federation", "auto")  # see keeps_local_head
     out_dir: str = _key("federation", "")  # absolute run folder; "" = runs/<time> under the cwd
     resume: bool = _key("federation", False)
     # data (and each simulated site's state)
@@ -153,8 +157,18 @@ class RunConfig:
             self._fail("num-classes", self.num_classes, "a classifier needs 2 or more classes")
         if self.head_pool not in POOLS:
             self._fail("head-pool", self.head_pool, f"choose one of {list(POOLS)}")
-        if self.head_sharing not in ("shared", "local"):
-            self._fail("head-sharing", self.head_sharing, "choose 'shared' or 'local'")
+        if self.head_sharing not in ("auto", *HEAD_SHARING):
+            self._fail(
+                "head-sharing", self.head_sharing, f"choose one of {['auto', *HEAD_SHARING]}"
+            )
+        if self.head_sharing == "auto":  # resolved once, so every reader sees the same mode
+            object.__setattr__(self, "head_sharing", AUTO_HEAD_SHARING[self.task])
+        if self.head_sharing == "shared+local" and self.task != "classification":
+            self._fail(
+                "head-sharing",
+                self.head_sharing,
+                f"a {self.task} model keeps its whole decoder ('local') or averages it ('shared')",
+            )
         if self.head_norm not in ("auto", *HEAD_NORMS):
             self._fail("head-norm", self.head_norm, f"choose one of {['auto', *HEAD_NORMS]}")
         if self.lora_targets not in LORA_TARGETS:
@@ -233,9 +247,10 @@ class RunConfig:
 
     @property
     def keeps_local_head(self) -> bool:
-        """Whether each site keeps its own head (head-sharing "local"): a classifier's head, a
-        segmentation model's decoder and head (``core.federation.local_head.LOCAL_PREFIXES``)."""
-        return self.head_sharing == "local"
+        """Whether each site keeps a part of the head (head-sharing "local": a classifier's
+        head, a segmentation model's decoder and head; "shared+local": a classifier's personal
+        head; ``core.federation.local_head.local_prefixes``)."""
+        return self.head_sharing in ("local", "shared+local")
 
     @classmethod
     def from_record(

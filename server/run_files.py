@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from core.adapters.lora import load_adapter_state, save_adapters
 from core.config import RunConfig
-from core.federation.local_head import LOCAL_PART_NAMES
+from core.federation.local_head import LOCAL_PART_NAMES, PERSONAL_PART_NAME
 from core.federation.rounds import build_lora_model
 from core.federation.runs import CHECKPOINTS, CONFIG_FILE, LATEST
 from core.federation.sites import LOCAL_HEAD_FILES
@@ -42,17 +42,23 @@ def adapters_readme(cfg: RunConfig, fingerprint: str) -> str:
         else "without differential privacy"
     )
     part = LOCAL_PART_NAMES[cfg.task]
-    head = (
-        f"Each site trained and kept its own {part} (head-sharing = local): the {part} here "
-        "is the average of what the replies carried there (honest sites send the initial one "
-        f"back; no site starts from it); a site loads its own from `{LOCAL_HEAD_FILES[cfg.task]}` "
-        "in its state folder (in Python, read it with "
+    if cfg.head_sharing == "shared+local":
+        part = PERSONAL_PART_NAME
+    kept = (
+        f"Each site trained and kept its own {part} (head-sharing = {cfg.head_sharing}): the "
+        f"{part} here is the average of what the replies carried there (honest sites send the "
+        f"initial one back; no site starts from it); a site loads its own from "
+        f"`{LOCAL_HEAD_FILES[cfg.task]}` in its state folder (in Python, read it with "
         "`core.federation.local_head.LocalHead.read` and load it after the adapters with "
         "`with_local_head`, which checks that it was trained for this run; `fedmedvit explain` "
         "does this for a classifier)."
-        if cfg.keeps_local_head
-        else f"The {part} was averaged with the adapters."
     )
+    head = {
+        "shared": f"The {part} was averaged with the adapters.",
+        "local": kept,
+        "shared+local": "The head's shared read-out (`head.fc`) was averaged with the adapters, "
+        f"and each site adds the scores of its personal read-out (`head.personal`). {kept}",
+    }[cfg.head_sharing]
     return f"""# Federated LoRA adapters (fedmedvit)
 
 LoRA adapters ({cfg.lora_mode} mode, rank {cfg.lora_rank}, targets {cfg.lora_targets!r}) and a
@@ -74,9 +80,9 @@ looks), or in Python `core.federation.rounds.build_lora_model(cfg)` then
 
 def head_sharing_fact(cfg: RunConfig) -> str:
     """Where the run's heads went, as the privacy report's summary line is keyed
-    (``core.privacy.report.HEAD_SHARING_LINES``): "local" or "shared", "-decoder" added for a
-    segmentation run (its head is the decoder and segmentation head)."""
-    sharing = "local" if cfg.keeps_local_head else "shared"
+    (``core.privacy.report.HEAD_SHARING_LINES``): the run's head-sharing, "-decoder" added
+    for a segmentation run (its head is the decoder and segmentation head)."""
+    sharing = cfg.head_sharing
     return sharing if cfg.task == "classification" else f"{sharing}-decoder"
 
 

@@ -1,9 +1,11 @@
-"""The head a site keeps under head-sharing "local" (FedPer), with what it was trained for.
+"""The head a site keeps under head-sharing "local" (FedPer) or "shared+local" (FedRoD-style),
+with what it was trained for.
 
-The "head" is the part of the model a site personalises (:data:`LOCAL_PREFIXES`): a
-classifier's head; a segmentation model's decoder and segmentation head (one decoder cannot
-serve a hypodense CT lesion, a bright MR lesion and an X-ray nodule at once). Only the LoRA
-adapters are averaged then.
+The "head" is the part of the model a site personalises (:func:`local_prefixes`): under
+"local", a classifier's head or a segmentation model's decoder and segmentation head (one
+decoder cannot serve a hypodense CT lesion, a bright MR lesion and an X-ray nodule at once),
+and only the LoRA adapters are averaged; under "shared+local", a classifier's personal
+read-out (``head.personal``, whose logits add to the averaged ``head.fc``'s).
 
 A classifier head reads features of one backbone, pooled one way (``head-pool``) and
 conditioned one way (``head-norm`` as resolved: "auto" becomes "reference" or "layer" by the
@@ -45,8 +47,11 @@ LOCAL_PREFIXES = {
     "classification": ("head.",),
     "segmentation": tuple(f"{module}." for module in SEGMENTATION_TRAINABLE),
 }
+# What it keeps under "shared+local" (a classifier only): its personal read-out.
+PERSONAL_PREFIXES = ("head.personal.",)
 # The same, in words, for the run's README and the privacy report.
 LOCAL_PART_NAMES = {"classification": "head", "segmentation": "decoder and segmentation head"}
+PERSONAL_PART_NAME = "personal head"
 HEAD_FORMAT = "fedmedvit.local-head"
 HEAD_VERSION = 2  # 2: the datalist digest
 # Where a site's state folder is set, for the fix in an error message.
@@ -219,9 +224,23 @@ class LocalHead:
         return self.tensors
 
 
+def local_prefixes(cfg: RunConfig) -> tuple[str, ...]:
+    """Adapter-state key prefixes of the part a site keeps under ``cfg`` (none when it keeps
+    nothing: head-sharing "shared")."""
+    if not cfg.keeps_local_head:
+        return ()
+    return PERSONAL_PREFIXES if cfg.head_sharing == "shared+local" else LOCAL_PREFIXES[cfg.task]
+
+
+def local_part_name(cfg: RunConfig) -> str:
+    """The part a site keeps, in words (for a run's README and the privacy report)."""
+    return PERSONAL_PART_NAME if cfg.head_sharing == "shared+local" else LOCAL_PART_NAMES[cfg.task]
+
+
 def is_local(cfg: RunConfig, key: str) -> bool:
     """Whether the adapter-state ``key`` belongs to the part a site keeps under ``cfg``."""
-    return cfg.keeps_local_head and key.startswith(LOCAL_PREFIXES[cfg.task])
+    prefixes = local_prefixes(cfg)
+    return bool(prefixes) and key.startswith(prefixes)
 
 
 def local_part(cfg: RunConfig, adapters: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -236,7 +255,8 @@ def with_local_head(
     current: HeadProvenance | None = None,
 ) -> dict[str, Tensor]:
     """The adapters a site trains and evaluates: the global ones, with the site's own head
-    when ``cfg.head_sharing`` is "local" and it has one (FedPer: Arivazhagan et al., 2019).
+    when ``cfg.keeps_local_head`` and it has one (head-sharing "local", FedPer: Arivazhagan et
+    al., 2019; "shared+local": its personal head beside the global shared one).
 
     ``local_head``: a :class:`LocalHead` (read from a site's state, or kept from training) is
     checked against ``current`` (:func:`head_provenance`; required then); a plain mapping is a
@@ -258,8 +278,8 @@ def with_local_head(
     if found != expected:
         raise LocalHeadError(
             f"{source} {found} does not fit the run's head {expected}: it was trained under "
-            "another run configuration (num-classes, head-pool, head-norm, decoder-features or "
-            "backbone). Remove "
+            "another run configuration (head-sharing, num-classes, head-pool, head-norm, "
+            "decoder-features or backbone). Remove "
             f"{LOCAL_HEAD_FILES[cfg.task]} from the site's state folder to start the head from "
             "the initial one"
         )

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import ConfigError, RunConfig
-from core.federation.local_head import LOCAL_PART_NAMES
+from core.federation.local_head import local_part_name
 from core.federation.protocol import EPSILON, LOCAL_HEAD, NUM_EXAMPLES, TRAIN_LOSS
 from core.training.loops import EVAL_METRICS, SEGMENTATION_METRICS
 
@@ -245,7 +245,7 @@ def release_manifest(cfg: RunConfig, policy: SitePolicy) -> list[dict[str, Any]]
     note = f"{form}, DP-SGD" if cfg.dp else f"{form}, no DP"
     if cfg.keeps_local_head:
         note += (
-            f"; the site's {LOCAL_PART_NAMES[cfg.task]} stays at the site (the reply carries "
+            f"; the site's {local_part_name(cfg)} stays at the site (the reply carries "
             "the global values unchanged)"
         )
     items: list[dict[str, Any]] = [

@@ -83,7 +83,12 @@ def build_backbone(cfg: RunConfig) -> tuple[UniversalViT, str]:
         head_norm = cfg.head_norm
         if head_norm == "auto":
             head_norm = "reference" if cfg.head_pool in model.references else "layer"
-        model.reset_head(cfg.num_classes, pool=cfg.head_pool, head_norm=head_norm)
+        model.reset_head(
+            cfg.num_classes,
+            pool=cfg.head_pool,
+            head_norm=head_norm,
+            personal=cfg.head_sharing == "shared+local",
+        )
     return model, digest
 
 

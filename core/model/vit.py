@@ -225,6 +225,11 @@ class ClassifierHead(nn.Module):
     (N, F) -> (N, num_classes). With "reference" the linear layer reads the K whitened
     components ``(x - shift) @ projection`` (buffers, not parameters: not trained, not sent;
     every site holds the same ones through the backbone file).
+
+    ``personal``: a second linear read-out of the same conditioned input whose logits are
+    added to ``fc``'s (head-sharing "shared+local": ``fc`` is averaged over the sites, each
+    site keeps its ``personal``; the personalised head of FedRoD, Chen & Chao, ICLR 2022).
+    It starts at zero, so an untrained site scores with the shared read-out alone.
     """
 
     def __init__(
@@ -234,6 +239,7 @@ class ClassifierHead(nn.Module):
         *,
         norm: str,
         reference: FeatureReference | None = None,
+        personal: bool = False,
     ) -> None:
         super().__init__()
         self.norm_mode = norm
@@ -256,11 +262,21 @@ class ClassifierHead(nn.Module):
         self.fc = nn.Linear(width, num_classes)
         nn.init.trunc_normal_(self.fc.weight, std=0.02)
         nn.init.zeros_(self.fc.bias)
+        self.personal: nn.Linear | None = None
+        if personal:
+            self.personal = nn.Linear(width, num_classes)
+            nn.init.zeros_(self.personal.weight)
+            nn.init.zeros_(self.personal.bias)
 
     def forward(self, pooled: Tensor) -> Tensor:
         if self.norm_mode == "reference":
-            return self.fc((pooled - self.shift) @ self.projection)  # (N, K) -> (N, classes)
-        return self.fc(self.norm(pooled))
+            conditioned = (pooled - self.shift) @ self.projection  # (N, F) -> (N, K)
+        else:
+            conditioned = self.norm(pooled)  # (N, F)
+        logits = self.fc(conditioned)  # (N, classes)
+        if self.personal is not None:
+            logits = logits + self.personal(conditioned)
+        return logits
 
 
 class UniversalViT(nn.Module):
@@ -294,18 +310,26 @@ class UniversalViT(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    def _make_head(self, num_classes: int) -> nn.Module:
+    def _make_head(self, num_classes: int, personal: bool = False) -> nn.Module:
         if not num_classes:
             return nn.Identity()
         width = pool_width(self.config.pool, self.config.embed_dim)
         reference = self.references.get(self.config.pool)
-        return ClassifierHead(width, num_classes, norm=self.config.head_norm, reference=reference)
+        return ClassifierHead(
+            width, num_classes, norm=self.config.head_norm, reference=reference, personal=personal
+        )
 
     def reset_head(
-        self, num_classes: int, *, pool: str | None = None, head_norm: str | None = None
+        self,
+        num_classes: int,
+        *,
+        pool: str | None = None,
+        head_norm: str | None = None,
+        personal: bool = False,
     ) -> None:
         """A fresh head for ``num_classes``, optionally reading another pooling (``pool``)
-        or conditioned another way (``head_norm``, see ViTConfig); the backbone is untouched.
+        or conditioned another way (``head_norm``, see ViTConfig), with a ``personal`` read-out
+        (:class:`ClassifierHead`); the backbone is untouched.
         Raises ValueError for "reference" when the backbone has no reference for the pool."""
         self.config = dataclasses.replace(
             self.config,
@@ -313,7 +337,7 @@ class UniversalViT(nn.Module):
             head_norm=self.config.head_norm if head_norm is None else head_norm,
         )
         self.num_classes = num_classes
-        self.head = self._make_head(num_classes)
+        self.head = self._make_head(num_classes, personal)
 
     def forward_features(
         self,

@@ -29,10 +29,10 @@ Objective. For every batch (one degree of anisotropy, DA, per batch as everywher
   which the 16-deep one would only ever see isotropic volumes.
 * Loss: mean squared error per masked token (averaged over its voxels, so a 2D token and a 3D
   token weigh the same), averaged with weight 1 per masked token (SimMIM, Xie et al. 2022)
-  and ``visible_weight`` w per visible token (default 0: SimMIM): with w > 0 a visible token
-  must keep what its own patch holds. Masked tokens alone never ask for
-  that, and a lesion smaller than a patch cannot be predicted from its context, so SimMIM
-  features may drop it (measured on the phantoms: README, learning quality).
+  and ``visible_weight`` w per visible token (default 0.3; 0 is SimMIM): with w > 0 a
+  visible token must keep what its own patch holds. Masked tokens alone never ask for that,
+  and a lesion smaller than a patch cannot be predicted from its context, so SimMIM features
+  may drop it (measured on the phantoms: README, learning quality).
 
 Data: site datalists (labels ignored; items without a label are accepted), pooled into one
 :class:`ImagePool` whose batches share a DA; volumes of one DA from different sites are

@@ -291,6 +291,10 @@ HEAD_SHARING_LINES = {
     "left the site (only the adapters were averaged; replies carried the initial global head).",
     "shared": "Classifier heads: **shared**. Each site's trained head left the site with its "
     "adapter update and was averaged over the sites (under DP, covered like the adapters).",
+    "shared+local": "Classifier heads: **shared + local**. Each site's trained shared read-out "
+    "left the site with its adapter update and was averaged over the sites (under DP, covered "
+    "like the adapters); each site also trained and kept a personal read-out, added to the "
+    "shared one's scores, that never left the site (replies carried the initial one).",
     "local-decoder": "Decoders: **local**. Each site trained and kept its own decoder and "
     "segmentation head; they never left the site (only the LoRA adapters were averaged; replies "
     "carried the initial global decoder).",

@@ -18,6 +18,11 @@ ARCHITECTURES = {
     "mean-max-norm-attn-mlp": ({"pool": "mean-max", "head_norm": "layer"}, "attn-mlp"),
     # the run's default head: stats pooling through the backbone's reference projection
     "stats-reference-qv": ({"pool": "stats", "head_norm": "reference"}, "qv"),
+    # with the personal read-out of head-sharing "shared+local" (the classifier's default)
+    "stats-reference-personal-qv": (
+        {"pool": "stats", "head_norm": "reference", "personal": True},
+        "qv",
+    ),
 }
 
 
@@ -32,13 +37,14 @@ def with_reference(model):
 def lora_model(mode: str, arch: str = "vit-qv"):
     torch.manual_seed(0)
     overrides, targets = ARCHITECTURES[arch]
-    head_norm = overrides.get("head_norm", "none")
+    overrides = dict(overrides)
+    head_norm, personal = overrides.get("head_norm", "none"), overrides.pop("personal", False)
     vit = with_reference(create_vit("micro", **(overrides | {"head_norm": "none"})))
-    vit.reset_head(3, head_norm=head_norm)
+    vit.reset_head(3, head_norm=head_norm, personal=personal)
     model = add_lora(vit, LoraSettings(rank=4, mode=mode, targets=targets))
-    with torch.no_grad():  # non-zero B, so gradients of A are non-zero too
+    with torch.no_grad():  # non-zero B (and personal read-out), so every gradient is non-zero
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "personal" in name:
                 p.normal_(0, 0.05)
     return model
 

@@ -94,18 +94,22 @@ def test_two_sites_two_rounds_with_dp(tmp_path, data_cache, capsys):
     assert set(saved) == set(reference)
     assert all(".lora_B." in k or k.startswith("head.") for k in saved)  # FFA: no A, no backbone
     assert any(not torch.equal(saved[k], reference[k]) for k in saved if "lora_B" in k)
-    # Head-sharing "local" (the default): each site trained and kept its own head; the
-    # coordinator received and averaged only the global head it sent, never a site's (equal up
-    # to Flower's float32 weighted mean).
-    assert cfg.head_sharing == "local"
-    for key in (k for k in saved if k.startswith("head.")):
+    # Head-sharing "shared+local" (a classifier's default): the shared read-out was trained
+    # and averaged; each site trained and kept its personal read-out, and the coordinator
+    # received and averaged only the global one it sent, never a site's (equal up to Flower's
+    # float32 weighted mean).
+    assert cfg.head_sharing == "shared+local"
+    assert not torch.equal(saved["head.fc.weight"], reference["head.fc.weight"])
+    personal = [k for k in saved if k.startswith("head.personal.")]
+    assert personal
+    for key in personal:
         torch.testing.assert_close(saved[key], reference[key], rtol=1e-6, atol=1e-7)
     kept = sorted((out / "state").glob("*/local-head.safetensors"))
     assert len(kept) == 2
     for path in kept:
         head = load_file(str(path))
-        assert set(head) == {k for k in reference if k.startswith("head.")}
-        assert not torch.equal(head["head.fc.weight"], reference["head.fc.weight"])  # trained
+        assert set(head) == set(personal)
+        assert head["head.personal.weight"].abs().sum() > 0  # trained from zero
 
     privacy = json.loads((out / "privacy.json").read_text())
     assert len(privacy["sites"]) == 2

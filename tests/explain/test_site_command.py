@@ -58,5 +58,8 @@ def test_overlays_and_index_from_a_simulated_run(tmp_path, capsys):
     code = main([str(run), "--site-dir", str(site), "--out", str(tmp_path / "x"), *elsewhere])
     assert code == 2
     message = capsys.readouterr().err
-    assert message.startswith("error: ") and "head-sharing = local" in message
+    assert (
+        message.startswith("error: ")
+        and "personal head at the site (head-sharing = shared+local)" in message
+    )
     assert "local-head.safetensors" in message and "--state-dir" in message

@@ -1,6 +1,8 @@
 """Head-sharing "local" (FedPer): each site trains and keeps its own head (segmentation: its
-decoder and segmentation head); what it sends carries the global values unchanged, so the
-coordinator never sees a site's head."""
+decoder and segmentation head); "shared+local" (FedRoD-style, a classifier's default): the
+shared read-out ``head.fc`` travels trained and each site keeps a personal read-out
+``head.personal`` whose scores it adds. What a site keeps is sent as the global values
+unchanged, so the coordinator never sees it."""
 
 from __future__ import annotations
 
@@ -41,6 +43,15 @@ def heads(state):
     return {k: v for k, v in state.items() if k.startswith("head.")}
 
 
+# What a classifier site keeps under each mode, stated here independently of the code.
+KEPT = {"local": ("head.",), "shared+local": ("head.personal.",)}
+MODES = list(KEPT)
+
+
+def kept_part(state, mode):
+    return {k: v for k, v in state.items() if k.startswith(KEPT[mode])}
+
+
 def segmentation(root, **values):
     """A small segmentation run on the same site (phantom sites write a mask per case)."""
     small = {"task": "segmentation", "decoder-features": 4, "lora-rank": 2}
@@ -64,38 +75,41 @@ def one_round(cfg, site_dir, global_adapters, digest, *, server_round=1, local_h
     )
 
 
-def test_the_reply_carries_the_global_head_and_the_site_keeps_its_trained_head(site):
+@pytest.mark.parametrize("mode", MODES)
+def test_the_reply_carries_the_global_head_and_the_site_keeps_its_trained_head(site, mode):
     root, site_dir = site
-    cfg = config(root)
-    assert cfg.head_sharing == "local"  # the default recipe
+    cfg = config(root, **{"head-sharing": mode})
     global_adapters, digest = initial_adapters(cfg)
     kwargs = {"site_dir": site_dir, "expected_fingerprint": digest, "ledger_state": None}
     outcome = train_round(cfg, global_adapters=global_adapters, server_round=1, **kwargs)
     assert outcome.adapters is not None and outcome.local_head is not None
     kept = outcome.local_head.tensors
-    for key, value in heads(global_adapters).items():
-        assert torch.equal(outcome.adapters[key], value)  # nothing of the trained head is sent
+    for key, value in kept_part(global_adapters, mode).items():
+        assert torch.equal(outcome.adapters[key], value)  # nothing of the kept part is sent
         assert not torch.equal(kept[key], value)  # but it was trained
-    assert set(kept) == set(heads(global_adapters))
+    assert set(kept) == set(kept_part(global_adapters, mode)) and kept
     moved = [k for k in global_adapters if "lora_B" in k]
+    if mode == "shared+local":  # the shared read-out travels trained, as the adapters do
+        moved += ["head.fc.weight", "head.fc.bias"]
+    assert all(not torch.equal(outcome.adapters[k], global_adapters[k]) for k in moved[-2:])
     assert any(not torch.equal(outcome.adapters[k], global_adapters[k]) for k in moved)
 
-    # Shared heads send what they trained: the same round, head-sharing "shared".
-    shared = train_round(
-        config(root, **{"head-sharing": "shared"}),
-        global_adapters=global_adapters,
-        server_round=1,
-        **kwargs,
-    )
+    # Shared heads send what they trained: the same round, head-sharing "shared" (whose model
+    # has no personal read-out).
+    shared_cfg = config(root, **{"head-sharing": "shared"})
+    shared_global, _ = initial_adapters(shared_cfg)
+    assert not any("personal" in k for k in shared_global)
+    shared = train_round(shared_cfg, global_adapters=shared_global, server_round=1, **kwargs)
     assert shared.local_head is None and shared.adapters is not None
-    assert not torch.equal(shared.adapters["head.fc.weight"], global_adapters["head.fc.weight"])
+    assert not torch.equal(shared.adapters["head.fc.weight"], shared_global["head.fc.weight"])
 
 
 def assert_trains_and_evaluates_from_own(
     cfg, shared, site_dir, global_adapters, digest, own, **evaluate_kwargs
 ):
     """Training starts from the site's own local part (head or decoder), evaluation uses it
-    and says so (``local-head`` 1 / 0), and a shared-head run (``shared``) ignores it."""
+    and says so (``local-head`` 1 / 0), and a shared-head run (``shared``, None: not
+    comparable, its model has no such part) ignores it."""
     outcome = one_round(cfg, site_dir, global_adapters, digest, server_round=2, local_head=own)
     assert outcome.local_head is not None
     for key, value in own.items():  # training started from the site's part, not the global one
@@ -106,30 +120,38 @@ def assert_trains_and_evaluates_from_own(
     assert with_own["loss"] != pytest.approx(with_global["loss"])
     # The metrics say which part they come from: the site's own, or the initial one.
     assert (with_own.pop("local-head"), with_global.pop("local-head")) == (1.0, 0.0)
-    assert evaluate_round(shared, expected_fingerprint=digest, local_head=own, **kwargs) == (
-        pytest.approx(with_global, nan_ok=True)
-    )
+    if shared is not None:
+        assert evaluate_round(shared, expected_fingerprint=digest, local_head=own, **kwargs) == (
+            pytest.approx(with_global, nan_ok=True)
+        )
 
 
-def test_the_site_trains_and_evaluates_from_its_own_head(site):
+@pytest.mark.parametrize("mode", MODES)
+def test_the_site_trains_and_evaluates_from_its_own_head(site, mode):
     root, site_dir = site
-    cfg = config(root, **{"learning-rate": 1e-12})  # a step that changes nothing
+    cfg = config(root, **{"learning-rate": 1e-12, "head-sharing": mode})  # a step of ~0
     global_adapters, digest = initial_adapters(cfg)
-    own = {k: torch.randn_like(v) for k, v in heads(global_adapters).items()}
-    shared = config(root, **{"head-sharing": "shared"})  # a shared-head run ignores it
+    own = {k: torch.randn_like(v) for k, v in kept_part(global_adapters, mode).items()}
+    # A shared-head run ignores it (its model has no personal read-out to compare under
+    # "shared+local").
+    shared = config(root, **{"head-sharing": "shared"}) if mode == "local" else None
     assert_trains_and_evaluates_from_own(cfg, shared, site_dir, global_adapters, digest, own)
 
 
-@pytest.mark.parametrize("task", ["classification", "segmentation"])
-def test_a_site_without_its_own_head_starts_from_the_initial_one_not_the_sent_one(site, task):
+@pytest.mark.parametrize(
+    ("task", "mode"),
+    [("classification", "local"), ("classification", "shared+local"), ("segmentation", "local")],
+)
+def test_a_site_without_its_own_head_starts_from_the_initial_one_not_the_sent_one(site, task, mode):
     """A lying coordinator (or a lying site whose reply it averaged in) sends poisoned values
     for the part the sites keep; a site that has no head of its own yet trains and evaluates
     from the run's seeded initial one, as if the values had been honest."""
     root, site_dir = site
-    cfg = config(root, **{"learning-rate": 1e-12}) if task == "classification" else None
-    cfg = cfg or segmentation(root, **{"learning-rate": 1e-12})
+    small_step = {"learning-rate": 1e-12, "head-sharing": mode}
+    cfg = config(root, **small_step) if task == "classification" else None
+    cfg = cfg or segmentation(root, **small_step)
     honest, digest = initial_adapters(cfg)
-    local = heads(honest) if task == "classification" else decoders(honest)
+    local = kept_part(honest, mode) if task == "classification" else decoders(honest)
     poisoned = honest | {k: torch.randn_like(v) * 100 for k, v in local.items()}
     kwargs = {"site_dir": site_dir, "expected_fingerprint": digest}
     assert evaluate_round(cfg, global_adapters=poisoned, **kwargs) == pytest.approx(
@@ -163,15 +185,20 @@ def test_a_node_keeps_a_classifier_head_and_a_decoder_apart(site, tmp_path):
         assert read.tensors.keys() == head.tensors.keys()
 
 
-@pytest.mark.parametrize("foreign", ["other-key", "three-classes"])
+@pytest.mark.parametrize("foreign", ["other-key", "three-classes", "other-mode"])
 def test_a_local_head_of_another_configuration_is_refused_by_name(site, foreign):
     root, site_dir = site
-    cfg = config(root)
+    cfg = config(root)  # "shared+local": the site keeps its personal read-out
     global_adapters, digest = initial_adapters(cfg)
     head = {"head.other.weight": torch.zeros(2, 2)}
     if foreign == "three-classes":
-        head = {k: torch.zeros(3, *v.shape[1:]) for k, v in heads(global_adapters).items()}
-    with pytest.raises(ValueError, match=r"another run configuration.*local-head\.safetensors"):
+        part = kept_part(global_adapters, "shared+local")
+        head = {k: torch.zeros(3, *v.shape[1:]) for k, v in part.items()}
+    if foreign == "other-mode":  # a whole head kept under "local", of the right shapes
+        head = kept_part(initial_adapters(config(root, **{"head-sharing": "local"}))[0], "local")
+    with pytest.raises(
+        ValueError, match=r"another run configuration \(head-sharing.*local-head\.safetensors"
+    ):
         evaluate_round(
             cfg,
             site_dir=site_dir,
@@ -221,9 +248,16 @@ def test_the_site_trains_and_evaluates_segmentation_from_its_own_decoder(site):
 
 
 def test_both_tasks_keep_their_head_by_default_and_old_run_folders_shared_theirs():
-    assert RunConfig.from_flat({}).keeps_local_head
-    assert RunConfig.from_flat({"task": "segmentation"}).keeps_local_head
+    default = RunConfig.from_flat({})
+    assert default.keeps_local_head and default.head_sharing == "shared+local"
+    assert default.to_flat()["head-sharing"] == "shared+local"  # resolved, as run folders record
+    segmentation_default = RunConfig.from_flat({"task": "segmentation"})
+    assert segmentation_default.keeps_local_head and segmentation_default.head_sharing == "local"
     assert not RunConfig.from_flat({"head-sharing": "shared"}).keeps_local_head
+    with pytest.raises(ValueError, match=r"'head-sharing' = 'shared\+local' is invalid: a seg"):
+        RunConfig.from_flat({"task": "segmentation", "head-sharing": "shared+local"})
+    with pytest.raises(ValueError, match=r"'head-sharing' = 'personal' is invalid: choose one"):
+        RunConfig.from_flat({"head-sharing": "personal"})
     # A run folder written before head-sharing and head-norm modes still opens, as it ran.
     old = RunConfig.from_record({"head-norm": True, "head-pool": "contrast"})
     assert (old.head_norm, old.head_sharing, old.keeps_local_head) == ("layer", "shared", False)
@@ -349,9 +383,7 @@ def test_a_site_without_a_head_of_its_own_yet_is_marked_not_reported_as_its_mode
     folder.write_config(cfg)
     folder.save_round(1, new_global, strategy)
     report = (folder.root / "report.md").read_text()
-    assert "Classifier heads: **local**. Each site trained and kept its own head; it never " in (
-        report
-    )
+    assert "Classifier heads: **shared + local**. Each site's trained shared read-out " in report
     assert "Evaluated with no local head yet (initial head)" in report
     assert "- Round 1: b\n" in report
 

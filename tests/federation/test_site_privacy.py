@@ -64,11 +64,11 @@ def test_every_release_draws_fresh_noise_the_server_cannot_choose(site_cfg):
     first = one_round(cfg, site_dir)
     second = one_round(cfg, site_dir)
     assert first.status == second.status == "trained"
-    sent = [k for k in first.adapters if "lora_B" in k]  # the head stays at the site
+    sent = [k for k in first.adapters if "lora_B" in k or k.startswith("head.fc.")]
     assert sent and all(not torch.equal(first.adapters[k], second.adapters[k]) for k in sent)
-    assert first.local_head is not None and second.local_head is not None
+    assert first.local_head is not None and second.local_head is not None  # the personal head
     first_head, second_head = first.local_head.tensors, second.local_head.tensors
-    assert not torch.equal(first_head["head.fc.weight"], second_head["head.fc.weight"])
+    assert not torch.equal(first_head["head.personal.weight"], second_head["head.personal.weight"])
 
 
 def test_a_trained_round_number_is_refused_with_another_global_and_replayed_with_the_same(

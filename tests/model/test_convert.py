@@ -619,6 +619,8 @@ def test_a_site_fine_tunes_an_imported_pumit_backbone_under_dp(tmp_path):
     )
     assert outcome.status == "trained" and outcome.adapters is not None
     assert "blocks.0.mlp.fc1_g.lora_B.weight" in outcome.adapters
-    assert outcome.local_head is not None  # head-sharing "local": the site keeps its head
-    assert not torch.equal(outcome.local_head.tensors["head.fc.weight"], adapters["head.fc.weight"])
+    assert outcome.local_head is not None  # "shared+local": the site keeps its personal head
+    kept = outcome.local_head.tensors["head.personal.weight"]
+    assert not torch.equal(kept, adapters["head.personal.weight"])
+    assert not torch.equal(outcome.adapters["head.fc.weight"], adapters["head.fc.weight"])
     assert outcome.ledger is not None and 0 < outcome.metrics["epsilon"] <= 8.0

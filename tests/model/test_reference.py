@@ -64,6 +64,30 @@ def test_reference_head_reads_the_whitened_components_and_sends_only_its_linear_
         ClassifierHead(24, 3, norm="reference", reference=reference)
 
 
+def test_a_personal_read_out_adds_its_scores_and_starts_at_zero():
+    """head-sharing "shared+local": logits = fc(z) + personal(z) on the same whitened input z;
+    at the start the personal part is zero, so the head scores as the shared one alone."""
+    reference = fit_reference(correlated(60, 20).float(), components=8)
+    head = ClassifierHead(20, 3, norm="reference", reference=reference, personal=True)
+    plain = ClassifierHead(20, 3, norm="reference", reference=reference)
+    plain.load_state_dict({k: v for k, v in head.state_dict().items() if k.startswith("fc.")})
+    x = torch.randn(4, 20)
+    torch.testing.assert_close(head(x), plain(x), rtol=0, atol=0)
+    assert sorted(head.state_dict()) == ["fc.bias", "fc.weight", "personal.bias", "personal.weight"]
+    with torch.no_grad():
+        head.personal.weight.normal_()
+        head.personal.bias.normal_()
+    z = (x - reference.shift) @ reference.projection
+    expected = z @ head.fc.weight.T + head.fc.bias + z @ head.personal.weight.T
+    torch.testing.assert_close(head(x), expected + head.personal.bias)
+    layer = ClassifierHead(20, 3, norm="layer", personal=True)  # other conditioning, same sum
+    with torch.no_grad():
+        layer.personal.weight.normal_()
+    normed = torch.nn.functional.layer_norm(x, (20,))
+    expected = normed @ (layer.fc.weight + layer.personal.weight).T + layer.fc.bias
+    torch.testing.assert_close(layer(x), expected)
+
+
 def test_backbone_file_carries_the_reference_under_its_fingerprint(tmp_path):
     torch.manual_seed(0)
     model = create_vit("micro")

@@ -126,7 +126,8 @@ def test_report_shows_each_sites_policy_replays_and_what_left_it(tmp_path):
     assert "Site policy (source: policy.toml):" in text and "| Require DP | yes |" in text
     assert "| Maximum epsilon | 8.0 |" in text
     assert (
-        "| adapter update | train | yes | CKKS ciphertexts, DP-SGD; the site's head stays" in text
+        "| adapter update | train | yes | CKKS ciphertexts, DP-SGD; the site's personal head "
+        "stays at the site" in text
     )
     assert "| metric num-examples | evaluate | NO |" in text
     assert "metric auc" not in text  # HE default: evaluation metrics stay at the site
@@ -305,7 +306,16 @@ def test_a_site_that_refused_without_a_ledger_is_listed(tmp_path, ledgers):
 @pytest.mark.parametrize(
     ("values", "line"),
     [
-        ({}, "Classifier heads: **local**. Each site trained and kept its own head; it never left"),
+        (
+            {},
+            "Classifier heads: **shared + local**. Each site's trained shared read-out left the "
+            "site with its adapter update and was averaged over the sites (under DP, covered "
+            "like the adapters); each site also trained and kept a personal read-out",
+        ),
+        (
+            {"head-sharing": "local"},
+            "Classifier heads: **local**. Each site trained and kept its own head; it never left",
+        ),
         ({"head-sharing": "shared"}, "Classifier heads: **shared**. Each site's trained head left"),
         ({"task": "segmentation"}, "Decoders: **local**. Each site trained and kept its own"),
         (
