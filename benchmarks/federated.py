@@ -71,8 +71,8 @@ def federated_round(
     heads: dict[Path, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One round in-process: every site's ``train_round`` (its ledger kept in ``ledgers``, its
-    own head in ``heads`` under head-sharing "local"), then the server's example-weighted
-    average; the new global (the old one if none trained)."""
+    own head in ``heads`` when it keeps one: head-sharing "local" or "shared+local"), then the
+    server's example-weighted average; the new global (the old one if none trained)."""
     heads = {} if heads is None else heads
     updates = []
     for index, site in enumerate(sites):
@@ -102,7 +102,7 @@ def site_test_metrics(
     heads: dict[Path, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Every site's ``evaluate_round`` of the global adapters (with its own head from
-    ``heads`` under head-sharing "local") on its test split, by name."""
+    ``heads`` when it keeps one) on its test split, by name."""
     heads = {} if heads is None else heads
     return {
         site.name: evaluate_round(
@@ -154,7 +154,10 @@ class Pooled:
 
 def run_centralized(cfg: RunConfig, sites: list[Path]) -> list[dict[str, float]]:
     """Non-private training on pooled data, evaluated like the FL arms after every "round" of
-    ``local-epochs`` epochs: the same number of passes over each example as a site makes."""
+    ``local-epochs`` epochs: the same number of passes over each example as a site makes.
+    One head (head-sharing "shared"'s model): with the data pooled there is nothing to
+    personalise, and a second, personal read-out would double the head's step."""
+    cfg = RunConfig.from_flat(cfg.to_flat() | {"head-sharing": "shared"})
     model, _ = build_lora_model(cfg)
     pooled = Pooled([open_split(cfg, s, "training") for s in sites])
     tests = {s.name: open_split(cfg, s, "test") for s in sites}

@@ -263,7 +263,7 @@ def run_arm(arm: str, values: dict[str, Any], seed: int, data: Sites, epochs: in
         return run_central(RunConfig.from_flat(one_head | {"dp": False}), data)
     if arm == "local-dp":
         return run_local(RunConfig.from_flat(one_head | {"dp": True, "target-epsilon": 8.0}), data)
-    privacy = {"dp": False} if arm == "fl" else {"dp": True, "target-epsilon": 8.0}
+    privacy: dict[str, Any] = {"dp": False} if arm == "fl" else {"dp": True, "target-epsilon": 8.0}
     if arm == "fl-dp3":
         privacy["target-epsilon"] = 3.0
     sharing = {"head-sharing": FEDERATED_ARMS[arm]}

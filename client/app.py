@@ -102,9 +102,10 @@ def _save_release(context: Context, site: SiteRef, release: Release) -> None:
 
 
 def _load_local_head(context: Context, site: SiteRef, task: str) -> LocalHead | None:
-    """The head this site keeps under head-sharing "local": node memory, else disk, else none
-    (the first round starts from the global head). The round checks its provenance against
-    the run before using it (``core.federation.local_head``)."""
+    """The head this site keeps (head-sharing "local", or "shared+local"'s personal read-out):
+    node memory, else disk, else none (the first round starts from the global head). The
+    round checks its provenance against the run before using it
+    (``core.federation.local_head``)."""
     file_name = LOCAL_HEAD_FILES[task]
     kept = _kept_bytes(context, file_name)
     if kept is not None:

@@ -6,8 +6,9 @@
 Loads the run's final global adapters (``RUN_DIR/adapters``; in an encrypted run, decrypt them
 first with ``fedmedvit decrypt``) onto the federation's backbone (refused unless it has the
 fingerprint the run recorded: ``core.federation.runs``), with the site's own head from its state
-folder when the run kept heads at the sites (head-sharing "local"; ``--state-dir``, default
-``RUN_DIR/state/<site folder name>`` as a simulation writes it; refused when it was trained for
+folder when the run kept heads at the sites (head-sharing "local", or "shared+local"'s personal
+read-out; ``--state-dir``, default ``RUN_DIR/state/<site folder name>`` as a simulation writes
+it; refused when it was trained for
 another run: ``core.federation.local_head``), explains every case of the site's split
 (``core.explain``), and writes one PNG overlay per case and ``index.html``: which adapters and
 head file were loaded, then score, label and overlay per case, sorted by score (highest first).

@@ -354,7 +354,8 @@ def format_sections(*, defaults: bool = True) -> str:
     for ``--help``."""
     if not defaults:
         return "; ".join(f"{section}: {', '.join(keys)}" for section, keys in SECTIONS.items())
-    values = RunConfig().to_flat()
+    # The declared defaults, not an instance's: "auto" is resolved per task on construction.
+    values = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(RunConfig)}
     lines = []
     for section, keys in SECTIONS.items():
         lines.append(f"{section}:")

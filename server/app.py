@@ -168,21 +168,25 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.data_root and Path(cfg.data_root).is_dir():  # simulation: the sites are known here
         cfg.check_federation(len(list_sites(cfg)))
     folder = RunFolder(resolve_out_dir(cfg))
-    folder.write_config(cfg)
     adapters, fingerprint = initial_adapters(cfg)
     strategy = build_strategy(cfg, adapters, fingerprint)
     first_round = 1
     if cfg.resume and (latest := folder.load_latest()) is not None:
-        done, adapters, state = latest
+        done, saved, state = latest
         recorded = state["backbone_fingerprint"]
         if recorded != fingerprint and not recorded_before_config_fingerprints(cfg, recorded):
             raise RuntimeError(
                 f"cannot resume {folder.root}: it was run with backbone "
                 f"{state['backbone_fingerprint'][:12]}..., this config gives {fingerprint[:12]}..."
             )
+        problem = folder.resume_problem(cfg, saved, adapters)
+        if problem:
+            raise RuntimeError(problem)
+        adapters = saved
         folder.restore_strategy(strategy, state)
         first_round = done + 1
         log.info("resuming %s after round %d", folder.root, done)
+    folder.write_config(cfg)  # after the resume checks, which read the folder's record
     final = run_rounds(
         strategy,
         grid,

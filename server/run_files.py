@@ -86,6 +86,20 @@ def head_sharing_fact(cfg: RunConfig) -> str:
     return sharing if cfg.task == "classification" else f"{sharing}-decoder"
 
 
+# Run-config keys that shape the adapter wire format (what a checkpoint holds).
+WIRE_FORMAT_KEYS = (
+    "task",
+    "model-size",
+    "num-classes",
+    "head-pool",
+    "head-sharing",
+    "lora-rank",
+    "lora-mode",
+    "lora-targets",
+    "decoder-features",
+)
+
+
 class RunFolder:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
@@ -116,6 +130,47 @@ class RunFolder:
         }
         write_json_atomic(self.checkpoints / LATEST, state)
         self.write_reports(strategy)
+
+    def resume_problem(
+        self, cfg: RunConfig, saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor]
+    ) -> str:
+        """Why this folder's checkpoint (``saved``) cannot continue under ``cfg``, whose
+        initial adapters are ``current``; "" when it can. A run resumed under another
+        head-sharing, LoRA rank, targets or mode (an upgrade that changed a default, a changed
+        --run-config) would start from a global model its sites refuse, with an error about
+        their own files. Checked against the folder's ``config.json`` (call before
+        :meth:`write_config` replaces it) and, for a plaintext run, key for key and shape for
+        shape against the checkpoint (an HE checkpoint holds ciphertexts)."""
+        recorded = self.root / CONFIG_FILE
+        problems = []
+        if recorded.is_file():
+            before = RunConfig.from_record(json.loads(recorded.read_text())).to_flat()
+            now = cfg.to_flat()
+            problems += [
+                f"{key} = {before[key]!r} there, {now[key]!r} now"
+                for key in WIRE_FORMAT_KEYS
+                if before.get(key) != now.get(key)
+            ]
+        if not cfg.he:
+            missing = sorted(current.keys() - saved.keys())
+            unexpected = sorted(saved.keys() - current.keys())
+            reshaped = sorted(
+                k for k in saved.keys() & current.keys() if saved[k].shape != current[k].shape
+            )
+            problems += [
+                f"checkpoint keys {label} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
+                for label, keys in (
+                    ("missing", missing), ("unexpected", unexpected), ("of other shapes", reshaped)
+                )
+                if keys
+            ]  # fmt: skip
+        if not problems:
+            return ""
+        return (
+            f"cannot resume {self.root}: it ran under another run configuration "
+            f"({'; '.join(problems)}). Resume with the settings in {recorded} (e.g. --run-config "
+            "'head-sharing=\"local\"'), or start a new run folder (out-dir)"
+        )
 
     def load_latest(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
         latest = self.checkpoints / LATEST

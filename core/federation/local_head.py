@@ -248,6 +248,17 @@ def local_part(cfg: RunConfig, adapters: Mapping[str, Tensor]) -> dict[str, Tens
     return {k: v for k, v in adapters.items() if is_local(cfg, k)}
 
 
+def _classifier_mode_of(kept: Mapping[str, object]) -> str | None:
+    """The head-sharing mode a classifier's kept head was written under, by its keys: only
+    the personal read-out ("shared+local") or the whole head ("local"); None otherwise."""
+    if kept and all(k.startswith(PERSONAL_PREFIXES) for k in kept):
+        return "shared+local"
+    whole = LOCAL_PREFIXES["classification"]
+    if all(k.startswith(whole) for k in kept) and any(k.startswith("head.fc.") for k in kept):
+        return "local"
+    return None
+
+
 def with_local_head(
     cfg: RunConfig,
     global_adapters: Mapping[str, Tensor],
@@ -275,6 +286,14 @@ def with_local_head(
         local_head = local_head.checked(current)
     expected = {k: tuple(v.shape) for k, v in local_part(cfg, global_adapters).items()}
     found = {k: tuple(v.shape) for k, v in local_head.items()}
+    kept_under = _classifier_mode_of(found)
+    if cfg.task == "classification" and kept_under not in (None, cfg.head_sharing):
+        raise LocalHeadError(
+            f"{source} was kept under head-sharing {kept_under!r} ({sorted(found)}); this run "
+            f"uses {cfg.head_sharing!r} and keeps {sorted(expected)}. Run with head-sharing = "
+            f"{kept_under!r} to keep using it, or remove {LOCAL_HEAD_FILES[cfg.task]} from the "
+            "site's state folder to start from the initial one"
+        )
     if found != expected:
         raise LocalHeadError(
             f"{source} {found} does not fit the run's head {expected}: it was trained under "

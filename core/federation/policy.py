@@ -248,6 +248,12 @@ def release_manifest(cfg: RunConfig, policy: SitePolicy) -> list[dict[str, Any]]
             f"; the site's {local_part_name(cfg)} stays at the site (the reply carries "
             "the global values unchanged)"
         )
+    if cfg.head_sharing == "shared+local" and not cfg.dp:
+        # Both read-outs see the same input and add their scores: equal gradients at the site.
+        note += (
+            "; without DP the personal head equals the sum of the shared head's changes in "
+            "these replies, so the coordinator can compute it"
+        )
     items: list[dict[str, Any]] = [
         {"item": "adapter update", "reply": "train", "covered": cfg.dp, "note": note}
     ]
@@ -255,7 +261,7 @@ def release_manifest(cfg: RunConfig, policy: SitePolicy) -> list[dict[str, Any]]
     evaluated: tuple[str, ...] = (
         ("loss", *SEGMENTATION_METRICS) if cfg.task == "segmentation" else EVAL_METRICS
     )
-    evaluated += (LOCAL_HEAD,) if cfg.keeps_local_head else ()
+    evaluated += (LOCAL_HEAD,) if cfg.head_sharing == "local" else ()
     for reply, names in (("train", train_names), ("evaluate", (*evaluated, NUM_EXAMPLES))):
         for name in released_metrics(cfg, policy, dict.fromkeys(names, 0.0)):
             if name in LEDGER_METRICS:

@@ -27,9 +27,9 @@ site -> server (train reply)
 
 site -> server (evaluate reply)
     ``METRICS`` and ``SITE`` (``SITE_NAME`` only) as above, no arrays; no metrics when the
-    site's policy refuses. Under head-sharing "local", ``LOCAL_HEAD`` (1: evaluated with the
-    site's own head, 0: with the untrained initial head, the site has not trained yet) comes
-    with the other evaluation metrics.
+    site's policy refuses. Under head-sharing "local" (only), ``LOCAL_HEAD`` (1: evaluated
+    with the site's own head, 0: with the untrained initial head, the site has not trained
+    yet) comes with the other evaluation metrics.
 
 site -> server (HE verdict, instead of a train or evaluate reply)
     ``SITE`` only: ``SITE_NAME`` and ``HE_VERDICT`` (JSON: the uploads of the encrypted sum

@@ -130,7 +130,7 @@ class TrainOutcome:
     release: Release | None = None  # a new DP release the site keeps for a re-sent round
     replayed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-    local_head: LocalHead | None = None  # head-sharing "local": kept, never sent
+    local_head: LocalHead | None = None  # head-sharing "local"/"shared+local": kept, never sent
 
 
 @dataclass(frozen=True)
@@ -333,7 +333,8 @@ def train_round(
     ``cache_dir``: the site's preprocessing cache folder (see :func:`open_split`).
     ``he_secret_context``: the site's secret CKKS context file (``cfg.he``; the site's own, see
     ``core.federation.sites.SiteRef.secret_context``), to check the capacity before training.
-    ``local_head``: with ``cfg.head_sharing == "local"``, the head this site trained last round
+    ``local_head``: with ``cfg.keeps_local_head``, the head (under "shared+local" the personal
+    read-out) this site trained last round
     (None: start from the global head; a :class:`LocalHead` read from the site's state is
     refused, before any data is opened, when it was trained for another run); the outcome's
     ``local_head`` is the one to keep, with its provenance.
@@ -493,12 +494,15 @@ def evaluate_round(
     cache_dir: str | Path | None = None,
     local_head: LocalHead | Mapping[str, Tensor] | None = None,
 ) -> dict[str, float]:
-    """Evaluate the global adapters (with the site's ``local_head`` under head-sharing
-    "local") on the site's held-out ``split``.
+    """Evaluate the global adapters (with the site's ``local_head`` when it keeps one: its
+    head under head-sharing "local", its personal read-out under "shared+local") on the site's
+    held-out ``split``.
 
     Under head-sharing "local" the metrics say which head they come from (``LOCAL_HEAD``: 1
     the site's own, 0 the untrained initial global head of a site that has not trained yet),
     so that the coordinator does not present the initial head's numbers as the site's model.
+    Under "shared+local" a site without a personal read-out yet scores with the trained shared
+    head alone, the federated model itself, so there is nothing to flag.
 
     For a binary single-label task the site picks its own decision threshold on
     ``calibration_split`` (the one maximising balanced accuracy there; sites differ in
@@ -508,7 +512,7 @@ def evaluate_round(
     Segmentation reports Dice and HD95 (``core.federation.segmentation``).
     """
     model, _ = _site_model(cfg, site_dir, expected_fingerprint, global_adapters, local_head)
-    own = {LOCAL_HEAD: float(bool(local_head))} if cfg.keeps_local_head else {}
+    own = {LOCAL_HEAD: float(bool(local_head))} if cfg.head_sharing == "local" else {}
     if cfg.task == "segmentation":
         from core.federation.segmentation import evaluate_segmentation_model
 

@@ -3,10 +3,10 @@
 A site's state folder (node config ``state-dir``, or ``state-root/<site>`` in simulation) holds
 what must survive a restart and never leaves the site: the privacy ledger
 (:data:`LEDGER_FILE`), the last DP release (:data:`RELEASE_FILE`, re-sent if the coordinator
-repeats that round with the same global model), the site's own head under head-sharing "local"
-(:data:`LOCAL_HEAD_FILES`, one file per task, so a node that serves a classification and a
-segmentation study keeps both) and the full text of errors (:data:`ERROR_LOG`, replies carry only an
-error id).
+repeats that round with the same global model), the site's own head under head-sharing
+"local" or personal read-out under "shared+local" (:data:`LOCAL_HEAD_FILES`, one file per
+task, so a node that serves a classification and a segmentation study keeps both) and the full
+text of errors (:data:`ERROR_LOG`, replies carry only an error id).
 
 In an encrypted run the site's secret CKKS context is the site's too, so the node names it,
 never the run config the coordinator sends to every node: node config ``he-secret-context``
@@ -26,7 +26,8 @@ from core.config import ConfigError, RunConfig
 DATALIST = "dataset.json"
 LEDGER_FILE = "privacy-ledger.json"
 RELEASE_FILE = "last-release.safetensors"
-# What a site keeps under head-sharing "local", by task (core.federation.local_head).
+# What a site keeps under head-sharing "local" or "shared+local", by task
+# (core.federation.local_head).
 LOCAL_HEAD_FILES = {
     "classification": "local-head.safetensors",
     "segmentation": "local-decoder.safetensors",

@@ -294,7 +294,10 @@ HEAD_SHARING_LINES = {
     "shared+local": "Classifier heads: **shared + local**. Each site's trained shared read-out "
     "left the site with its adapter update and was averaged over the sites (under DP, covered "
     "like the adapters); each site also trained and kept a personal read-out, added to the "
-    "shared one's scores, that never left the site (replies carried the initial one).",
+    "shared one's scores, whose values never left the site (replies carried the initial one). "
+    "Both read-outs get the same gradient at a site, so without DP the personal read-out "
+    "equals the sum of the shared read-out's changes the site sent, and the coordinator can "
+    "compute it; under DP each gets its own noise.",
     "local-decoder": "Decoders: **local**. Each site trained and kept its own decoder and "
     "segmentation head; they never left the site (only the LoRA adapters were averaged; replies "
     "carried the initial global decoder).",

@@ -81,7 +81,7 @@ def test_two_sites_two_rounds_with_dp(tmp_path, data_cache, capsys):
 
     # The run federated from the pretrained demo backbone, and announced its fingerprint.
     cfg_values = json.loads((out / "config.json").read_text())
-    folder = f"backbone-micro-steps3-seed0-ref-v{PHANTOM_VERSION}"
+    folder = f"backbone-micro-steps3-seed0-ref-vis0.3-v{PHANTOM_VERSION}"  # the default weight
     backbone = data_cache / folder / "backbone.safetensors"
     assert cfg_values["backbone"] == str(backbone.resolve())
     latest = json.loads((out / "checkpoints" / "latest.json").read_text())

@@ -56,6 +56,7 @@ def test_simulate_help_lists_the_keys_by_section_with_their_defaults(capsys):
     shown = capsys.readouterr().out
     assert "lora:\n  lora-rank = 8\n  lora-alpha = 16" in shown
     assert "dp:\n  dp = true\n  target-epsilon = 8.0" in shown
+    assert '  head-sharing = "auto"' in shown  # the declared default, resolved per task later
     assert shown.index("model:") < shown.index("lora:") < shown.index("data:")
 
 
@@ -68,6 +69,11 @@ def test_pyproject_app_config_declares_every_key_with_its_default():
     declared = data["tool"]["flwr"]["app"]["config"]
     assert RunConfig.from_flat(declared) == RunConfig()
     assert set(declared) == set(RunConfig().to_flat())
+    # The declared value, not the one it resolves to for a classifier: "auto" also serves a
+    # segmentation run, which refuses "shared+local".
+    assert declared["head-sharing"] == "auto"
+    segmentation = RunConfig.from_flat(declared | {"task": "segmentation"})
+    assert segmentation.head_sharing == "local"
 
 
 @pytest.mark.parametrize(

@@ -118,8 +118,12 @@ def assert_trains_and_evaluates_from_own(
     with_own = evaluate_round(cfg, expected_fingerprint=digest, local_head=own, **kwargs)
     with_global = evaluate_round(cfg, expected_fingerprint=digest, **kwargs)
     assert with_own["loss"] != pytest.approx(with_global["loss"])
-    # The metrics say which part they come from: the site's own, or the initial one.
-    assert (with_own.pop("local-head"), with_global.pop("local-head")) == (1.0, 0.0)
+    # Under "local" the metrics say which part they come from: the site's own, or the initial
+    # one; under "shared+local" the global one is the trained shared head: nothing to flag.
+    if cfg.head_sharing == "local":
+        assert (with_own.pop("local-head"), with_global.pop("local-head")) == (1.0, 0.0)
+    else:
+        assert "local-head" not in with_own and "local-head" not in with_global
     if shared is not None:
         assert evaluate_round(shared, expected_fingerprint=digest, local_head=own, **kwargs) == (
             pytest.approx(with_global, nan_ok=True)
@@ -194,11 +198,14 @@ def test_a_local_head_of_another_configuration_is_refused_by_name(site, foreign)
     if foreign == "three-classes":
         part = kept_part(global_adapters, "shared+local")
         head = {k: torch.zeros(3, *v.shape[1:]) for k, v in part.items()}
-    if foreign == "other-mode":  # a whole head kept under "local", of the right shapes
+    expected = r"another run configuration \(head-sharing.*local-head\.safetensors"
+    if foreign == "other-mode":  # a whole head kept under "local" (the default until 2026-12)
         head = kept_part(initial_adapters(config(root, **{"head-sharing": "local"}))[0], "local")
-    with pytest.raises(
-        ValueError, match=r"another run configuration \(head-sharing.*local-head\.safetensors"
-    ):
+        expected = (
+            r"was kept under head-sharing 'local' .*this run uses 'shared\+local'.*Run with "
+            r"head-sharing = 'local' to keep using it, or remove local-head\.safetensors"
+        )
+    with pytest.raises(ValueError, match=expected):
         evaluate_round(
             cfg,
             site_dir=site_dir,
@@ -356,6 +363,7 @@ def test_a_site_without_a_head_of_its_own_yet_is_marked_not_reported_as_its_mode
     generate_hospitals(tmp_path / "sites", spec, seed=0)
     cfg = RunConfig.from_flat(  # DP (the default): the report needs the sites' ledgers
         {
+            "head-sharing": "local",
             "data-root": str(tmp_path / "sites"),
             "state-root": str(tmp_path / "state"),
             "in-plane-size": 32,
@@ -383,7 +391,9 @@ def test_a_site_without_a_head_of_its_own_yet_is_marked_not_reported_as_its_mode
     folder.write_config(cfg)
     folder.save_round(1, new_global, strategy)
     report = (folder.root / "report.md").read_text()
-    assert "Classifier heads: **shared + local**. Each site's trained shared read-out " in report
+    assert "Classifier heads: **local**. Each site trained and kept its own head; it never " in (
+        report
+    )
     assert "Evaluated with no local head yet (initial head)" in report
     assert "- Round 1: b\n" in report
 
@@ -395,7 +405,49 @@ def test_the_local_head_flag_leaves_with_the_numbers_it_qualifies():
     evaluation = {"num-examples": 6, "auc": 0.7, "local-head": 0.0}
     assert released_metrics(he, SitePolicy(), evaluation) == {"num-examples": 6}
     assert released_metrics(he, SitePolicy(allowed_metrics=("auc",)), evaluation) == evaluation
-    items = {(i["reply"], i["item"]) for i in release_manifest(RunConfig(), SitePolicy())}
+    local = RunConfig.from_flat({"head-sharing": "local"})
+    items = {(i["reply"], i["item"]) for i in release_manifest(local, SitePolicy())}
     assert ("evaluate", "metric local-head") in items
+    # "shared+local" (the default): a site without a personal read-out scores with the trained
+    # shared head, the federated model itself: no flag.
+    assert "metric local-head" not in {
+        i["item"] for i in release_manifest(RunConfig(), SitePolicy())
+    }
     shared = RunConfig.from_flat({"head-sharing": "shared"})
     assert "metric local-head" not in {i["item"] for i in release_manifest(shared, SitePolicy())}
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_what_a_coordinator_learns_of_a_personal_head_from_the_shared_one(site, dp):
+    """The hostile coordinator of a "shared+local" run sums a site's changes to the shared
+    read-out over its rounds (each reply minus what it sent). Without DP that sum IS the site's
+    personal read-out (both read-outs get the same gradient), so the release manifest says the
+    personal head is computable; under DP each read-out gets its own noise and the sum is no
+    estimate of it."""
+    root, site_dir = site
+    values = {"head-sharing": "shared+local", "num-server-rounds": 2, "batch-size": 8}
+    cfg = config(root, **(values | ({"dp": True} if dp else {})))
+    sent, digest = initial_adapters(cfg)
+    ledger, kept, computed = None, None, torch.zeros_like(sent["head.fc.weight"])
+    for server_round in (1, 2):
+        outcome = train_round(
+            cfg,
+            site_dir=site_dir,
+            global_adapters=sent,
+            server_round=server_round,
+            expected_fingerprint=digest,
+            ledger_state=ledger,
+            local_head=kept,
+        )
+        assert outcome.adapters is not None and outcome.local_head is not None
+        computed += outcome.adapters["head.fc.weight"] - sent["head.fc.weight"]
+        ledger, kept, sent = outcome.ledger, outcome.local_head, outcome.adapters
+    personal = kept.tensors["head.personal.weight"]
+    error = (computed - personal).norm() / personal.norm()
+    note = release_manifest(cfg, SitePolicy())[0]["note"]
+    if dp:
+        assert error > 0.5, float(error)
+        assert "coordinator can compute it" not in note
+    else:
+        assert error < 1e-4, float(error)
+        assert "without DP the personal head equals the sum of the shared head's" in note

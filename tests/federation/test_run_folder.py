@@ -236,3 +236,36 @@ def test_partial_or_broken_run_folders_are_one_error_line_not_a_traceback(run, t
         code = explain_main([str(folder), "--site-dir", str(site_dir), *site])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and says in err, err
+
+
+def test_a_run_resumed_under_another_head_sharing_is_refused_by_name(tmp_path):
+    """A run folder written under head-sharing "local" (the classifier default before
+    "shared+local"), resumed after the upgrade with the new default: its checkpoint has no
+    personal read-out, so every site would refuse the global model with an error about its
+    own head file. The server refuses first, naming the folder, the setting and the fix; the
+    folder's record is not replaced. The same config resumes."""
+    from server.run_files import RunFolder
+
+    before = RunConfig.from_flat({"head-sharing": "local", "lora-rank": 2})
+    folder = RunFolder(tmp_path / "run")
+    folder.write_config(before)
+    saved, _ = initial_adapters(before)
+    assert folder.resume_problem(before, saved, saved) == ""
+    after = RunConfig.from_flat({"lora-rank": 2})  # the new default: "shared+local"
+    current, _ = initial_adapters(after)
+    problem = folder.resume_problem(after, saved, current)
+    assert problem.startswith(f"cannot resume {folder.root}: it ran under another run config")
+    assert "head-sharing = 'local' there, 'shared+local' now" in problem
+    assert "checkpoint keys missing ['head.personal.bias', 'head.personal.weight']" in problem
+    assert "config.json" in problem and 'head-sharing="local"' in problem
+    assert json.loads((folder.root / "config.json").read_text())["head-sharing"] == "local"
+    # Another LoRA rank: the shapes differ even where the keys agree.
+    rank_four = RunConfig.from_flat({"head-sharing": "local", "lora-rank": 4})
+    problem = folder.resume_problem(rank_four, saved, initial_adapters(rank_four)[0])
+    assert "lora-rank = 2 there, 4 now" in problem and "of other shapes" in problem
+    # An HE checkpoint holds ciphertexts: the folder's record alone decides.
+    he = {"he": True, "he-public-context": "p", "lora-rank": 2}
+    problem = folder.resume_problem(RunConfig.from_flat(he), {"ct": torch.zeros(3)}, current)
+    assert "head-sharing = 'local' there" in problem and "checkpoint keys" not in problem
+    same_he = RunConfig.from_flat(he | {"head-sharing": "local"})
+    assert folder.resume_problem(same_he, {"ct": torch.zeros(3)}, current) == ""
