@@ -130,11 +130,14 @@ def explain_site(
         rows.append((result.score, index, label_text, name))
     explained = class_label(1 if cfg.num_classes <= 2 else None, names)
     rows.sort(key=lambda row: (-row[0], row[1]))
-    head_text = (
-        f"<code>{html.escape(str(head_file))}</code> (the site's own)"
-        if head_file is not None
-        else "the run's shared head (in the adapters)"
-    )
+    head_text = "the run's shared head (in the adapters)"
+    if head_file is not None:
+        head_text = f"<code>{html.escape(str(head_file))}</code> (the site's own)"
+    if head_file is not None and cfg.head_sharing == "shared+local":
+        head_text = (
+            f"the run's shared head (in the adapters) plus the site's personal read-out "
+            f"<code>{html.escape(str(head_file))}</code>"
+        )
     lines = [
         "<!doctype html><meta charset='utf-8'>",
         f"<title>Explanations: {html.escape(split)} split, {html.escape(method)}</title>",

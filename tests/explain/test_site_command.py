@@ -48,7 +48,7 @@ def test_overlays_and_index_from_a_simulated_run(tmp_path, capsys):
     assert "probability of <b>lesion</b>" in index
     # The index says which head scored the cases: the site's own, from its state folder.
     head_file = run / "state" / site.name / "local-head.safetensors"
-    assert f"head <code>{head_file}</code> (the site's own)" in index
+    assert f"the site's personal read-out <code>{head_file}</code>" in index  # "shared+local"
     labels = [row.split("</td><td>")[3] for row in index.split("<tr><td>")[1:]]
     assert set(labels) <= {"no lesion", "lesion"}
     assert per_case < 30  # generous: a loaded CI machine; the benchmark measures it properly
