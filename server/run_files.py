@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from core.adapters.lora import load_adapter_state, save_adapters
 from core.config import RunConfig
-from core.federation.local_head import LOCAL_PART_NAMES, PERSONAL_PART_NAME
+from core.federation.local_head import local_part_name
 from core.federation.rounds import build_lora_model
 from core.federation.runs import CHECKPOINTS, CONFIG_FILE, LATEST
 from core.federation.sites import LOCAL_HEAD_FILES
@@ -41,9 +41,7 @@ def adapters_readme(cfg: RunConfig, fingerprint: str) -> str:
         if cfg.dp
         else "without differential privacy"
     )
-    part = LOCAL_PART_NAMES[cfg.task]
-    if cfg.head_sharing == "shared+local":
-        part = PERSONAL_PART_NAME
+    part = local_part_name(cfg)
     kept = (
         f"Each site trained and kept its own {part} (head-sharing = {cfg.head_sharing}): the "
         f"{part} here is the average of what the replies carried there (honest sites send the "

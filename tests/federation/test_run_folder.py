@@ -103,7 +103,7 @@ def test_explain_names_the_head_file_it_loaded_and_refuses_a_head_of_unknown_pro
     assert code == 0
     index = (tmp_path / "out" / "index.html").read_text()
     head_file = root / "run" / "state" / "xr" / "local-head.safetensors"
-    assert f"head <code>{head_file}</code> (the site's own)" in index
+    assert f"the site's personal read-out <code>{head_file}</code>" in index  # shared+local
     assert f"adapters <code>{root / 'run' / 'adapters'}</code>" in index
     assert f"backbone <code>{digest[:12]}</code>" in index
 
