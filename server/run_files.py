@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.adapters.lora import load_adapter_state, save_adapters
-from core.config import RunConfig
+from core.config import ConfigError, RunConfig
 from core.federation.local_head import local_part_name
 from core.federation.rounds import build_lora_model
 from core.federation.runs import CHECKPOINTS, CONFIG_FILE, LATEST
@@ -85,9 +85,10 @@ def head_sharing_fact(cfg: RunConfig) -> str:
 
 
 # Run-config keys that shape the adapter wire format (what a checkpoint holds).
+# (model-size is not one: the backbone's fingerprint, checked first, covers the architecture.)
 WIRE_FORMAT_KEYS = (
+    "he",
     "task",
-    "model-size",
     "num-classes",
     "head-pool",
     "head-sharing",
@@ -140,15 +141,20 @@ class RunFolder:
         :meth:`write_config` replaces it) and, for a plaintext run, key for key and shape for
         shape against the checkpoint (an HE checkpoint holds ciphertexts)."""
         recorded = self.root / CONFIG_FILE
-        problems = []
+        problems, fixes = [], []
         if recorded.is_file():
-            before = RunConfig.from_record(json.loads(recorded.read_text())).to_flat()
+            # Only the wire-format keys are read back (with from_record's rules for old
+            # folders): another key an older version accepted must not stop a resume.
+            raw = json.loads(recorded.read_text())
+            keys = (*WIRE_FORMAT_KEYS, "he-public-context")
+            try:
+                before = RunConfig.from_record({k: raw[k] for k in keys if k in raw}).to_flat()
+            except ConfigError as err:
+                return f"cannot resume {self.root}: its {CONFIG_FILE} is not readable ({err})"
             now = cfg.to_flat()
-            problems += [
-                f"{key} = {before[key]!r} there, {now[key]!r} now"
-                for key in WIRE_FORMAT_KEYS
-                if before.get(key) != now.get(key)
-            ]
+            differing = [key for key in WIRE_FORMAT_KEYS if before[key] != now[key]]
+            problems += [f"{k} = {before[k]!r} there, {now[k]!r} now" for k in differing]
+            fixes += [f"{k}={json.dumps(before[k])}" for k in differing]
         if not cfg.he:
             missing = sorted(current.keys() - saved.keys())
             unexpected = sorted(saved.keys() - current.keys())
@@ -164,10 +170,11 @@ class RunFolder:
             ]  # fmt: skip
         if not problems:
             return ""
+        settings = " ".join(fixes) or f"the settings in {recorded}"
         return (
             f"cannot resume {self.root}: it ran under another run configuration "
-            f"({'; '.join(problems)}). Resume with the settings in {recorded} (e.g. --run-config "
-            "'head-sharing=\"local\"'), or start a new run folder (out-dir)"
+            f"({'; '.join(problems)}). Resume with {settings} (simulations.run: --set KEY=VALUE "
+            "each; flwr run: --run-config), or start a new run folder (out-dir)"
         )
 
     def load_latest(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:

@@ -248,11 +248,12 @@ def release_manifest(cfg: RunConfig, policy: SitePolicy) -> list[dict[str, Any]]
             f"; the site's {local_part_name(cfg)} stays at the site (the reply carries "
             "the global values unchanged)"
         )
-    if cfg.head_sharing == "shared+local" and not cfg.dp:
+    if cfg.head_sharing == "shared+local" and not cfg.dp and not cfg.he:
         # Both read-outs see the same input and add their scores: equal gradients at the site.
         note += (
             "; without DP the personal head equals the sum of the shared head's changes in "
-            "these replies, so the coordinator can compute it"
+            "these replies (weight-decay 0, the default; approximately otherwise), so the "
+            "coordinator can compute it"
         )
     items: list[dict[str, Any]] = [
         {"item": "adapter update", "reply": "train", "covered": cfg.dp, "note": note}

@@ -296,8 +296,9 @@ HEAD_SHARING_LINES = {
     "like the adapters); each site also trained and kept a personal read-out, added to the "
     "shared one's scores, whose values never left the site (replies carried the initial one). "
     "Both read-outs get the same gradient at a site, so without DP the personal read-out "
-    "equals the sum of the shared read-out's changes the site sent, and the coordinator can "
-    "compute it; under DP each gets its own noise.",
+    "equals the sum of the shared read-out's changes the site sent (weight-decay 0, the "
+    "default), and a coordinator that sees them in the clear can compute it; under DP that sum "
+    "is a noisy estimate, covered by the site's epsilon like the replies it comes from.",
     "local-decoder": "Decoders: **local**. Each site trained and kept its own decoder and "
     "segmentation head; they never left the site (only the LoRA adapters were averaged; replies "
     "carried the initial global decoder).",

@@ -422,8 +422,8 @@ def test_what_a_coordinator_learns_of_a_personal_head_from_the_shared_one(site, 
     """The hostile coordinator of a "shared+local" run sums a site's changes to the shared
     read-out over its rounds (each reply minus what it sent). Without DP that sum IS the site's
     personal read-out (both read-outs get the same gradient), so the release manifest says the
-    personal head is computable; under DP each read-out gets its own noise and the sum is no
-    estimate of it."""
+    personal head is computable; under DP each read-out gets its own noise, and the sum is a
+    noisy estimate (covered by the site's epsilon), far from it after two rounds here."""
     root, site_dir = site
     values = {"head-sharing": "shared+local", "num-server-rounds": 2, "batch-size": 8}
     cfg = config(root, **(values | ({"dp": True} if dp else {})))

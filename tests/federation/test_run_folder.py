@@ -257,15 +257,25 @@ def test_a_run_resumed_under_another_head_sharing_is_refused_by_name(tmp_path):
     assert problem.startswith(f"cannot resume {folder.root}: it ran under another run config")
     assert "head-sharing = 'local' there, 'shared+local' now" in problem
     assert "checkpoint keys missing ['head.personal.bias', 'head.personal.weight']" in problem
-    assert "config.json" in problem and 'head-sharing="local"' in problem
+    assert 'Resume with head-sharing="local" (simulations.run: --set' in problem
     assert json.loads((folder.root / "config.json").read_text())["head-sharing"] == "local"
     # Another LoRA rank: the shapes differ even where the keys agree.
     rank_four = RunConfig.from_flat({"head-sharing": "local", "lora-rank": 4})
     problem = folder.resume_problem(rank_four, saved, initial_adapters(rank_four)[0])
     assert "lora-rank = 2 there, 4 now" in problem and "of other shapes" in problem
+    # Switching HE on is a change of wire format too (ciphertexts instead of adapters).
+    switched = RunConfig.from_flat({"he": True, "he-public-context": "p", "lora-rank": 2})
+    problem = folder.resume_problem(switched, saved, initial_adapters(switched)[0])
+    assert "he = False there, True now" in problem and "he=false" in problem
+    # A key an older version accepted and today's checks refuse does not stop a resume.
+    record = json.loads((folder.root / "config.json").read_text()) | {"round-timeout": 10.0}
+    (folder.root / "config.json").write_text(json.dumps(record))
+    assert folder.resume_problem(before, saved, saved) == ""
     # An HE checkpoint holds ciphertexts: the folder's record alone decides.
     he = {"he": True, "he-public-context": "p", "lora-rank": 2}
-    problem = folder.resume_problem(RunConfig.from_flat(he), {"ct": torch.zeros(3)}, current)
+    encrypted = RunFolder(tmp_path / "encrypted")
+    encrypted.write_config(RunConfig.from_flat(he | {"head-sharing": "local"}))
+    problem = encrypted.resume_problem(RunConfig.from_flat(he), {"ct": torch.zeros(3)}, current)
     assert "head-sharing = 'local' there" in problem and "checkpoint keys" not in problem
     same_he = RunConfig.from_flat(he | {"head-sharing": "local"})
-    assert folder.resume_problem(same_he, {"ct": torch.zeros(3)}, current) == ""
+    assert encrypted.resume_problem(same_he, {"ct": torch.zeros(3)}, current) == ""
