@@ -133,7 +133,7 @@ def explain_site(
     head_text = "the run's shared head (in the adapters)"
     if head_file is not None:
         head_text = f"<code>{html.escape(str(head_file))}</code> (the site's own)"
-    if head_file is not None and cfg.head_sharing == "shared+local":
+    if head_file is not None and cfg.has_personal_head:
         head_text = (
             f"the run's shared head (in the adapters) plus the site's personal read-out "
             f"<code>{html.escape(str(head_file))}</code>"

@@ -163,7 +163,7 @@ class RunConfig:
             )
         if self.head_sharing == "auto":  # resolved once, so every reader sees the same mode
             object.__setattr__(self, "head_sharing", AUTO_HEAD_SHARING[self.task])
-        if self.head_sharing == "shared+local" and self.task != "classification":
+        if self.has_personal_head and self.task != "classification":
             self._fail(
                 "head-sharing",
                 self.head_sharing,
@@ -251,6 +251,12 @@ class RunConfig:
         head, a segmentation model's decoder and head; "shared+local": a classifier's personal
         head; ``core.federation.local_head.local_prefixes``)."""
         return self.head_sharing in ("local", "shared+local")
+
+    @property
+    def has_personal_head(self) -> bool:
+        """Whether the classifier head carries a personal read-out each site keeps
+        (head-sharing "shared+local"; ``core.model.vit.ClassifierHead``)."""
+        return self.head_sharing == "shared+local"
 
     @classmethod
     def from_record(

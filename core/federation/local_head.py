@@ -229,12 +229,12 @@ def local_prefixes(cfg: RunConfig) -> tuple[str, ...]:
     nothing: head-sharing "shared")."""
     if not cfg.keeps_local_head:
         return ()
-    return PERSONAL_PREFIXES if cfg.head_sharing == "shared+local" else LOCAL_PREFIXES[cfg.task]
+    return PERSONAL_PREFIXES if cfg.has_personal_head else LOCAL_PREFIXES[cfg.task]
 
 
 def local_part_name(cfg: RunConfig) -> str:
     """The part a site keeps, in words (for a run's README and the privacy report)."""
-    return PERSONAL_PART_NAME if cfg.head_sharing == "shared+local" else LOCAL_PART_NAMES[cfg.task]
+    return PERSONAL_PART_NAME if cfg.has_personal_head else LOCAL_PART_NAMES[cfg.task]
 
 
 def is_local(cfg: RunConfig, key: str) -> bool:

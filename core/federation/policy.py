@@ -248,7 +248,7 @@ def release_manifest(cfg: RunConfig, policy: SitePolicy) -> list[dict[str, Any]]
             f"; the site's {local_part_name(cfg)} stays at the site (the reply carries "
             "the global values unchanged)"
         )
-    if cfg.head_sharing == "shared+local" and not cfg.dp and not cfg.he:
+    if cfg.has_personal_head and not cfg.dp and not cfg.he:
         # Both read-outs see the same input and add their scores: equal gradients at the site.
         note += (
             "; without DP the personal head equals the sum of the shared head's changes in "

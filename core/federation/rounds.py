@@ -87,7 +87,7 @@ def build_backbone(cfg: RunConfig) -> tuple[UniversalViT, str]:
             cfg.num_classes,
             pool=cfg.head_pool,
             head_norm=head_norm,
-            personal=cfg.head_sharing == "shared+local",
+            personal=cfg.has_personal_head,
         )
     return model, digest
 
