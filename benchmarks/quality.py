@@ -20,6 +20,10 @@ its own validation split (:func:`core.training.loops.calibrate_threshold`). Arms
 * ``fl-dp8-local-head``: as ``fl-dp8``, but each site keeps its own head (FedPer,
   ``head-sharing = "local"``): only the LoRA adapters are averaged.
 
+* ``cnn-local-dp`` / ``cnn-fl-dp8``: the CNN under the privacy the ViT arms get: each site
+  alone, or federated (FedAvg of the whole CNN), DP-SGD at epsilon 8 with the run config's
+  training settings; GroupNorm for BatchNorm (:func:`small_resnet`).
+
 The ``central`` and ``local-dp`` arms train one head (``head-sharing = "shared"``'s model):
 with one site there is nothing to personalise.
 
@@ -40,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.networks.nets.resnet import ResNetBlock
 from torch import Tensor, nn
 
 from benchmarks.federated import Pooled, weighted_average
@@ -77,6 +82,8 @@ ARMS = (
     "fl-dp8-shared+local",
     "fl-dp8-local-head",
     "fl-dp3",
+    "cnn-local-dp",
+    "cnn-fl-dp8",
 )
 # head-sharing of each federated arm
 FEDERATED_ARMS = {
@@ -126,12 +133,18 @@ def _local_update(
 ) -> dict[str, Tensor]:
     """One site's round from the adapters loaded in ``model``: plain or DP-SGD at the site's
     plan (noise calibrated for ``cfg.planned_rounds`` rounds at ``cfg.target_epsilon``)."""
+    _train_round(cfg, model, dataset, round_seed)
+    return adapter_state(model)
+
+
+def _train_round(cfg: RunConfig, model: nn.Module, dataset: SiteDataset, round_seed: int) -> None:
+    """One round of a site's training of ``model``'s trainable parameters, as a site does it."""
     settings = cfg.training()
     generator = torch.Generator().manual_seed(round_seed)
     torch.manual_seed(round_seed * 7_919 % 2**63)
     if not cfg.dp:
         train_plain(model, dataset, settings, device=CPU, generator=generator)
-        return adapter_state(model)
+        return
     plan = plan_dp(
         cfg.privacy(),
         dataset_size=len(dataset),
@@ -143,7 +156,6 @@ def _local_update(
         plan.noise_multiplier, cfg.max_grad_norm, plan.sample_rate, plan.steps_per_round
     )
     train_dp(model, dataset, settings, step_plan, device=CPU, generator=generator)
-    return adapter_state(model)
 
 
 def run_federated(cfg: RunConfig, data: Sites) -> dict[str, dict[str, Any]]:
@@ -186,21 +198,45 @@ def run_local(cfg: RunConfig, data: Sites) -> dict[str, dict[str, Any]]:
 # ------------------------------------------------------------------------------- CNN arm
 
 
-def small_resnet() -> nn.Module:
+def small_resnet(*, private: bool = False) -> nn.Module:
     """MONAI ResNet with one basic block per stage, widths 16-128 (about 0.9M parameters),
-    a 3^3 stride-2 stem (MONAI's default 7^3 stride-1 stem costs ~10x the compute at 64^2)."""
-    from monai.networks.nets import ResNet
+    a 3^3 stride-2 stem (MONAI's default 7^3 stride-1 stem costs ~10x the compute at 64^2).
 
-    return ResNet(
-        block="basic",
-        layers=[1, 1, 1, 1],
-        block_inplanes=[16, 32, 64, 128],
-        spatial_dims=3,
-        n_input_channels=1,
-        conv1_t_size=3,
-        conv1_t_stride=2,
-        num_classes=2,
-    )
+    ``private``: the same network for DP-SGD: GroupNorm for BatchNorm, which mixes the
+    examples of a batch (Opacus's ``ModuleValidator.fix``; MONAI 1.6.1's ResNet passes its
+    ``norm`` argument to the stem only), and no in-place ReLU or residual add (Opacus's backward
+    hooks forbid modifying a hooked layer's output in place).
+    """
+    from monai.networks.nets import ResNet
+    from opacus.validators import ModuleValidator
+
+    if private:
+        network = ResNet(block=_OutOfPlaceBlock, act=("relu", {"inplace": False}), **_RESNET_SHAPE)
+        return ModuleValidator.fix(network)
+    return ResNet(block="basic", **_RESNET_SHAPE)
+
+
+class _OutOfPlaceBlock(ResNetBlock):
+    """MONAI's basic block without in-place ReLU or residual add (for Opacus)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs | {"act": ("relu", {"inplace": False})})
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+        residual = x if self.downsample is None else self.downsample(x)
+        return self.act(out + residual)
+
+
+_RESNET_SHAPE: dict[str, Any] = {
+    "layers": [1, 1, 1, 1],
+    "block_inplanes": [16, 32, 64, 128],
+    "spatial_dims": 3,
+    "n_input_channels": 1,
+    "conv1_t_size": 3,
+    "conv1_t_stride": 2,
+    "num_classes": 2,
+}
 
 
 def _cnn_predict(model: nn.Module, dataset: Any) -> tuple[Tensor, Tensor]:
@@ -251,6 +287,37 @@ def run_cnn(seed: int, data: Sites, epochs: int) -> dict[str, dict[str, Any]]:
     return out
 
 
+def run_cnn_private(cfg: RunConfig, data: Sites, *, federated: bool) -> dict[str, dict[str, Any]]:
+    """The private CNN (:func:`small_resnet`) through the rounds a site runs (``cfg``: DP
+    plan, training settings): ``federated``, FedAvg of the whole network, example-weighted as
+    the server does; else each site alone (nothing shared)."""
+    torch.manual_seed(cfg.seed)
+    model = _IgnoreSpacing(small_resnet(private=True))
+    names = list(data)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    states = {name: start for name in names}
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        updates = []
+        for index, name in enumerate(names):
+            model.load_state_dict(states[name])
+            seed = (cfg.seed * 1_000 + index) * 1_000_003 + server_round
+            _train_round(cfg, model, data[name]["training"], seed)
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            states[name] = state
+            updates.append((state, len(data[name]["training"])))
+        if federated:
+            averaged = weighted_average(updates)
+            states = {name: averaged for name in names}
+    out = {}
+    for name in names:
+        model.load_state_dict(states[name])
+        out[name] = site_metrics(
+            _cnn_predict(model.model, data[name]["validation"]),
+            _cnn_predict(model.model, data[name]["test"]),
+        )
+    return out
+
+
 # ------------------------------------------------------------------------------- driver
 
 
@@ -258,6 +325,10 @@ def run_arm(arm: str, values: dict[str, Any], seed: int, data: Sites, epochs: in
     seeded = values | {"seed": seed, "backbone-seed": seed}
     if arm == "cnn":
         return run_cnn(seed, data, epochs)
+    dp8 = {"dp": True, "target-epsilon": 8.0}
+    if arm in ("cnn-local-dp", "cnn-fl-dp8"):
+        cfg = RunConfig.from_flat(seeded | dp8)
+        return run_cnn_private(cfg, data, federated=arm == "cnn-fl-dp8")
     one_head = seeded | {"head-sharing": "shared"}
     if arm == "central":
         return run_central(RunConfig.from_flat(one_head | {"dp": False}), data)
