@@ -68,15 +68,20 @@ def load_site_head(
     """Put the site's own head (``state_dir/local-head.safetensors``) on ``model`` (built on
     the backbone with ``backbone_fingerprint``; trained on the site at ``site_dir``) when the
     run kept heads at the sites; returns
-    that file, None when the run shared its head (the adapters hold it).
+    that file, None when the model is the adapters alone: the run shared its head, or (under
+    "shared+local") the site keeps no personal read-out, e.g. a hospital that did not train in
+    the run; its model is then the shared head alone, as in its evaluation.
 
     Raises:
-        FileNotFoundError: the run kept heads at the sites and the file is not there.
+        FileNotFoundError: the run kept each site's whole head ("local") and the file is not
+            there: the adapters' head was never trained.
         LocalHeadError: the file was trained for another run (or predates provenance).
     """
     if not cfg.keeps_local_head:
         return None
     head = LocalHead.read(state_dir, cfg.task)
+    if head is None and cfg.has_personal_head:
+        return None
     if head is None:
         raise FileNotFoundError(
             f"{state_dir / LOCAL_HEAD_FILES[cfg.task]} not found: this run kept each site's "
@@ -111,6 +116,12 @@ def explain_site(
     dataset = open_split(cfg, site_dir, split)  # first: a wrong --site-dir is named as such
     state = state_dir or run_dir / "state" / site_dir.name
     head_file = load_site_head(model, cfg, state, digest, site_dir)
+    if head_file is None and cfg.has_personal_head:
+        print(
+            f"note: no personal read-out in {state}; explaining with the run's shared head "
+            "alone (pass --state-dir if the site trained in this run)",
+            file=sys.stderr,
+        )
     names = dataset.info.class_names
     count = len(dataset) if limit is None else min(limit, len(dataset))
     rows = []
@@ -133,10 +144,13 @@ def explain_site(
     head_text = "the run's shared head (in the adapters)"
     if head_file is not None:
         head_text = f"<code>{html.escape(str(head_file))}</code> (the site's own)"
-    if head_file is not None and cfg.has_personal_head:
+    if cfg.has_personal_head:
         head_text = (
             f"the run's shared head (in the adapters) plus the site's personal read-out "
             f"<code>{html.escape(str(head_file))}</code>"
+            if head_file is not None
+            else f"the run's shared head (in the adapters) alone: no personal read-out in "
+            f"<code>{html.escape(str(state))}</code> (a site that did not train in this run)"
         )
     lines = [
         "<!doctype html><meta charset='utf-8'>",
