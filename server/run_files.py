@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.adapters.lora import load_adapter_state, save_adapters
+from core.adapters.lora import load_adapter_state, save_adapters, update_problems
 from core.config import ConfigError, RunConfig
 from core.federation.local_head import local_part_name
 from core.federation.rounds import build_lora_model
@@ -156,25 +156,23 @@ class RunFolder:
             problems += [f"{k} = {before[k]!r} there, {now[k]!r} now" for k in differing]
             fixes += [f"{k}={json.dumps(before[k])}" for k in differing]
         if not cfg.he:
-            missing = sorted(current.keys() - saved.keys())
-            unexpected = sorted(saved.keys() - current.keys())
-            reshaped = sorted(
-                k for k in saved.keys() & current.keys() if saved[k].shape != current[k].shape
-            )
-            problems += [
-                f"checkpoint keys {label} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
-                for label, keys in (
-                    ("missing", missing), ("unexpected", unexpected), ("of other shapes", reshaped)
-                )
-                if keys
-            ]  # fmt: skip
+            # The check every reply passes (keys, shapes, finite float values), the checkpoint
+            # standing in for a reply to this config's initial adapters.
+            found = update_problems(saved, current)
+            problems += [f"checkpoint: {p}" for p in found[:3]]
+            if len(found) > 3:
+                problems.append(f"and {len(found) - 3} more checkpoint problems")
         if not problems:
             return ""
-        settings = " ".join(fixes) or f"the settings in {recorded}"
+        found = f"cannot resume {self.root} under this run configuration ({'; '.join(problems)})"
+        if fixes:
+            return (
+                f"{found}. Resume with {' '.join(fixes)} (simulations.run: --set KEY=VALUE "
+                "each; flwr run: --run-config), or start a new run folder (out-dir)"
+            )
         return (
-            f"cannot resume {self.root}: it ran under another run configuration "
-            f"({'; '.join(problems)}). Resume with {settings} (simulations.run: --set KEY=VALUE "
-            "each; flwr run: --run-config), or start a new run folder (out-dir)"
+            f"{found}. The checkpoint was written under other settings or is damaged: resume "
+            f"with the settings in {recorded}, or start a new run folder (out-dir)"
         )
 
     def load_latest(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:

@@ -254,15 +254,22 @@ def test_a_run_resumed_under_another_head_sharing_is_refused_by_name(tmp_path):
     after = RunConfig.from_flat({"lora-rank": 2})  # the new default: "shared+local"
     current, _ = initial_adapters(after)
     problem = folder.resume_problem(after, saved, current)
-    assert problem.startswith(f"cannot resume {folder.root}: it ran under another run config")
+    assert problem.startswith(f"cannot resume {folder.root} under this run configuration (")
     assert "head-sharing = 'local' there, 'shared+local' now" in problem
-    assert "checkpoint keys missing ['head.personal.bias', 'head.personal.weight']" in problem
+    assert "checkpoint: adapter keys do not match: missing ['head.personal.bias'" in problem
     assert 'Resume with head-sharing="local" (simulations.run: --set' in problem
     assert json.loads((folder.root / "config.json").read_text())["head-sharing"] == "local"
     # Another LoRA rank: the shapes differ even where the keys agree.
     rank_four = RunConfig.from_flat({"head-sharing": "local", "lora-rank": 4})
     problem = folder.resume_problem(rank_four, saved, initial_adapters(rank_four)[0])
-    assert "lora-rank = 2 there, 4 now" in problem and "of other shapes" in problem
+    assert "lora-rank = 2 there, 4 now" in problem and "checkpoint: blocks." in problem
+    assert ": shape (4, 2), expected (4, 4)" not in problem  # LoRA B is (out, rank)
+    assert "expected (96, 4)" in problem and "more checkpoint problems" in problem
+    # A damaged checkpoint (a value that is not finite) is refused like a reply would be.
+    damaged = dict(saved) | {"head.fc.bias": torch.tensor([0.0, float("nan")])}
+    problem = folder.resume_problem(before, damaged, saved)
+    assert "checkpoint: head.fc.bias: contains NaN or Inf" in problem
+    assert "written under other settings or is damaged" in problem
     # Switching HE on is a change of wire format too (ciphertexts instead of adapters).
     switched = RunConfig.from_flat({"he": True, "he-public-context": "p", "lora-rank": 2})
     problem = folder.resume_problem(switched, saved, initial_adapters(switched)[0])
@@ -276,6 +283,6 @@ def test_a_run_resumed_under_another_head_sharing_is_refused_by_name(tmp_path):
     encrypted = RunFolder(tmp_path / "encrypted")
     encrypted.write_config(RunConfig.from_flat(he | {"head-sharing": "local"}))
     problem = encrypted.resume_problem(RunConfig.from_flat(he), {"ct": torch.zeros(3)}, current)
-    assert "head-sharing = 'local' there" in problem and "checkpoint keys" not in problem
+    assert "head-sharing = 'local' there" in problem and "checkpoint:" not in problem
     same_he = RunConfig.from_flat(he | {"head-sharing": "local"})
     assert encrypted.resume_problem(same_he, {"ct": torch.zeros(3)}, current) == ""
