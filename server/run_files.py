@@ -164,14 +164,14 @@ class RunFolder:
                 problems.append(f"and {len(found) - 3} more checkpoint problems")
         if not problems:
             return ""
-        found = f"cannot resume {self.root} under this run configuration ({'; '.join(problems)})"
+        header = f"cannot resume {self.root} under this run configuration ({'; '.join(problems)})"
         if fixes:
             return (
-                f"{found}. Resume with {' '.join(fixes)} (simulations.run: --set KEY=VALUE "
+                f"{header}. Resume with {' '.join(fixes)} (simulations.run: --set KEY=VALUE "
                 "each; flwr run: --run-config), or start a new run folder (out-dir)"
             )
         return (
-            f"{found}. The checkpoint was written under other settings or is damaged: resume "
+            f"{header}. The checkpoint was written under other settings or is damaged: resume "
             f"with the settings in {recorded}, or start a new run folder (out-dir)"
         )
 
