@@ -22,7 +22,8 @@ its own validation split (:func:`core.training.loops.calibrate_threshold`). Arms
 
 * ``cnn-local-dp`` / ``cnn-fl-dp8``: the CNN under the privacy the ViT arms get: each site
   alone, or federated (FedAvg of the whole CNN), DP-SGD at epsilon 8 with the run config's
-  training settings; GroupNorm for BatchNorm (:func:`small_resnet`).
+  training settings; GroupNorm for BatchNorm (:func:`small_resnet`). ``cnn-local``: the
+  same network and settings, each site alone, without DP (what the noise costs it).
 
 The ``central`` and ``local-dp`` arms train one head (``head-sharing = "shared"``'s model):
 with one site there is nothing to personalise.
@@ -82,6 +83,7 @@ ARMS = (
     "fl-dp8-shared+local",
     "fl-dp8-local-head",
     "fl-dp3",
+    "cnn-local",
     "cnn-local-dp",
     "cnn-fl-dp8",
 )
@@ -137,8 +139,14 @@ def _local_update(
     return adapter_state(model)
 
 
+def _round_seed(cfg: RunConfig, site_index: int, server_round: int) -> int:
+    """The seed of one site's round: distinct per run seed, site and round."""
+    return (cfg.seed * 1_000 + site_index) * 1_000_003 + server_round
+
+
 def _train_round(cfg: RunConfig, model: nn.Module, dataset: SiteDataset, round_seed: int) -> None:
-    """One round of a site's training of ``model``'s trainable parameters, as a site does it."""
+    """One round of local training of ``model``'s trainable parameters with the run config's
+    settings and DP plan (the site's training loop without its policy checks and ledger)."""
     settings = cfg.training()
     generator = torch.Generator().manual_seed(round_seed)
     torch.manual_seed(round_seed * 7_919 % 2**63)
@@ -170,7 +178,7 @@ def run_federated(cfg: RunConfig, data: Sites) -> dict[str, dict[str, Any]]:
         updates = []
         for index, name in enumerate(names):
             load_adapter_state(model, global_state | kept[name])
-            seed = (cfg.seed * 1_000 + index) * 1_000_003 + server_round
+            seed = _round_seed(cfg, index, server_round)
             train = data[name]["training"]
             update = _local_update(cfg, model, train, seed)
             kept[name] = local_part(cfg, update)
@@ -189,7 +197,7 @@ def run_local(cfg: RunConfig, data: Sites) -> dict[str, dict[str, Any]]:
     for index, name in enumerate(data):
         model, _ = build_lora_model(cfg)
         for server_round in range(1, cfg.num_server_rounds + 1):
-            seed = (cfg.seed * 1_000 + index) * 1_000_003 + server_round
+            seed = _round_seed(cfg, index, server_round)
             _local_update(cfg, model, data[name]["training"], seed)
         out |= evaluate_sites(model, data, [name])
     return out
@@ -300,7 +308,7 @@ def run_cnn_private(cfg: RunConfig, data: Sites, *, federated: bool) -> dict[str
         updates = []
         for index, name in enumerate(names):
             model.load_state_dict(states[name])
-            seed = (cfg.seed * 1_000 + index) * 1_000_003 + server_round
+            seed = _round_seed(cfg, index, server_round)
             _train_round(cfg, model, data[name]["training"], seed)
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             states[name] = state
@@ -311,10 +319,7 @@ def run_cnn_private(cfg: RunConfig, data: Sites, *, federated: bool) -> dict[str
     out = {}
     for name in names:
         model.load_state_dict(states[name])
-        out[name] = site_metrics(
-            _cnn_predict(model.model, data[name]["validation"]),
-            _cnn_predict(model.model, data[name]["test"]),
-        )
+        out |= evaluate_sites(model, data, [name])
     return out
 
 
@@ -325,18 +330,17 @@ def run_arm(arm: str, values: dict[str, Any], seed: int, data: Sites, epochs: in
     seeded = values | {"seed": seed, "backbone-seed": seed}
     if arm == "cnn":
         return run_cnn(seed, data, epochs)
-    dp8 = {"dp": True, "target-epsilon": 8.0}
-    if arm in ("cnn-local-dp", "cnn-fl-dp8"):
-        cfg = RunConfig.from_flat(seeded | dp8)
-        return run_cnn_private(cfg, data, federated=arm == "cnn-fl-dp8")
+    dp8: dict[str, Any] = {"dp": True, "target-epsilon": 8.0}
+    privacy = {"dp": False} if arm in ("cnn-local", "central", "fl") else dp8
+    if arm == "fl-dp3":
+        privacy = dp8 | {"target-epsilon": 3.0}
+    if arm.startswith("cnn-"):
+        return run_cnn_private(RunConfig.from_flat(seeded | privacy), data, federated="-fl-" in arm)
     one_head = seeded | {"head-sharing": "shared"}
     if arm == "central":
-        return run_central(RunConfig.from_flat(one_head | {"dp": False}), data)
+        return run_central(RunConfig.from_flat(one_head | privacy), data)
     if arm == "local-dp":
-        return run_local(RunConfig.from_flat(one_head | {"dp": True, "target-epsilon": 8.0}), data)
-    privacy: dict[str, Any] = {"dp": False} if arm == "fl" else {"dp": True, "target-epsilon": 8.0}
-    if arm == "fl-dp3":
-        privacy["target-epsilon"] = 3.0
+        return run_local(RunConfig.from_flat(one_head | privacy), data)
     sharing = {"head-sharing": FEDERATED_ARMS[arm]}
     return run_federated(RunConfig.from_flat(seeded | privacy | sharing), data)
 

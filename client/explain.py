@@ -1,15 +1,16 @@
 """Where the federated model looks, case by case, at this site (nothing leaves the site).
 
     fedmedvit explain RUN_DIR --site-dir DIR --out DIR [--split test] [--method occlusion]
-        [--adapters DIR] [--state-dir DIR] [--limit N]
+        [--adapters DIR] [--state-dir DIR | --shared-head-only] [--limit N]
 
 Loads the run's final global adapters (``RUN_DIR/adapters``; in an encrypted run, decrypt them
 first with ``fedmedvit decrypt``) onto the federation's backbone (refused unless it has the
 fingerprint the run recorded: ``core.federation.runs``), with the site's own head from its state
 folder when the run kept heads at the sites (head-sharing "local", or "shared+local"'s personal
 read-out; ``--state-dir``, default ``RUN_DIR/state/<site folder name>`` as a simulation writes
-it; refused when it was trained for
-another run: ``core.federation.local_head``), explains every case of the site's split
+it; refused when it was trained for another run: ``core.federation.local_head``; a site without
+a personal read-out, e.g. one that did not train in the run, asks for the shared head alone
+with ``--shared-head-only``), explains every case of the site's split
 (``core.explain``), and writes one PNG overlay per case and ``index.html``: which adapters and
 head file were loaded, then score, label and overlay per case, sorted by score (highest first).
 """
@@ -63,30 +64,49 @@ def class_label(label: Any, names: tuple[str, ...] | None) -> str:
 
 
 def load_site_head(
-    model: nn.Module, cfg: RunConfig, state_dir: Path, backbone_fingerprint: str, site_dir: Path
+    model: nn.Module,
+    cfg: RunConfig,
+    state_dir: Path,
+    backbone_fingerprint: str,
+    site_dir: Path,
+    *,
+    shared_head_only: bool = False,
 ) -> Path | None:
     """Put the site's own head (``state_dir/local-head.safetensors``) on ``model`` (built on
     the backbone with ``backbone_fingerprint``; trained on the site at ``site_dir``) when the
-    run kept heads at the sites; returns
-    that file, None when the model is the adapters alone: the run shared its head, or (under
-    "shared+local") the site keeps no personal read-out, e.g. a hospital that did not train in
-    the run; its model is then the shared head alone, as in its evaluation.
+    run kept heads at the sites; returns that file, None when the model is the adapters alone:
+    the run shared its head, or ``shared_head_only`` (under "shared+local": the shared head
+    without a personal read-out, what a site that did not train in the run has).
 
     Raises:
-        FileNotFoundError: the run kept each site's whole head ("local") and the file is not
-            there: the adapters' head was never trained.
+        FileNotFoundError: the run kept heads at the sites and the file is not there.
+        ConfigError: ``shared_head_only`` for a run that kept each site's whole head ("local"):
+            the adapters' head was never trained.
         LocalHeadError: the file was trained for another run (or predates provenance).
     """
     if not cfg.keeps_local_head:
         return None
-    head = LocalHead.read(state_dir, cfg.task)
-    if head is None and cfg.has_personal_head:
+    if shared_head_only:
+        if not cfg.has_personal_head:
+            raise ConfigError(
+                f"--shared-head-only: this run kept each site's {local_part_name(cfg)} at the "
+                f"site (head-sharing = {cfg.head_sharing}), so the adapters' head was never "
+                "trained; point --state-dir at the site's state folder instead"
+            )
         return None
+    head = LocalHead.read(state_dir, cfg.task)
     if head is None:
+        also = (
+            "; a site without one (it did not train in this run) passes --shared-head-only to "
+            "explain with the run's shared head alone"
+            if cfg.has_personal_head
+            else ""
+        )
         raise FileNotFoundError(
             f"{state_dir / LOCAL_HEAD_FILES[cfg.task]} not found: this run kept each site's "
             f"{local_part_name(cfg)} at the site (head-sharing = {cfg.head_sharing}); point "
-            "--state-dir at the site's state folder (default RUN_DIR/state/<site folder name>)"
+            f"--state-dir at the site's state folder (default RUN_DIR/state/<site folder "
+            f"name>){also}"
         )
     current = head_provenance(cfg, model, backbone_fingerprint, site_dir)
     load_adapter_state(model, with_local_head(cfg, adapter_state(model), head, current))
@@ -102,6 +122,7 @@ def explain_site(
     method: str = DEFAULT_METHOD,
     adapters: Path | None = None,
     state_dir: Path | None = None,
+    shared_head_only: bool = False,
     limit: int | None = None,
 ) -> Path:
     """Write overlays and ``index.html`` for a site's split into ``out``; returns the index.
@@ -109,19 +130,16 @@ def explain_site(
     Raises ConfigError for a run folder without a valid ``config.json``, BackboneError for a
     backbone other than the run's, AdapterStateError for missing or mismatched adapters,
     FileNotFoundError for a run that kept heads at the sites when the site's head is not
-    found, LocalHeadError for a head of another run, DatasetError for unreadable site data."""
+    found, LocalHeadError for a head of another run, DatasetError for unreadable site data;
+    ``shared_head_only``: see :func:`load_site_head`."""
     cfg, model, digest = build_run_model(run_dir)
     adapters = adapters or run_dir / "adapters"
     load_adapter_folder(model, adapters)
     dataset = open_split(cfg, site_dir, split)  # first: a wrong --site-dir is named as such
     state = state_dir or run_dir / "state" / site_dir.name
-    head_file = load_site_head(model, cfg, state, digest, site_dir)
-    if head_file is None and cfg.has_personal_head:
-        print(
-            f"note: no personal read-out in {state}; explaining with the run's shared head "
-            "alone (pass --state-dir if the site trained in this run)",
-            file=sys.stderr,
-        )
+    head_file = load_site_head(
+        model, cfg, state, digest, site_dir, shared_head_only=shared_head_only
+    )
     names = dataset.info.class_names
     count = len(dataset) if limit is None else min(limit, len(dataset))
     rows = []
@@ -149,8 +167,8 @@ def explain_site(
             f"the run's shared head (in the adapters) plus the site's personal read-out "
             f"<code>{html.escape(str(head_file))}</code>"
             if head_file is not None
-            else f"the run's shared head (in the adapters) alone: no personal read-out in "
-            f"<code>{html.escape(str(state))}</code> (a site that did not train in this run)"
+            else "the run's shared head (in the adapters) alone, without a personal read-out "
+            "(<code>--shared-head-only</code>)"
         )
     lines = [
         "<!doctype html><meta charset='utf-8'>",
@@ -180,11 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
     parser.add_argument("--adapters", type=Path, help="default RUN_DIR/adapters")
-    parser.add_argument(
+    head = parser.add_mutually_exclusive_group()
+    head.add_argument(
         "--state-dir",
         type=Path,
         help="the site's state folder (its own head when the run kept heads at the sites); "
         "default RUN_DIR/state/<site folder name>",
+    )
+    head.add_argument(
+        "--shared-head-only",
+        action="store_true",
+        help='head-sharing "shared+local": explain with the shared head alone, for a site '
+        "without a personal read-out (one that did not train in the run)",
     )
     parser.add_argument("--limit", type=int, help="explain only the first N cases")
     args = parser.parse_args(argv)
@@ -197,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             method=args.method,
             adapters=args.adapters,
             state_dir=args.state_dir,
+            shared_head_only=args.shared_head_only,
             limit=args.limit,
         )
     except (FileNotFoundError, ConfigError, BackboneError, DatasetError) as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -11,8 +12,8 @@ from PIL import Image
 from torch import nn
 
 from client.explain import INDEX, load_site_head, main
-from core.adapters.lora import load_adapter_folder
-from core.config import RunConfig
+from core.adapters.lora import adapter_state, load_adapter_folder
+from core.config import ConfigError, RunConfig
 from core.federation.rounds import open_split
 from core.federation.runs import build_run_model
 from simulations.run import load_scenario, run_scenario
@@ -58,19 +59,26 @@ def test_overlays_and_index_from_a_simulated_run(tmp_path, capsys):
     labels = [row.split("</td><td>")[3] for row in index.split("<tr><td>")[1:]]
     assert set(labels) <= {"no lesion", "lesion"}
     assert per_case < 30  # generous: a loaded CI machine; the benchmark measures it properly
-    # A site without a personal read-out (one that did not train in this run) is explained
-    # with the run's shared head alone, as its evaluation scores it; stderr and the index say so.
-    elsewhere = ["--state-dir", str(tmp_path / "not-the-site"), "--limit", "3"]
+    # The run kept each site's personal read-out at the site: without it the command refuses,
+    # by name, and says how a site that did not train asks for the shared head alone.
+    elsewhere = ["--state-dir", str(tmp_path / "not-the-site"), "--limit", "1"]
     capsys.readouterr()  # drop the first call's progress bars
-    shared_out = tmp_path / "shared-only"
-    assert main([str(run), "--site-dir", str(site), "--out", str(shared_out), *elsewhere]) == 0
+    code = main([str(run), "--site-dir", str(site), "--out", str(tmp_path / "x"), *elsewhere])
+    assert code == 2
     message = capsys.readouterr().err
-    assert "no personal read-out in" in message and "--state-dir" in message
-    shared_index = (shared_out / INDEX).read_text()
-    assert "the run's shared head (in the adapters) alone" in shared_index
-    # Oracle: the scores are the probabilities of the run's adapters without a personal part.
+    assert message.startswith("error: ") and "(head-sharing = shared+local)" in message
+    assert "local-head.safetensors" in message and "--shared-head-only" in message
+    # Asked for, the shared head alone: the adapters' personal read-out is the global zero one,
+    # so the scores are the adapters' model's probabilities.
     run_cfg, model, _ = build_run_model(run)
     load_adapter_folder(model, run / "adapters")
+    personal = [v for k, v in adapter_state(model).items() if k.startswith("head.personal.")]
+    assert len(personal) == 2 and all(not v.any() for v in personal)  # weight, bias
+    shared_out = tmp_path / "shared-only"
+    only = ["--shared-head-only", "--limit", "3"]
+    assert main([str(run), "--site-dir", str(site), "--out", str(shared_out), *only]) == 0
+    shared_index = (shared_out / INDEX).read_text()
+    assert "shared head (in the adapters) alone, without a personal read-out" in shared_index
     dataset = open_split(run_cfg, site, "test")
     model.eval()
     with torch.no_grad():
@@ -85,17 +93,18 @@ def test_overlays_and_index_from_a_simulated_run(tmp_path, capsys):
     assert found == pytest.approx(expected, abs=6e-4)  # the index prints 3 decimals
 
 
-@pytest.mark.parametrize(
-    ("sharing", "refused"), [("local", True), ("shared+local", False), ("shared", False)]
-)
-def test_a_missing_site_head_is_refused_only_where_the_adapters_head_was_never_trained(
-    tmp_path, sharing, refused
+@pytest.mark.parametrize("sharing", ["local", "shared+local"])
+def test_a_missing_site_head_is_refused_and_only_shared_plus_local_may_do_without(
+    tmp_path, sharing
 ):
-    """Under "local" the adapters carry the untrained initial head: explaining with it would
-    show a model nobody trained. Under "shared+local" the shared head alone is a trained model."""
+    """Under "local" the adapters carry the untrained initial head, so --shared-head-only is
+    refused; under "shared+local" the shared head alone is a trained model, given on request."""
     cfg = RunConfig.from_flat({"head-sharing": sharing})
-    if refused:
-        with pytest.raises(FileNotFoundError, match="head-sharing = local"):
-            load_site_head(nn.Identity(), cfg, tmp_path, "", tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"head-sharing = {re.escape(sharing)}"):
+        load_site_head(nn.Identity(), cfg, tmp_path, "", tmp_path)
+    if sharing == "local":
+        with pytest.raises(ConfigError, match="never trained"):
+            load_site_head(nn.Identity(), cfg, tmp_path, "", tmp_path, shared_head_only=True)
     else:
-        assert load_site_head(nn.Identity(), cfg, tmp_path, "", tmp_path) is None
+        shared = load_site_head(nn.Identity(), cfg, tmp_path, "", tmp_path, shared_head_only=True)
+        assert shared is None
