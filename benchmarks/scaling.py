@@ -43,7 +43,7 @@ On a Ray cluster: ``--ray-cluster [--ray-cpus N]`` starts a Ray head for each po
 start --head`` from the venv, its own temp dir and free ports; stopped by PID afterwards,
 also on failure, Ctrl-C and SIGTERM) and ``--ray-address HOST:PORT`` uses an existing cluster,
 e.g. a head and worker machines (README, "Spreading a simulation over several machines"). The
-run gets ``RAY_ADDRESS``: Flower 1.41's Ray backend calls ``ray.init()`` with no address (its
+run gets ``RAY_ADDRESS``: Flower 1.42's Ray backend calls ``ray.init()`` with no address (its
 ``init_args`` come from ``--federation-config`` and hold only CPUs, GPUs and logging), so Ray
 joins the cluster RAY_ADDRESS names instead of starting one. After the run the cluster's GCS
 says whether it did (``ray_cluster`` and ``used_cluster`` in each point, :func:`used_cluster`):

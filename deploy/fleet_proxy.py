@@ -4,7 +4,7 @@
         --ca certificates/ca.pem --certfile certificates/server.pem \\
         --keyfile certificates/server.key
 
-flwr 1.41 serves the Fleet API (``/v1/fleet/...``, what SuperNodes call), the Control API
+flwr 1.41 and 1.42 serve the Fleet API (``/v1/fleet/...``, what SuperNodes call), the Control API
 (``/v1/control/...``: register nodes, start runs; no authentication in the open-source
 SuperLink) and the Runtime API (``/v1/runtime/...``) on one HTTPS port, and cannot bind them
 apart. This proxy terminates TLS with the SuperLink's certificate, forwards ``POST`` requests

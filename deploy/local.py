@@ -68,7 +68,7 @@ from simulations.flower_cli import (
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_PACKAGES = ("core", "client", "server")  # what the ServerApp and ClientApp import
-# What the SuperLink logs when a SuperNode offers a key nobody registered (flwr 1.41).
+# What the SuperLink logs when a SuperNode offers a key nobody registered (flwr 1.41 and 1.42).
 REFUSAL_MARK = "No SuperNode found with the given public key"
 # Worth echoing from the ServerApp log stream: each round's phases and any failure.
 PROGRESS_LINE = re.compile(r"^\d\d/\d\d/\d{4} \S+:INFO:configure_|ERROR|Traceback")

@@ -22,7 +22,7 @@ from deploy.release import keygen, sign
 from simulations.flower_cli import BIN, list_runs, list_supernodes
 
 # What a SuperNode started with --trusted-entities logs when it refuses an app: unsigned
-# (no signatures at all) or signed by no key it trusts (flwr 1.41, supernode).
+# (no signatures at all) or signed by no key it trusts (flwr 1.41 and 1.42, supernode).
 FAB_REFUSAL = re.compile(r"The FAB could not be verified|FAB verification failed")
 ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
 

@@ -7,7 +7,7 @@
 The coordinator owns the CA and the SuperLink's server certificate; every party gets only
 ``ca.pem``. Each hospital makes its own node key pair and sends only the ``.pub`` file to the
 coordinator, who registers it (``flwr supernode register``): the private key never leaves the
-hospital. Flower 1.41 reads node keys in OpenSSH format on a NIST curve (P-384 here).
+hospital. Flower 1.41 and 1.42 read node keys in OpenSSH format on a NIST curve (P-384 here).
 """
 
 from __future__ import annotations

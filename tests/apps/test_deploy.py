@@ -393,7 +393,7 @@ def published(service: dict) -> list[tuple[str, str, str]]:
 
 
 def test_only_the_fleet_api_is_reachable_from_the_hospitals(compose):
-    """The Control API (register nodes, start runs; no login in flwr 1.41) shares the
+    """The Control API (register nodes, start runs; no login in flwr 1.41 or 1.42) shares the
     SuperLink's port: that port is published on the coordinator's loopback only, and the
     hospitals' network reaches the coordinator through the Fleet-only proxy."""
     services = compose["services"]
