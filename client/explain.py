@@ -159,17 +159,17 @@ def explain_site(
         rows.append((result.score, index, label_text, name))
     explained = class_label(1 if cfg.num_classes <= 2 else None, names)
     rows.sort(key=lambda row: (-row[0], row[1]))
-    head_text = "the run's shared head (in the adapters)"
-    if head_file is not None:
-        head_text = f"<code>{html.escape(str(head_file))}</code> (the site's own)"
-    if cfg.has_personal_head:
+    shared = "the run's shared head (in the adapters)"
+    if head_file is None:
+        head_text = shared
+        if cfg.has_personal_head:
+            head_text += " alone, without a personal read-out (<code>--shared-head-only</code>)"
+    elif cfg.has_personal_head:
         head_text = (
-            f"the run's shared head (in the adapters) plus the site's personal read-out "
-            f"<code>{html.escape(str(head_file))}</code>"
-            if head_file is not None
-            else "the run's shared head (in the adapters) alone, without a personal read-out "
-            "(<code>--shared-head-only</code>)"
+            f"{shared} plus the site's personal read-out <code>{html.escape(str(head_file))}</code>"
         )
+    else:
+        head_text = f"<code>{html.escape(str(head_file))}</code> (the site's own)"
     lines = [
         "<!doctype html><meta charset='utf-8'>",
         f"<title>Explanations: {html.escape(split)} split, {html.escape(method)}</title>",
